@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""The two commands of a new user, each doing its own set-up (needs nothing but Python >= 3.10).
+
+    python3 make.py run    # the main job: reproduce the BN paper's MNIST experiment (see README)
+    python3 make.py test   # the test suite
+
+Set-up: a virtual environment in .venv with bnlab installed in editable mode plus its test and
+Triton extras, pinned by constraints.txt. It is redone only when pyproject.toml or
+constraints.txt change. Extra arguments go to `bnlab` (run) or pytest (test).
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / "bnlab-setup.sha256"
+
+
+def setup() -> None:
+    digest = hashlib.sha256(
+        b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt"))
+    ).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    print(f"Setting up {VENV} (once; takes about a minute)...", flush=True)
+    venv.create(VENV, with_pip=True, clear=VENV.exists())
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run(pip + ["-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[test,triton]"], check=True)
+    STAMP.write_text(digest)
+
+
+def main(argv: list[str]) -> int:
+    task, rest = (argv[0], argv[1:]) if argv else ("run", [])
+    if task not in ("run", "test", "bnlab"):
+        print(__doc__)
+        return 2
+    setup()
+    if task == "test":
+        cmd = [str(BIN / "python"), "-m", "pytest", "-q", *rest]
+    elif task == "bnlab":
+        cmd = [str(BIN / "bnlab"), *rest]
+    else:
+        cmd = [str(BIN / "bnlab"), "reproduce", "bn-mnist", *rest]
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

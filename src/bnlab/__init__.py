@@ -1,0 +1,28 @@
+"""bnlab: Batch Normalization, paper-exact and fast, with the papers' experiments.
+
+The public API; everything here is re-exported from the module that owns it.
+"""
+
+from bnlab.modules import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    convert,
+    is_batch_norm,
+    name_layers,
+    recalibrate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "convert",
+    "is_batch_norm",
+    "name_layers",
+    "recalibrate",
+]

@@ -1,0 +1,217 @@
+"""Stateless torch functions of Batch Normalization (Ioffe & Szegedy 2015).
+
+This file owns the math in torch: per-channel batch statistics, the normalize/scale/shift step,
+the compact backward formula, the running-statistics update, and ``batch_norm``, the drop-in twin
+of ``torch.nn.functional.batch_norm``. Names follow :mod:`bnlab.reference` (``mean`` is mu_B,
+``var_biased`` is sigma2_B, ``invstd`` is 1/sqrt(sigma2_B + eps)) so every test pairs a function here
+with its NumPy reference.
+
+Conventions, stated once:
+- statistics are per channel, dimension 1, over every other dimension (N * prod(spatial) values);
+- the batch variance that normalizes is biased (divides by m); the running variance is unbiased
+  (m/(m-1) times it), as in the paper's Algorithm 2 and in PyTorch;
+- eps is added to the variance inside the square root;
+- ``momentum`` is the weight of the new batch (PyTorch's convention; Keras' 0.99 is 0.01 here).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Inputs of these dtypes are normalized with float32 statistics.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "native", "autograd")
+
+
+def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions a per-channel statistic reduces over: all but dimension 1."""
+    return (0, *range(2, x.dim()))
+
+
+def per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """View a ``(C,)`` vector so it broadcasts against an ``ndim``-dimensional activation."""
+    # (C,) -> (1, C, 1, ..., 1)
+    return v.view(1, -1, *([1] * (ndim - 2)))
+
+
+def values_per_channel(x: torch.Tensor) -> int:
+    """m in the paper: how many values each channel's statistics are taken over."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ioffe & Szegedy 2015, Algorithm 1, lines 1-2: per-channel mean and biased variance.
+
+    mu_B = 1/m sum x;  sigma2_B = 1/m sum (x - mu_B)^2.
+
+    Two passes over the data: the deviations are taken from the mean before squaring, so a large
+    common offset does not cancel catastrophically as E[x^2] - E[x]^2 would. Low-precision inputs
+    are promoted to float32 first.
+
+    Shape: ``x`` is ``(N, C, *)``; both results are ``(C,)``.
+    """
+    if x.dtype in LOW_PRECISION:
+        x = x.float()
+    dims = reduce_dims(x)
+    mean = x.mean(dims)
+    var_biased = (x - per_channel(mean, x.dim())).square().mean(dims)
+    return mean, var_biased
+
+
+def normalize(x, mean, invstd, weight=None, bias=None):
+    """Ioffe & Szegedy 2015, Algorithm 1, lines 3-4: y = gamma * (x - mu) * invstd + beta.
+
+    The deviation ``x - mu`` is formed before scaling (stable for inputs with a large offset).
+    The result has the dtype of ``x``; the arithmetic runs in the dtype of the statistics.
+    """
+    nd = x.dim()
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    x_hat = x.to(mean.dtype) - per_channel(mean, nd)
+    if bias is None:
+        y = x_hat * per_channel(scale, nd)
+    else:
+        y = torch.addcmul(per_channel(bias.to(mean.dtype), nd), x_hat, per_channel(scale, nd))
+    return y.to(x.dtype)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None):
+    """Ioffe & Szegedy 2015, section 3, in compact form (the printed formulas with sums folded).
+
+    With x_hat = (x - mu_B) * invstd over m values per channel:
+        dl/dbeta  = sum dy
+        dl/dgamma = sum dy * x_hat
+        dl/dx     = gamma * invstd / m * (m * dy - dl/dbeta - x_hat * dl/dgamma)
+
+    The last line is the paper's dl/dx after substituting dl/dsigma2 and dl/dmu (whose second term
+    vanishes because the deviations sum to zero).
+
+    Returns:
+        ``(dx, dgamma, dbeta)``; ``dx`` has the dtype of ``x``.
+    """
+    nd = x.dim()
+    dims = reduce_dims(x)
+    m = values_per_channel(x)
+    dy = dy.to(mean.dtype)
+    x_hat = (x.to(mean.dtype) - per_channel(mean, nd)) * per_channel(invstd, nd)
+    dbeta = dy.sum(dims)
+    dgamma = (dy * x_hat).sum(dims)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    dx = per_channel(scale / m, nd) * (
+        m * dy - per_channel(dbeta, nd) - x_hat * per_channel(dgamma, nd)
+    )
+    return dx.to(x.dtype), dgamma, dbeta
+
+
+@torch.no_grad()
+def update_running_stats_(running_mean, running_var, mean, var_biased, m, momentum) -> bool:
+    """Fold one batch into the running statistics, in place; skip a batch with non-finite stats.
+
+    running_mean <- (1 - momentum) * running_mean + momentum * mu_B
+    running_var  <- (1 - momentum) * running_var  + momentum * m / (m - 1) * sigma2_B
+
+    ``momentum`` is the new batch's weight; ``1 / count`` gives the cumulative (equal-weight)
+    average. A batch whose mean or variance is not finite is not folded in, so one bad batch
+    cannot poison the running statistics for the rest of training.
+
+    Returns:
+        True when the batch was folded in, False when it was skipped.
+    """
+    if not (torch.isfinite(mean).all() and torch.isfinite(var_biased).all()):
+        return False
+    var_unbiased = var_biased * (m / (m - 1))
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_(var_unbiased.to(running_var.dtype), momentum)
+    return True
+
+
+def batch_norm_train(x, weight=None, bias=None, eps=1e-5, backend="auto"):
+    """Algorithm 1 over a batch: returns ``(y, mean, var_biased)``; differentiable in x, weight, bias.
+
+    Backends (both compared against :mod:`bnlab.reference` in the tests):
+    - ``"autograd"``: bnlab's :class:`bnlab.autograd.BatchNormFunction`, the paper's formulas with a
+      hand-written backward;
+    - ``"native"``: PyTorch's fused ATen kernels (``torch.native_batch_norm``), the fastest correct
+      path on the CPU;
+    - ``"auto"``: ``"native"`` for now; fused kernels join here when they exist for the device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "autograd":
+        from bnlab.autograd import BatchNormFunction  # autograd builds on this module
+
+        return BatchNormFunction.apply(x, weight, bias, eps)
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    # The kernel returns 1/sqrt(var + eps); the variance itself is recovered for the running update.
+    var_biased = (invstd.detach().double().reciprocal().square() - eps).clamp_min(0).to(invstd.dtype)
+    return y, mean.detach(), var_biased
+
+
+def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, backend="auto"):
+    """Ioffe & Szegedy 2015, Algorithm 2, line 11: y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta."""
+    if backend != "autograd":
+        return torch.native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+    stat_dtype = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+    invstd = torch.rsqrt(running_var.to(stat_dtype) + eps)
+    return normalize(x, running_mean.to(stat_dtype), invstd, weight, bias)
+
+
+def check_input(x: torch.Tensor, num_features: int, training: bool, name: str = "batch_norm"):
+    """Raise a ValueError that says what is wrong and what to do, before any arithmetic."""
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected an input of shape (N, C, ...), got shape {tuple(x.shape)}")
+    if x.shape[1] != num_features:
+        raise ValueError(
+            f"{name}: expected {num_features} channels in dimension 1, got {x.shape[1]} "
+            f"(input shape {tuple(x.shape)}); channels-first layout (N, C, ...) is required"
+        )
+    if training and values_per_channel(x) <= 1:
+        raise ValueError(
+            f"{name}: training needs more than one value per channel to estimate a variance, got input "
+            f"shape {tuple(x.shape)} (1 value per channel). Use eval() for inference on one example, "
+            "a larger batch, or a normalizer that does not need batch statistics "
+            "(bnlab.CrossIterationBatchNorm*, torch.nn.GroupNorm)"
+        )
+
+
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    backend="auto",
+):
+    """Batch Normalization with the signature and semantics of ``torch.nn.functional.batch_norm``.
+
+    Training (``training=True``): normalize with the batch's mean and biased variance (Algorithm 1)
+    and, when running buffers are given, update them in place with ``momentum`` as the new batch's
+    weight and the unbiased variance: r <- (1 - momentum) * r + momentum * stat. Inference: normalize
+    with the running buffers (Algorithm 2).
+
+    Args:
+        input: ``(N, C)`` or ``(N, C, *spatial)``.
+        running_mean, running_var: ``(C,)`` buffers or None.
+        weight, bias: ``(C,)`` gamma and beta, or None.
+        backend: see :func:`batch_norm_train`.
+
+    Example:
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> y = batch_norm(x, None, None, training=True)
+        >>> torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-6)
+        True
+    """
+    if training:
+        check_input(input, input.shape[1] if input.dim() > 1 else 0, True)
+        y, mean, var_biased = batch_norm_train(input, weight, bias, eps, backend)
+        if running_mean is not None and running_var is not None:
+            update_running_stats_(
+                running_mean, running_var, mean, var_biased, values_per_channel(input), momentum
+            )
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_norm: inference (training=False) needs running_mean and running_var")
+    return batch_norm_eval(input, running_mean, running_var, weight, bias, eps, backend)

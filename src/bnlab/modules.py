@@ -1,0 +1,320 @@
+"""nn.Module layers of Batch Normalization: parameters, buffers, train/eval, input checks.
+
+``BatchNorm1d/2d/3d`` are one class, :class:`BatchNorm`, with a rank check. They take
+``torch.nn.BatchNorm*``'s constructor arguments and state_dict keys (a torch checkpoint loads into
+bnlab and back) and add what users of torch's layers ask for: the running-statistics convention as
+an explicit argument, a guard against non-finite batches, errors that say what to do, population
+statistics by the paper's Algorithm 2 (:func:`recalibrate`), and :func:`convert` for whole models.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from bnlab import functional as F
+
+STATS = ("ema", "cumulative")
+
+
+class BatchNorm(nn.Module):
+    """Batch Normalization (Ioffe & Szegedy 2015) over dimension 1 of an ``(N, C, *)`` input.
+
+    Training: y = weight * (x - mu_B) / sqrt(sigma2_B + eps) + bias, with the batch's mean mu_B and
+    biased variance sigma2_B per channel over N * prod(spatial) = m values (Algorithm 1). Then the
+    running statistics fold the batch in, with the *unbiased* variance m/(m-1) * sigma2_B:
+
+    - ``stats="ema"`` (default, PyTorch's convention): r <- (1 - momentum) * r + momentum * stat,
+      ``momentum`` being the weight of the new batch (0.1; Keras' momentum=0.99 is 0.01 here);
+    - ``stats="cumulative"`` (or ``momentum=None``): r <- r + (stat - r) / t after the t-th batch,
+      the equal-weight average of every batch seen, as in Algorithm 2.
+
+    A batch whose statistics are not finite is not folded in (a warning names the layer), and
+    ``num_batches_tracked`` counts the batches that were. Inference: the running statistics
+    (Algorithm 2's affine transform); with ``track_running_stats=False`` batch statistics are used
+    in both modes, as in torch.
+
+    Args:
+        num_features: C.
+        eps: added to the variance inside the square root.
+        momentum: weight of the new batch in the running average; None means cumulative.
+        affine: learn ``weight`` (gamma, init 1) and ``bias`` (beta, init 0).
+        track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked`` buffers.
+        stats: ``"ema"`` or ``"cumulative"``.
+        backend: ``"auto"``, ``"native"`` (PyTorch's ATen kernels) or ``"autograd"`` (bnlab's
+            hand-written backward); see :func:`bnlab.functional.batch_norm_train`.
+
+    Example:
+        >>> bn = BatchNorm2d(3)
+        >>> y = bn(torch.randn(4, 3, 8, 8))          # training: batch statistics
+        >>> y = bn.eval()(torch.randn(1, 3, 8, 8))    # inference: running statistics
+    """
+
+    ranks: tuple[int, ...] = ()  # accepted input ranks; empty means any rank >= 2
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        stats: str | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if stats is None:
+            stats = "cumulative" if momentum is None else "ema"
+        if stats not in STATS:
+            raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
+        if stats == "ema" and not (momentum is not None and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"stats='ema' needs 0 <= momentum <= 1 (weight of the new batch), got {momentum}")
+        if backend not in F.BACKENDS:
+            raise ValueError(f"backend must be one of {F.BACKENDS}, got {backend!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.stats = stats
+        self.backend = backend
+        self.name: str | None = None  # set by name_layers(); used in warnings
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, stats={self.stats!r}, backend={self.backend!r}"
+        )
+
+    def _label(self) -> str:
+        return f"{type(self).__name__} {self.name!r}" if self.name else repr(self)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if self.ranks and x.dim() not in self.ranks:
+            expected = " or ".join(f"{r}D" for r in self.ranks)
+            raise ValueError(
+                f"{type(self).__name__}: expected {expected} input, got {x.dim()}D input of shape "
+                f"{tuple(x.shape)}"
+            )
+        F.check_input(x, self.num_features, self.training, self._label())
+
+    def _momentum(self) -> float:
+        if self.stats == "cumulative":
+            return 1.0 / float(self.num_batches_tracked + 1)
+        return self.momentum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.training and self.track_running_stats:
+            return F.batch_norm_eval(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, self.backend
+            )
+        y, mean, var_biased = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend)
+        if self.training and self.track_running_stats:
+            self._fold_in(mean, var_biased, F.values_per_channel(x))
+        return y
+
+    def _fold_in(self, mean, var_biased, m) -> None:
+        folded = F.update_running_stats_(
+            self.running_mean, self.running_var, mean, var_biased, m, self._momentum()
+        )
+        if folded:
+            self.num_batches_tracked.add_(1)
+        else:
+            warnings.warn(
+                f"{self._label()}: non-finite batch statistics (NaN or inf in the input); this batch "
+                "was not folded into the running statistics",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from torch < 0.4.1 have no num_batches_tracked; start it at 0 as torch does.
+        key = prefix + "num_batches_tracked"
+        if self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class BatchNorm1d(BatchNorm):
+    """:class:`BatchNorm` over ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    ranks = (2, 3)
+
+
+class BatchNorm2d(BatchNorm):
+    """:class:`BatchNorm` over ``(N, C, H, W)`` inputs."""
+
+    ranks = (4,)
+
+
+class BatchNorm3d(BatchNorm):
+    """:class:`BatchNorm` over ``(N, C, D, H, W)`` inputs."""
+
+    ranks = (5,)
+
+
+BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, BatchNorm)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """True for bnlab's and torch.nn's batch-normalization layers."""
+    return isinstance(module, BATCH_NORM_TYPES)
+
+
+def name_layers(model: nn.Module) -> nn.Module:
+    """Give every bnlab layer its qualified name in ``model``, so its warnings say which layer."""
+    for name, module in model.named_modules():
+        if isinstance(module, BatchNorm):
+            module.name = name or type(module).__name__
+    return model
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
+    """Ioffe & Szegedy 2015, Algorithm 2: population statistics for every BN layer of ``model``.
+
+    Runs the batches through the training-mode network (every BN layer normalizing with its batch
+    statistics; every other module in eval mode, so dropout is off) and sets each layer's
+    running statistics to
+
+        E[x] = mean over batches of mu_B,   Var[x] = mean over batches of m/(m-1) * sigma2_B,
+
+    where m is the number of values per channel in that batch (the paper's m/(m-1) E_B[sigma2_B]
+    when every batch has the same size). Parameters, ``num_batches_tracked``, train/eval modes and
+    all other state are left as they were.
+
+    Args:
+        model: a module holding bnlab or torch.nn batch-norm layers.
+        batches: an iterable of inputs; a tuple or list is taken as ``(input, ...)``.
+        forward: optional ``forward(model, batch)``; by default ``model(batch[0] or batch)``.
+
+    Example:
+        >>> recalibrate(net, (x for x, _ in train_loader))
+    """
+    layers = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats]
+    modes = {m: m.training for m in model.modules()}
+    saved = {
+        layer: (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+        for layer in layers
+    }
+    sums = {layer: [0.0, 0.0, 0] for layer in layers}
+
+    def record(layer, args):
+        x = args[0].detach().double()
+        mean, var_biased = F.batch_stats(x)
+        m = F.values_per_channel(x)
+        if m < 2:
+            raise ValueError(f"recalibrate: a batch has {m} value(s) per channel; Algorithm 2 needs m >= 2")
+        acc = sums[layer]
+        acc[0] = acc[0] + mean
+        acc[1] = acc[1] + var_biased * (m / (m - 1))
+        acc[2] += 1
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        model.eval()
+        for layer in layers:
+            layer.train()
+        for batch in batches:
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        for module, mode in modes.items():
+            module.train(mode)
+        for layer, (mean, var, count) in saved.items():
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+            layer.num_batches_tracked.copy_(count)
+    for layer, (sum_mean, sum_var, n) in sums.items():
+        if n == 0:
+            raise ValueError("recalibrate: no batch reached a batch-norm layer; pass at least one batch")
+        layer.running_mean.copy_(sum_mean / n)
+        layer.running_var.copy_(sum_var / n)
+    return model
+
+
+TORCH_TO_BNLAB = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def convert(model: nn.Module, **kwargs) -> nn.Module:
+    """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` for bnlab's, keeping its state.
+
+    Parameters, buffers, device, dtype, requires_grad and train/eval mode carry over; ``kwargs``
+    (``stats=``, ``backend=``) go to the new layers. Returns the model (a new layer when ``model``
+    itself is a batch-norm layer).
+
+    Example:
+        >>> net = convert(torchvision.models.resnet18())
+    """
+    new = _converted(model, kwargs)
+    if new is not None:
+        return name_layers(new)
+    for name, child in model.named_children():
+        setattr(model, name, convert(child, **kwargs))
+    return name_layers(model)
+
+
+def _converted(module: nn.Module, kwargs) -> nn.Module | None:
+    cls = TORCH_TO_BNLAB.get(type(module))
+    if cls is None:
+        return None
+    ref = module.weight if module.affine else module.running_mean
+    new = cls(
+        module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        device=ref.device if ref is not None else None,
+        dtype=ref.dtype if ref is not None else None,
+        **kwargs,
+    )
+    new.load_state_dict(module.state_dict())
+    if module.affine:
+        new.weight.requires_grad_(module.weight.requires_grad)
+        new.bias.requires_grad_(module.bias.requires_grad)
+    return new.train(module.training)

@@ -1,0 +1,223 @@
+"""bnlab.BatchNorm* against torch.nn.BatchNorm* and the paper's Algorithm 2, plus bad inputs."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bnlab
+from bnlab import reference as R
+
+PAIRS = {2: (bnlab.BatchNorm1d, nn.BatchNorm1d), 3: (bnlab.BatchNorm1d, nn.BatchNorm1d),
+         4: (bnlab.BatchNorm2d, nn.BatchNorm2d), 5: (bnlab.BatchNorm3d, nn.BatchNorm3d)}
+
+
+def twin_layers(rank, c, backend="auto", **kw):
+    ours_cls, torch_cls = PAIRS[rank]
+    theirs = torch_cls(c, dtype=torch.float64, **kw)
+    ours = ours_cls(c, dtype=torch.float64, backend=backend, **kw)
+    with torch.no_grad():
+        if theirs.affine:
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.uniform_(-1, 1)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+shapes = st.integers(2, 5).flatmap(
+    lambda rank: st.tuples(st.integers(2, 6), st.integers(1, 5), *[st.integers(1, 4)] * (rank - 2))
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, backend=st.sampled_from(["native", "autograd"]), momentum=st.sampled_from([0.1, 0.5, None]),
+       affine=st.booleans(), seed=st.integers(0, 2**16))
+def test_equals_torch_nn_over_random_shapes(shape, backend, momentum, affine, seed):
+    ours, theirs = twin_layers(len(shape), shape[1], backend, momentum=momentum, affine=affine)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(3):
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * (step + 1) + step
+        dy = torch.randn(shape, generator=g, dtype=torch.float64)
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yt = ours(xo), theirs(xt)
+        yo.backward(dy), yt.backward(dy)
+        torch.testing.assert_close(yo, yt, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(xo.grad, xt.grad, rtol=1e-9, atol=1e-9)
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-9, atol=1e-9)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-10, atol=1e-12)
+    ours.eval(), theirs.eval()
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+def test_state_dict_round_trips_both_ways():
+    theirs = nn.BatchNorm2d(4)
+    theirs.train()(torch.randn(8, 4, 3, 3) * 2 + 1)
+    ours = bnlab.BatchNorm2d(4)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    back = nn.BatchNorm2d(4)
+    back.load_state_dict(ours.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert int(back.num_batches_tracked) == 1
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    state = {k: v for k, v in nn.BatchNorm1d(3).state_dict().items() if k != "num_batches_tracked"}
+    layer = bnlab.BatchNorm1d(3)
+    layer.load_state_dict(state)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_cumulative_stats_is_the_equal_weight_average():
+    layer = bnlab.BatchNorm1d(3, stats="cumulative", dtype=torch.float64)
+    assert bnlab.BatchNorm1d(3, momentum=None).stats == "cumulative"
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(10, 3, generator=g, dtype=torch.float64) * (i + 1) for i in range(4)]
+    for x in batches:
+        layer(x)
+    mu = [x.numpy().mean(0) for x in batches]
+    var = [x.numpy().var(0) for x in batches]
+    E_x, Var_x = R.population_statistics(mu, var, m=10)
+    np.testing.assert_allclose(layer.running_mean.numpy(), E_x, rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var.numpy(), Var_x, rtol=1e-12)
+
+
+def test_non_finite_batch_does_not_poison_running_stats_and_warns_with_layer_name():
+    net = bnlab.name_layers(nn.Sequential(nn.Linear(3, 4), bnlab.BatchNorm1d(4)))
+    net(torch.randn(8, 3))
+    before = {k: v.clone() for k, v in net[1].state_dict().items()}
+    bad = torch.randn(8, 3)
+    bad[2, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="'1'.*non-finite"):
+        net(bad)
+    for key, value in net[1].state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(torch.randn(8, 3))
+    assert int(net[1].num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize(
+    "layer, x, message",
+    [
+        (bnlab.BatchNorm1d(3), torch.randn(1, 3), "more than one value per channel.*eval\\(\\)"),
+        (bnlab.BatchNorm2d(3), torch.randn(1, 3, 1, 1), "more than one value per channel"),
+        (bnlab.BatchNorm2d(3), torch.randn(4, 5, 2, 2), "expected 3 channels.*got 5"),
+        (bnlab.BatchNorm2d(3), torch.randn(4, 3, 2), "expected 4D input, got 3D"),
+        (bnlab.BatchNorm1d(3), torch.randn(4, 3, 2, 2), "expected 2D or 3D input"),
+    ],
+)
+def test_bad_inputs_raise_errors_that_say_what_to_do(layer, x, message):
+    with pytest.raises(ValueError, match=message):
+        layer(x)
+
+
+def test_one_example_is_fine_in_eval_mode():
+    layer = bnlab.BatchNorm2d(3).eval()
+    y = layer(torch.ones(1, 3, 1, 1))
+    torch.testing.assert_close(y, torch.ones(1, 3, 1, 1) / np.sqrt(1 + 1e-5))
+
+
+def test_constructor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="stats"):
+        bnlab.BatchNorm1d(3, stats="median")
+    with pytest.raises(ValueError, match="momentum"):
+        bnlab.BatchNorm1d(3, momentum=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        bnlab.BatchNorm1d(3, backend="fast")
+
+
+def test_recalibrate_is_algorithm2_by_hand():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), bnlab.BatchNorm1d(5), nn.Dropout(0.5), nn.Linear(5, 3),
+                        nn.BatchNorm1d(3)).double()
+    net.eval()
+    batches = [torch.randn(7, 4, dtype=torch.float64) for _ in range(5)]
+    weights_before = {k: v.clone() for k, v in net.state_dict().items()}
+    bnlab.recalibrate(net, batches)
+    # By hand: the training-mode network (BN on batch statistics, dropout off), layer by layer.
+    mu1, var1, mu2, var2 = [], [], [], []
+    W1, b1 = net[0].weight.detach().numpy(), net[0].bias.detach().numpy()
+    W2, b2 = net[3].weight.detach().numpy(), net[3].bias.detach().numpy()
+    g1, be1 = net[1].weight.detach().numpy(), net[1].bias.detach().numpy()
+    for x in batches:
+        h = x.numpy() @ W1.T + b1
+        out = R.batch_norm_train(h, g1, be1)
+        mu1.append(out["mu_B"]), var1.append(out["sigma2_B"])
+        h2 = out["y"] @ W2.T + b2
+        mu2.append(h2.mean(0)), var2.append(h2.var(0))
+    for layer, mu, var in [(net[1], mu1, var1), (net[4], mu2, var2)]:
+        E_x, Var_x = R.population_statistics(mu, var, m=7)
+        np.testing.assert_allclose(layer.running_mean.numpy(), E_x, rtol=1e-10)
+        np.testing.assert_allclose(layer.running_var.numpy(), Var_x, rtol=1e-10)
+    assert not net.training and not net[1].training  # modes restored
+    for key, value in net.state_dict().items():
+        if "running" not in key:
+            assert torch.equal(value, weights_before[key]), key
+
+
+def test_recalibrate_needs_a_batch():
+    with pytest.raises(ValueError, match="at least one batch"):
+        bnlab.recalibrate(nn.Sequential(bnlab.BatchNorm1d(2)), [])
+
+
+def test_convert_swaps_layers_and_keeps_state():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 3), nn.BatchNorm1d(3, affine=False)))
+    net.train()(torch.randn(6, 2, 6, 6))
+    net[1].weight.requires_grad_(False)
+    net.eval()
+    x = torch.randn(3, 2, 6, 6)
+    expected = net(x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    converted = bnlab.convert(net)
+    assert type(converted[1]) is bnlab.BatchNorm2d and type(converted[3][2]) is bnlab.BatchNorm1d
+    assert converted[3][2].name == "3.2"
+    assert not converted[1].weight.requires_grad and not converted[1].training
+    torch.testing.assert_close(converted(x), expected)
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+@settings(max_examples=20, deadline=None)
+@given(a=st.floats(0.1, 10), b=st.floats(-10, 10), seed=st.integers(0, 1000))
+def test_property_invariant_to_positive_affine_input_change(a, b, seed):
+    x = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    layer = bnlab.BatchNorm2d(3, eps=0.0, dtype=torch.float64)
+    torch.testing.assert_close(layer(a * x + b), layer(x), rtol=1e-8, atol=1e-8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), backend=st.sampled_from(["native", "autograd"]))
+def test_property_zero_mean_unit_variance_and_batch_permutation(seed, backend):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, 4, 3, generator=g, dtype=torch.float64) * 5 - 2
+    layer = bnlab.BatchNorm1d(4, eps=0.0, dtype=torch.float64, backend=backend)
+    y = layer(x)
+    torch.testing.assert_close(y.mean((0, 2)), torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(y.var((0, 2), unbiased=False), torch.ones(4, dtype=torch.float64))
+    perm = torch.randperm(7, generator=g)
+    torch.testing.assert_close(layer(x[perm]), y[perm])
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_property_eval_output_depends_on_buffers_only(seed):
+    g = torch.Generator().manual_seed(seed)
+    layer = bnlab.BatchNorm1d(3, dtype=torch.float64)
+    layer(torch.randn(5, 3, generator=g, dtype=torch.float64))
+    layer.eval()
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(layer(x), alone)  # no dependence on the other examples
