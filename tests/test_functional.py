@@ -29,13 +29,13 @@ def make(shape, seed=0, dtype=torch.float64):
 def test_training_forward_and_gradients_match_reference(backend, shape):
     x, w, b, dy = make(shape)
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
-    y, mean, var_biased = F.batch_norm_train(x, w, b, eps=1e-5, backend=backend)
+    y, mean, invstd, _ = F.batch_norm_train(x, w, b, eps=1e-5, backend=backend)
     y.backward(dy)
     ref = R.batch_norm_train(x.detach().numpy(), w.detach().numpy(), b.detach().numpy(), eps=1e-5)
     grads = R.batch_norm_backward(dy.numpy(), x.detach().numpy(), w.detach().numpy(), eps=1e-5)
     assert rel_err(y, ref["y"]) < FLOAT64_TOL
     assert rel_err(mean, ref["mu_B"]) < FLOAT64_TOL
-    assert rel_err(var_biased, ref["sigma2_B"]) < 1e-9  # native: recovered from 1/sqrt(var + eps)
+    assert rel_err(invstd, 1 / np.sqrt(ref["sigma2_B"] + 1e-5)) < FLOAT64_TOL
     assert rel_err(x.grad, grads["dx"]) < FLOAT64_TOL
     assert rel_err(w.grad, grads["dgamma"]) < FLOAT64_TOL
     assert rel_err(b.grad, grads["dbeta"]) < FLOAT64_TOL
@@ -45,7 +45,7 @@ def test_training_forward_and_gradients_match_reference(backend, shape):
 def test_compact_backward_is_the_printed_backward(backend):
     x, w, _, dy = make((9, 4, 3))
     mean, var_biased = F.batch_stats(x)
-    dx, dgamma, dbeta = F.batch_norm_backward(dy, x, mean, torch.rsqrt(var_biased + 1e-5), w)
+    dx, dgamma, dbeta = F.batch_norm_backward(dy, x, mean, torch.rsqrt(var_biased + 1e-5), w, backend=backend)
     printed = R.batch_norm_backward(dy.numpy(), x.numpy(), w.numpy())
     assert rel_err(dx, printed["dx"]) < FLOAT64_TOL
     assert rel_err(dgamma, printed["dgamma"]) < FLOAT64_TOL
@@ -82,7 +82,8 @@ def test_large_offset_is_stable_in_float32(backend):
     """x + 1e4 in float32: no E[x^2] - E[x]^2 cancellation (that would lose the variance entirely)."""
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(64, 4, 6, 6, generator=g) + 1e4).float()
-    y, mean, var_biased = F.batch_norm_train(x, None, None, eps=1e-5, backend=backend)
+    y, mean, invstd, _ = F.batch_norm_train(x, None, None, eps=1e-5, backend=backend)
+    var_biased = invstd.double() ** -2 - 1e-5
     ref = R.batch_norm_train(x.double().numpy(), np.ones(4), np.zeros(4), eps=1e-5)
     # float32 represents x only to |x| * eps32; y can be no closer than that in units of std.
     y_tol = 8 * FLOAT32_EPS * 1e4 / np.sqrt(ref["sigma2_B"].min())
@@ -97,13 +98,28 @@ def test_large_offset_is_stable_in_float32(backend):
 def test_low_precision_inputs_use_float32_statistics(backend, dtype):
     x, w, b, dy = make((16, 3, 4, 4))
     xl = x.to(dtype)
-    y, mean, var_biased = F.batch_norm_train(xl, w.float(), b.float(), backend=backend)
-    assert y.dtype == dtype and mean.dtype == torch.float32 and var_biased.dtype == torch.float32
+    y, mean, invstd, _ = F.batch_norm_train(xl, w.float(), b.float(), backend=backend)
+    assert y.dtype == dtype and mean.dtype == torch.float32 and invstd.dtype == torch.float32
+    var_biased = invstd.double() ** -2 - 1e-5
     ref = R.batch_norm_train(xl.double().numpy(), w.numpy(), b.numpy())
     assert rel_err(mean, ref["mu_B"]) < 1e-5
     assert rel_err(var_biased, ref["sigma2_B"]) < 1e-5
     tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     assert rel_err(y, ref["y"]) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_non_finite_batch_leaves_buffers_untouched(backend, bad):
+    x = torch.randn(6, 3, 2)
+    x[1, 2, 0] = bad
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    before = rm.clone(), rv.clone()
+    *_, folded = F.batch_norm_train(x, None, None, 1e-5, backend, rm, rv, 0.1)
+    assert not folded
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+    *_, folded = F.batch_norm_train(torch.randn(6, 3, 2), None, None, 1e-5, backend, rm, rv, 0.1)
+    assert folded and not torch.equal(rm, before[0])
 
 
 def test_update_running_stats_skips_non_finite_batches():

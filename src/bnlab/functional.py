@@ -74,7 +74,7 @@ def normalize(x, mean, invstd, weight=None, bias=None):
     return y.to(x.dtype)
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None):
+def batch_norm_backward(dy, x, mean, invstd, weight=None, backend="autograd"):
     """Ioffe & Szegedy 2015, section 3, in compact form (the printed formulas with sums folded).
 
     With x_hat = (x - mu_B) * invstd over m values per channel:
@@ -85,9 +85,16 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None):
     The last line is the paper's dl/dx after substituting dl/dsigma2 and dl/dmu (whose second term
     vanishes because the deviations sum to zero).
 
+    ``backend="native"`` hands the same formula to PyTorch's fused ATen kernel (one call, for
+    hand-written training steps of small networks where the number of ops is the cost).
+
     Returns:
         ``(dx, dgamma, dbeta)``; ``dx`` has the dtype of ``x``.
     """
+    if backend == "native":
+        return torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, invstd, True, 0.0, [True, True, True]
+        )
     nd = x.dim()
     dims = reduce_dims(x)
     m = values_per_channel(x)
@@ -100,6 +107,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None):
         m * dy - per_channel(dbeta, nd) - x_hat * per_channel(dgamma, nd)
     )
     return dx.to(x.dtype), dgamma, dbeta
+
+
+def stats_are_finite(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
+    """False when the batch held a NaN or inf: it reaches the mean, or makes the variance infinite
+    (invstd 0) or NaN. One reduction: a non-finite term makes the whole sum non-finite."""
+    return bool(torch.isfinite(mean.sum() + invstd.reciprocal().sum()))
 
 
 @torch.no_grad()
@@ -116,34 +129,53 @@ def update_running_stats_(running_mean, running_var, mean, var_biased, m, moment
     Returns:
         True when the batch was folded in, False when it was skipped.
     """
-    if not (torch.isfinite(mean).all() and torch.isfinite(var_biased).all()):
+    if not bool(torch.isfinite(mean.sum() + var_biased.sum())):
         return False
-    var_unbiased = var_biased * (m / (m - 1))
     running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_(var_unbiased.to(running_var.dtype), momentum)
+    running_var.mul_(1.0 - momentum).add_(var_biased.to(running_var.dtype), alpha=momentum * m / (m - 1))
     return True
 
 
-def batch_norm_train(x, weight=None, bias=None, eps=1e-5, backend="auto"):
-    """Algorithm 1 over a batch: returns ``(y, mean, var_biased)``; differentiable in x, weight, bias.
+def batch_norm_train(
+    x, weight=None, bias=None, eps=1e-5, backend="auto", running_mean=None, running_var=None, momentum=0.1
+):
+    """Algorithm 1 over a batch, and the running-statistics update when buffers are given.
+
+    Returns:
+        ``(y, mean, invstd, folded)``: the output (differentiable in x, weight and bias), the
+        batch's mean and 1/sqrt(sigma2_B + eps) per channel, and whether the batch was folded
+        into the running buffers (False when there are none or its statistics are not finite,
+        in which case the buffers are left exactly as they were). The update is the one
+        :func:`update_running_stats_` states.
 
     Backends (both compared against :mod:`bnlab.reference` in the tests):
     - ``"autograd"``: bnlab's :class:`bnlab.autograd.BatchNormFunction`, the paper's formulas with a
       hand-written backward;
-    - ``"native"``: PyTorch's fused ATen kernels (``torch.native_batch_norm``), the fastest correct
-      path on the CPU;
+    - ``"native"``: PyTorch's fused ATen kernels (``torch.native_batch_norm``, which also updates
+      the buffers in the same pass), the fastest correct path on the CPU;
     - ``"auto"``: ``"native"`` for now; fused kernels join here when they exist for the device.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    tracking = running_mean is not None and running_var is not None
     if backend == "autograd":
         from bnlab.autograd import BatchNormFunction  # autograd builds on this module
 
-        return BatchNormFunction.apply(x, weight, bias, eps)
-    y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    # The kernel returns 1/sqrt(var + eps); the variance itself is recovered for the running update.
-    var_biased = (invstd.detach().double().reciprocal().square() - eps).clamp_min(0).to(invstd.dtype)
-    return y, mean.detach(), var_biased
+        y, mean, var_biased = BatchNormFunction.apply(x, weight, bias, eps)
+        folded = tracking and update_running_stats_(
+            running_mean, running_var, mean, var_biased, values_per_channel(x), momentum
+        )
+        return y, mean, torch.rsqrt(var_biased + eps), folded
+    backup = (running_mean.clone(), running_var.clone()) if tracking else None
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+    mean, invstd = mean.detach(), invstd.detach()
+    folded = tracking
+    if tracking and not stats_are_finite(mean, invstd):
+        with torch.no_grad():  # undo the kernel's update: a bad batch must not poison the buffers
+            running_mean.copy_(backup[0])
+            running_var.copy_(backup[1])
+        folded = False
+    return y, mean, invstd, folded
 
 
 def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, backend="auto"):
@@ -206,12 +238,7 @@ def batch_norm(
     """
     if training:
         check_input(input, input.shape[1] if input.dim() > 1 else 0, True)
-        y, mean, var_biased = batch_norm_train(input, weight, bias, eps, backend)
-        if running_mean is not None and running_var is not None:
-            update_running_stats_(
-                running_mean, running_var, mean, var_biased, values_per_channel(input), momentum
-            )
-        return y
+        return batch_norm_train(input, weight, bias, eps, backend, running_mean, running_var, momentum)[0]
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: inference (training=False) needs running_mean and running_var")
     return batch_norm_eval(input, running_mean, running_var, weight, bias, eps, backend)

@@ -133,7 +133,8 @@ class BatchNorm(nn.Module):
             )
         F.check_input(x, self.num_features, self.training, self._label())
 
-    def _momentum(self) -> float:
+    def batch_weight(self) -> float:
+        """The new batch's weight in the running average: momentum, or 1/t for the t-th batch."""
         if self.stats == "cumulative":
             return 1.0 / float(self.num_batches_tracked + 1)
         return self.momentum
@@ -144,15 +145,17 @@ class BatchNorm(nn.Module):
             return F.batch_norm_eval(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, self.backend
             )
-        y, mean, var_biased = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend)
-        if self.training and self.track_running_stats:
-            self._fold_in(mean, var_biased, F.values_per_channel(x))
+        tracking = self.training and self.track_running_stats
+        y, _, _, folded = F.batch_norm_train(
+            x, self.weight, self.bias, self.eps, self.backend,
+            self.running_mean if tracking else None, self.running_var if tracking else None, self.batch_weight(),
+        )
+        if tracking:
+            self.count_batch_(folded)
         return y
 
-    def _fold_in(self, mean, var_biased, m) -> None:
-        folded = F.update_running_stats_(
-            self.running_mean, self.running_var, mean, var_biased, m, self._momentum()
-        )
+    def count_batch_(self, folded: bool) -> None:
+        """Count a batch folded into the running statistics, or warn that it was skipped."""
         if folded:
             self.num_batches_tracked.add_(1)
         else:

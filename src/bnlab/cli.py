@@ -1,0 +1,103 @@
+"""The ``bnlab`` command: parses arguments and calls experiments; no math here.
+
+    bnlab reproduce bn-mnist [--quick] [--steps N] [--data-dir DIR] [--out RUN_DIR] [--seed S] ...
+    bnlab reproduce bn-mnist --resume RUN_DIR
+    bnlab plot RUN_DIR
+    bnlab download-mnist [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from bnlab.data import DataError
+from bnlab.train import CheckpointError
+
+
+def _field_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One flag per config field, its help the comment on the field."""
+    import inspect
+
+    comments = {}
+    for line in inspect.getsource(config_cls).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest:
+            comments[name] = rest.split("#", 1)[1].strip()
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f"{comments.get(f.name, '')} (default: {f.default})"
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=helptext)
+        else:
+            kind = {int: int, float: float}.get(hints[f.name], str)
+            parser.add_argument(flag, type=kind, default=None, help=helptext)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bnlab.experiments import EXPERIMENTS
+
+    parser = argparse.ArgumentParser(prog="bnlab", description="Batch Normalization lab: reproduce the papers' experiments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    reproduce = sub.add_parser("reproduce", help="run a paper's experiment")
+    which = reproduce.add_subparsers(dest="experiment", required=True)
+    for name, module in EXPERIMENTS.items():
+        p = which.add_parser(name, help=module.__doc__.strip().splitlines()[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _field_flags(p, module.Config)
+        p.add_argument("--quick", action="store_true", help="a short run (a few thousand steps) for demos and CI")
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoints")
+    plot = sub.add_parser("plot", help="redraw a run's figure from its saved metrics")
+    plot.add_argument("run_dir")
+    download = sub.add_parser("download-mnist", help="download MNIST (MD5-checked) for the experiments")
+    download.add_argument("--dir", default=None, help="target folder (default: ~/.cache/bnlab/mnist)")
+    return parser
+
+
+def _config(module, args):
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)
+                 if getattr(args, f.name) is not None}
+    if args.resume:
+        cfg = module.load_config(args.resume)
+        return dataclasses.replace(cfg, out=args.resume, **{k: v for k, v in overrides.items() if k == "workers"})
+    cfg = module.Config()
+    if args.quick:
+        cfg = cfg.quick()
+    return dataclasses.replace(cfg, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "reproduce":
+            from bnlab.experiments import EXPERIMENTS
+
+            module = EXPERIMENTS[args.experiment]
+            cfg = _config(module, args)
+            try:
+                module.run(cfg, resume=bool(args.resume))
+            except KeyboardInterrupt:
+                print(f"\nInterrupted; checkpoints are in {cfg.out}. Resume with:\n"
+                      f"  bnlab reproduce {args.experiment} --resume {cfg.out}", file=sys.stderr)
+                return 130
+        elif args.command == "plot":
+            from bnlab.experiments import bn_mnist
+
+            print(bn_mnist.plot(Path(args.run_dir)))
+        elif args.command == "download-mnist":
+            from bnlab.data import download_mnist
+
+            kwargs = {"dest": Path(args.dir)} if args.dir else {}
+            print(f"MNIST is in {download_mnist(**kwargs)}")
+    except (DataError, CheckpointError, FileExistsError) as err:
+        print(f"bnlab: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
