@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -67,7 +68,10 @@ def _config(module, args):
     cfg = module.Config()
     if args.quick:
         cfg = cfg.quick()
-    return dataclasses.replace(cfg, **overrides)
+    cfg = dataclasses.replace(cfg, **overrides)
+    if cfg.out is None:  # a new folder each run: nothing earlier is overwritten
+        cfg = dataclasses.replace(cfg, out=time.strftime(f"runs/{args.experiment}-%Y%m%d-%H%M%S"))
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

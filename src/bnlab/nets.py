@@ -12,10 +12,12 @@ layer, which binary inputs make a sparse sum.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from bnlab import functional as F
+from bnlab.kernels.binary_linear import binary_forward, binary_update
 from bnlab.modules import BatchNorm1d
 
 
@@ -63,23 +65,13 @@ class SigmoidMLP(nn.Module):
         return (logits, sigmoid_inputs) if return_sigmoid_inputs else logits
 
 
-def active_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Binary inputs ``(N, D)`` as lists of their active positions, for :class:`BinaryInputSGD`.
-
-    Returns ``(index, mask)``, both ``(N, L)`` with L the most active inputs of any row: row i lists
-    the positions where x[i] is 1 first (in increasing order), then pads with position 0 and mask 0.
-    """
+def flat_active_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary inputs ``(N, D)`` as one list of active positions ``(nnz,)`` and each row's start ``(N,)``."""
     if not bool(((x == 0) | (x == 1)).all()):
-        raise ValueError("active_inputs: the inputs must be binary (0 or 1)")
-    rows, cols = x.nonzero(as_tuple=True)  # row-major: each row's positions in increasing order
+        raise ValueError("flat_active_inputs: the inputs must be binary (0 or 1)")
+    rows, cols = x.nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=x.shape[0])
-    width = max(int(counts.max()) if len(counts) else 0, 1)
-    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]  # place within the row
-    index = torch.zeros(x.shape[0], width, dtype=torch.long)
-    mask = torch.zeros(x.shape[0], width, dtype=x.dtype)
-    index[rows, slot] = cols
-    mask[rows, slot] = 1
-    return index, mask
+    return cols, torch.cumsum(counts, 0) - counts
 
 
 def _bn_refs(norm: BatchNorm1d):
@@ -98,22 +90,26 @@ class BinaryInputSGD:
         du = dh * s * (1 - s)                                   (sigmoid, s = sigmoid(u))
         dz, dgamma, dbeta = BN backward (Ioffe & Szegedy 2015, section 3)
     then every parameter moves by -lr times its gradient: the same step as autograd followed by
-    ``torch.optim.SGD`` (a test checks it), in about a third of the ops.
+    ``torch.optim.SGD`` (a test checks it), in about a third of the ops, with each weight update
+    fused into its product (``addmm_``).
 
-    The first layer exploits binary inputs: x W^T is the sum of the weight columns of the active
-    inputs, one ``embedding_bag`` over a transposed working copy ``w1t`` of the first weight, which
-    takes about a third of the dense product's time. ``w1t`` is the master copy while training:
-    :meth:`sync_` writes it back into the model (before evaluating or saving) and :meth:`reload_`
-    reads it from the model (after loading a checkpoint).
+    The first layer exploits binary inputs (:mod:`bnlab.kernels.binary_linear`): its forward and
+    its update are sums over each example's active inputs, read from the training set's
+    ``index``/``starts`` lists (``active_lists``), on a transposed working copy ``w1t`` of the
+    first weight. ``w1t`` is the master copy while training: :meth:`sync_` writes it back into the
+    model (before evaluating or saving) and :meth:`reload_` reads it from the model (after loading
+    a checkpoint).
 
     A batch with non-finite statistics is not guarded against here: the same step would carry the
-    NaN into every weight, so the run is lost either way (the experiment stops on a NaN loss).
+    NaN into every weight, so the run is lost either way (the experiment stops on a NaN).
     """
 
-    def __init__(self, model: SigmoidMLP, lr: float):
+    def __init__(self, model: SigmoidMLP, lr: float, index: torch.Tensor, starts: torch.Tensor):
         self.model = model
         self.lr = lr
+        self.index, self.starts = index.numpy(), starts.numpy()  # views: shared, not copied
         self.w1t = model.linears[0].weight.detach().t().contiguous()  # (out, in) -> (in, out)
+        self.scratch = np.empty(self.w1t.shape[1], self.w1t.numpy().dtype)
         # Plain references, looked up once: nn.Module attribute access costs a microsecond a time,
         # and a step is a few hundred microseconds. load_state_dict copies in place, so they hold.
         self.hidden = [
@@ -121,6 +117,7 @@ class BinaryInputSGD:
             for linear, norm in zip(model.linears[:-1], model.norms)
         ]
         self.out = (model.linears[-1].weight, model.linears[-1].bias)
+        self.counts = [refs[2][5] for refs in self.hidden if refs[2] is not None]  # num_batches_tracked
 
     @torch.no_grad()
     def sync_(self) -> None:
@@ -131,27 +128,30 @@ class BinaryInputSGD:
         self.w1t.copy_(self.model.linears[0].weight.t())
 
     @torch.no_grad()
-    def first_layer(self, index, mask) -> torch.Tensor:
-        """x W1^T ``(N, out)`` from ``active_inputs(x)``: the sum of the active inputs' weights."""
-        width = max(int(mask.sum(1).max()), 1)  # the batch's longest list; the rest is padding
-        return torch.nn.functional.embedding_bag(
-            index[:, :width], self.w1t, mode="sum", per_sample_weights=mask[:, :width]
-        )
+    def first_layer(self, index, offsets) -> torch.Tensor:
+        """x W1^T ``(N, out)`` for any binary x given as ``flat_active_inputs(x)``."""
+        return torch.nn.functional.embedding_bag(index, self.w1t, offsets, mode="sum")
 
     @torch.no_grad()
-    def step(self, x, index, mask, target_onehot) -> None:
-        """One step on the batch ``x`` ``(N, D)`` given also as ``active_inputs(x)`` rows."""
-        n = x.shape[0]
-        h = self.first_layer(index, mask)
-        activations, saved = [x], []
+    def first_layer_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """x W1^T ``(B, out)`` for the training examples ``ids``."""
+        z = torch.empty(len(ids), self.w1t.shape[1], dtype=self.w1t.dtype)
+        binary_forward(ids.numpy(), self.index, self.starts, self.w1t.numpy(), z.numpy())
+        return z
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, target_onehot: torch.Tensor) -> None:
+        """One step on the training examples ``ids`` ``(B,)`` with their one-hot targets ``(B, classes)``."""
+        n = len(ids)
+        h = self.first_layer_of(ids)
+        activations, saved = [None], []
         for k, (weight, bias, norm) in enumerate(self.hidden):
             z = h if k == 0 else torch.mm(h, weight.t())
             if norm is not None:
-                module, gamma, beta, running_mean, running_var, count = norm
+                module, gamma, beta, running_mean, running_var, _ = norm
                 u, mean, invstd = torch.native_batch_norm(
                     z, gamma, beta, running_mean, running_var, True, module.batch_weight(), module.eps
                 )
-                count.add_(1)
                 saved.append((z, mean, invstd))
             else:
                 u = z.add_(bias)
@@ -181,5 +181,8 @@ class BinaryInputSGD:
                 dh = torch.mm(dz, weight)
                 weight.addmm_(dz.t(), activations[k], alpha=alpha)
             else:
-                self.w1t.addmm_(x.t(), dz, alpha=alpha)  # dW1^T, (in, out)
+                binary_update(ids.numpy(), self.index, self.starts, dz.contiguous().numpy(), self.w1t.numpy(),
+                              alpha, self.scratch)
         torch._foreach_add_(params, grads, alpha=alpha)
+        if self.counts:
+            torch._foreach_add_(self.counts, 1)
