@@ -349,8 +349,8 @@ def plot(run_dir) -> Path:
         for key, style in [("p85", "--"), ("p50", "-"), ("p15", ":")]:
             ax.plot(steps, [r[key] for r in nets[name]], style, color=colors[name], label=f"{key[1:]}th percentile")
         ax.set(xlabel="training step", ylabel="input to the sigmoid", ylim=(low - pad, high + pad),
-               title=f"({letter}) {labels[name].lower()}: a last-layer sigmoid's input")
-        ax.legend(loc="upper right", fontsize="small")
+               title=f"({letter}) {labels[name]}: input to a last-layer sigmoid")
+        ax.legend(loc="best", fontsize="small")
         ax.grid(alpha=0.3)
     summary = data.get("summary")
     if summary:
