@@ -50,3 +50,22 @@ def test_statistics_outputs_are_not_differentiable():
     x, w, b = inputs((5, 2), True)
     _, mean, var = BatchNormFunction.apply(x, w, b, 1e-5)
     assert not mean.requires_grad and not var.requires_grad
+
+
+ACTS = ["identity", "relu", "leaky_relu", "silu"]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows", "ncl"])
+def test_gradcheck_fused_bn_act(act, layout):
+    from bnlab.autograd import BatchNormActFunction
+
+    shape = {"nchw": (3, 2, 3, 2), "channels_last": (3, 2, 3, 2), "rows": (7, 3), "ncl": (3, 2, 4)}[layout]
+    x, w, b = inputs(shape, True, seed=5)
+    if layout == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+
+    def f(x, w, b):
+        return BatchNormActFunction.apply(x, w, b, 1e-5, act, 0.1)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))

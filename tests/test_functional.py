@@ -8,7 +8,7 @@ from bnlab import functional as F
 from bnlab import reference as R
 from conftest import rel_err
 
-BACKENDS = ["native", "autograd"]
+BACKENDS = ["native", "autograd", "fused"]
 SHAPES = [(16, 5), (6, 4, 7), (4, 3, 5, 6), (2, 3, 3, 4, 2)]
 FLOAT64_TOL = 1e-10
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -93,7 +93,7 @@ def test_large_offset_is_stable_in_float32(backend):
     assert rel_err(naive, ref["sigma2_B"]) > 1e-2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["native", "autograd"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs_use_float32_statistics(backend, dtype):
     x, w, b, dy = make((16, 3, 4, 4))
@@ -130,6 +130,13 @@ def test_update_running_stats_skips_non_finite_batches():
     before = rm.clone(), rv.clone()
     assert not F.update_running_stats_(rm, rv, torch.tensor([float("nan"), 0.0]), torch.ones(2), 5, 0.5)
     torch.testing.assert_close((rm, rv), before)
+
+
+def test_fused_backend_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match="float32/float64 CPU"):
+        F.batch_norm_train(torch.randn(4, 3, dtype=torch.float16), backend="fused")
+    with pytest.raises(ValueError, match="act must be"):
+        F.batch_norm_act_train(torch.randn(4, 3), act="gelu")
 
 
 def test_bad_backend_and_single_value_errors():

@@ -34,7 +34,7 @@ shapes = st.integers(2, 5).flatmap(
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=shapes, backend=st.sampled_from(["native", "autograd"]), momentum=st.sampled_from([0.1, 0.5, None]),
+@given(shape=shapes, backend=st.sampled_from(["native", "autograd", "fused"]), momentum=st.sampled_from([0.1, 0.5, None]),
        affine=st.booleans(), seed=st.integers(0, 2**16))
 def test_equals_torch_nn_over_random_shapes(shape, backend, momentum, affine, seed):
     ours, theirs = twin_layers(len(shape), shape[1], backend, momentum=momentum, affine=affine)
@@ -199,7 +199,7 @@ def test_property_invariant_to_positive_affine_input_change(a, b, seed):
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 1000), backend=st.sampled_from(["native", "autograd"]))
+@given(seed=st.integers(0, 1000), backend=st.sampled_from(["native", "autograd", "fused"]))
 def test_property_zero_mean_unit_variance_and_batch_permutation(seed, backend):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(7, 4, 3, generator=g, dtype=torch.float64) * 5 - 2

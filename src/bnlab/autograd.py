@@ -46,3 +46,58 @@ class BatchNormFunction(torch.autograd.Function):
             dbeta.to(weight.dtype if weight is not None else dbeta.dtype) if need_b else None,
             None,
         )
+
+
+def _layout(x: torch.Tensor):
+    """How the fused CPU kernels see ``x``: (kernel view as a tensor, rows?, to restore the shape)."""
+    c = x.shape[1]
+    if x.dim() == 2:
+        return x.contiguous(), True
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).reshape(-1, c), True  # NHWC memory: (N*H*W, C) rows, no copy
+    return x.contiguous().view(x.shape[0], c, -1), False  # (N, C, *S) -> (N, C, prod(S))
+
+
+def _restore(view: torch.Tensor, like: torch.Tensor, rows: bool) -> torch.Tensor:
+    if rows and like.dim() == 4:
+        n, c, h, w = like.shape
+        return view.view(n, h, w, c).permute(0, 3, 1, 2)  # a channels_last NCHW tensor
+    return view.view(like.shape)
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """y, mu_B, invstd = act(BN(x)) on the CPU in two passes forward and three backward (numba).
+
+    See :mod:`bnlab.kernels.cpu_fused` for the math. float32 and float64; NCHW, channels_last and
+    (N, C) layouts. The statistics come back in float64 for the running update.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, act, slope):
+        from bnlab.kernels import cpu_fused
+
+        c = x.shape[1]
+        w = (weight if weight is not None else torch.ones(c, dtype=x.dtype)).detach()
+        b = (bias if bias is not None else torch.zeros(c, dtype=x.dtype)).detach()
+        xv, rows = _layout(x)
+        y, mean, invstd = cpu_fused.forward(xv.numpy(), w.numpy(), b.numpy(), eps, act, slope, rows)
+        ctx.save_for_backward(x, w, b)
+        ctx.stats = (mean, invstd)
+        ctx.config = (act, slope, rows, weight is not None)
+        mean_t, invstd_t = torch.from_numpy(mean), torch.from_numpy(invstd)
+        ctx.mark_non_differentiable(mean_t, invstd_t)
+        return _restore(torch.from_numpy(y), x, rows), mean_t, invstd_t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _dinvstd):
+        from bnlab.kernels import cpu_fused
+
+        x, w, b = ctx.saved_tensors
+        act, slope, rows, affine = ctx.config
+        xv, _ = _layout(x)
+        dyv, _ = _layout(dy.to(memory_format=torch.channels_last) if rows and x.dim() == 4 else dy)
+        dx, dw, db = cpu_fused.backward(dyv.numpy(), xv.numpy(), w.numpy(), b.numpy(), *ctx.stats, act, slope, rows)
+        grad_w = torch.from_numpy(dw).to(x.dtype) if affine and ctx.needs_input_grad[1] else None
+        grad_b = torch.from_numpy(db).to(x.dtype) if affine and ctx.needs_input_grad[2] else None
+        return _restore(torch.from_numpy(dx), x, rows), grad_w, grad_b, None, None, None

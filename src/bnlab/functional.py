@@ -20,7 +20,8 @@ import torch
 
 # Inputs of these dtypes are normalized with float32 statistics.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "native", "autograd")
+BACKENDS = ("auto", "native", "autograd", "fused")
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 
 
 def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
@@ -129,10 +130,11 @@ def update_running_stats_(running_mean, running_var, mean, var_biased, m, moment
     Returns:
         True when the batch was folded in, False when it was skipped.
     """
-    if not bool(torch.isfinite(mean.sum() + var_biased.sum())):
-        return False
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.mul_(1.0 - momentum).add_(var_biased.to(running_var.dtype), alpha=momentum * m / (m - 1))
+    mean, var_biased = mean.to(running_mean.dtype), var_biased.to(running_var.dtype)
+    if not bool(torch.isfinite(mean.sum() + var_biased.sum() * (m / (m - 1)))):
+        return False  # (checked in the buffers' dtype: a float64 variance may overflow float32)
+    running_mean.lerp_(mean, momentum)
+    running_var.mul_(1.0 - momentum).add_(var_biased, alpha=momentum * m / (m - 1))
     return True
 
 
@@ -153,11 +155,16 @@ def batch_norm_train(
       hand-written backward;
     - ``"native"``: PyTorch's fused ATen kernels (``torch.native_batch_norm``, which also updates
       the buffers in the same pass), the fastest correct path on the CPU;
-    - ``"auto"``: ``"native"`` for now; fused kernels join here when they exist for the device.
+    - ``"fused"``: bnlab's compiled CPU kernels (:mod:`bnlab.kernels.cpu_fused`; float32/float64),
+      two passes each way and no double backward;
+    - ``"auto"``: ``"fused"`` for float32/float64 CPU tensors large enough that the kernels' thread
+      start-up pays (:func:`use_fused`), ``"native"`` otherwise.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     tracking = running_mean is not None and running_var is not None
+    if backend == "fused" or (backend == "auto" and use_fused(x)):
+        return batch_norm_act_train(x, weight, bias, eps, "identity", 0.0, "fused", running_mean, running_var, momentum)
     if backend == "autograd":
         from bnlab.autograd import BatchNormFunction  # autograd builds on this module
 
@@ -242,3 +249,59 @@ def batch_norm(
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: inference (training=False) needs running_mean and running_var")
     return batch_norm_eval(input, running_mean, running_var, weight, bias, eps, backend)
+
+
+def activation(u: torch.Tensor, act: str, slope: float = 0.01) -> torch.Tensor:
+    """The activation that follows BN: identity, ReLU, leaky ReLU (``slope``) or SiLU."""
+    if act == "relu":
+        return torch.relu(u)
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu(u, slope)
+    if act == "silu":
+        return torch.nn.functional.silu(u)
+    return u
+
+
+FUSED_MIN_NUMEL = 1 << 16  # below this, torch's kernels win on call overhead (benchmarks/RESULTS.md)
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """``backend="auto"``'s choice of the fused CPU kernels."""
+    return fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL
+
+
+def fused_act_supported(x: torch.Tensor) -> bool:
+    """Whether bnlab's fused CPU kernels take ``x``: float32/float64 CPU tensors of rank 2 to 5."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and 2 <= x.dim() <= 5
+
+
+def batch_norm_act_train(
+    x, weight=None, bias=None, eps=1e-5, act="relu", slope=0.01, backend="auto",
+    running_mean=None, running_var=None, momentum=0.1,
+):
+    """act(BN(x)) in training mode, and the running update: returns ``(y, mean, invstd, folded)``.
+
+    ``backend="fused"`` (or ``"auto"`` where supported): one fused pass each way on the CPU
+    (:class:`bnlab.autograd.BatchNormActFunction`); otherwise :func:`batch_norm_train` with that
+    backend followed by the activation as a torch op. The running update is
+    :func:`update_running_stats_`'s in every case.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if backend == "fused" and not fused_act_supported(x):
+        raise ValueError(f"backend='fused' takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
+    if backend == "fused" or (backend == "auto" and use_fused(x)):
+        from bnlab.autograd import BatchNormActFunction  # autograd builds on this module
+
+        y, mean, invstd = BatchNormActFunction.apply(x, weight, bias, eps, act, slope)
+        folded = False
+        if running_mean is not None and running_var is not None:
+            var_biased = invstd.reciprocal().square() - eps
+            folded = update_running_stats_(
+                running_mean, running_var, mean, var_biased, values_per_channel(x), momentum
+            )
+        return y, mean.to(running_mean.dtype if running_mean is not None else x.dtype), invstd, folded
+    y, mean, invstd, folded = batch_norm_train(
+        x, weight, bias, eps, backend, running_mean, running_var, momentum
+    )
+    return activation(y, act, slope), mean, invstd, folded

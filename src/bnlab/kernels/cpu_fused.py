@@ -1,0 +1,238 @@
+"""Batch Normalization fused with its activation on the CPU, as loops compiled by numba.
+
+BN is memory-bound: its cost is the passes it makes over the tensor. Done as torch's BN followed by
+an activation, training makes 5 passes forward (BN: statistics, normalize; activation: read, write)
+and 8 backward. Fused here: forward reads x twice and writes y once (statistics, then normalize and
+activate); backward reads x and dy twice and writes dx once, recomputing the activation's input
+from x instead of saving it. Threads split the channels.
+
+Math (Ioffe & Szegedy 2015, Algorithm 1 and section 3), per channel over its m values:
+    mu = mean(x), sigma2 = mean((x - mu)^2), x_hat = (x - mu) / sqrt(sigma2 + eps)
+    u = gamma * x_hat + beta,  y = act(u)
+    g = dy * act'(u),  dbeta = sum g,  dgamma = sum g * x_hat
+    dx = gamma / sqrt(sigma2 + eps) / m * (m * g - dbeta - x_hat * dgamma)
+The statistics accumulate in float64 around a shift (the channel's first value), so a large
+common offset does not cancel catastrophically.
+
+Two layouts: channels-first ``(N, C, S)`` (NCHW with S = H*W) and rows ``(M, C)`` (``(N, C)``
+inputs and channels_last NHWC, with M = N*H*W).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
+# Reassociation lets the reductions vectorize; no 'nnan'/'ninf': NaN and inf must propagate.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@numba.njit(inline="always")
+def _act(u, act, slope):
+    if act == 1:
+        return u if u > 0 else 0.0 * u
+    if act == 2:
+        return u if u > 0 else slope * u
+    if act == 3:
+        return u / (1.0 + math.exp(-u))
+    return u
+
+
+@numba.njit(inline="always")
+def _act_grad(u, act, slope):
+    if act == 1:
+        return 1.0 if u > 0 else 0.0
+    if act == 2:
+        return 1.0 if u > 0 else slope
+    if act == 3:
+        s = 1.0 / (1.0 + math.exp(-u))
+        return s * (1.0 + u * (1.0 - s))
+    return 1.0
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def forward_cfirst(x, weight, bias, eps, act, slope, y, mean, invstd):
+    """Channels-first ``x (N, C, S)``: writes ``y``, the batch ``mean`` and ``invstd`` per channel."""
+    n_, c_, s_ = x.shape
+    m = n_ * s_
+    for c in prange(c_):
+        shift = x[0, c, 0]
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(n_):
+            for s in range(s_):
+                d = np.float64(x[n, c, s]) - shift
+                s1 += d
+                s2 += d * d
+        mu_d = s1 / m
+        var = max(s2 / m - mu_d * mu_d, 0.0)
+        mu = shift + mu_d
+        inv = 1.0 / math.sqrt(var + eps)
+        mean[c] = mu
+        invstd[c] = inv
+        scale = weight[c] * inv
+        for n in range(n_):
+            for s in range(s_):
+                y[n, c, s] = _act((x[n, c, s] - mu) * scale + bias[c], act, slope)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def backward_cfirst(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias):
+    """Channels-first backward: writes ``dx``, ``dweight`` (dgamma) and ``dbias`` (dbeta)."""
+    n_, c_, s_ = x.shape
+    m = n_ * s_
+    for c in prange(c_):
+        mu, inv, w, b = mean[c], invstd[c], weight[c], bias[c]
+        sum_g = 0.0
+        sum_gx = 0.0
+        for n in range(n_):
+            for s in range(s_):
+                x_hat = (x[n, c, s] - mu) * inv
+                g = dy[n, c, s] * _act_grad(w * x_hat + b, act, slope)
+                sum_g += g
+                sum_gx += g * x_hat
+        dweight[c] = sum_gx
+        dbias[c] = sum_g
+        k = w * inv / m
+        for n in range(n_):
+            for s in range(s_):
+                x_hat = (x[n, c, s] - mu) * inv
+                g = dy[n, c, s] * _act_grad(w * x_hat + b, act, slope)
+                dx[n, c, s] = k * (m * g - sum_g - x_hat * sum_gx)
+
+
+def _blocks(c_: int) -> int:
+    return max(1, min(numba.get_num_threads() * 4, c_ // 16))
+
+
+PARTIAL_ROWS = 64  # rows summed in the input's dtype before joining the float64 totals
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def forward_rows(x, weight, bias, eps, act, slope, y, mean, invstd, blocks):
+    """Rows ``x (M, C)`` (channels-last): the same as :func:`forward_cfirst`.
+
+    Threads take blocks of channels; each sweeps the rows with its block's values contiguous.
+    Sums run in the input's dtype over ``PARTIAL_ROWS`` rows at a time, then join float64 totals.
+    """
+    m, c_ = x.shape
+    step = (c_ + blocks - 1) // blocks
+    for blk in prange(blocks):
+        c0 = blk * step
+        c1 = min(c_, c0 + step)
+        cb = c1 - c0
+        if cb <= 0:
+            continue
+        shift = x[0, c0:c1].copy()
+        total1 = np.zeros(cb)
+        total2 = np.zeros(cb)
+        part1 = np.zeros(cb, x.dtype)
+        part2 = np.zeros(cb, x.dtype)
+        for r0 in range(0, m, PARTIAL_ROWS):
+            part1[:] = 0
+            part2[:] = 0
+            for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
+                row = x[r, c0:c1]
+                for j in range(cb):
+                    d = row[j] - shift[j]
+                    part1[j] += d
+                    part2[j] += d * d
+            for j in range(cb):
+                total1[j] += part1[j]
+                total2[j] += part2[j]
+        mu = np.empty(cb, x.dtype)
+        scale = np.empty(cb, x.dtype)
+        beta = np.empty(cb, x.dtype)
+        for j in range(cb):
+            mu_d = total1[j] / m
+            var = max(total2[j] / m - mu_d * mu_d, 0.0)
+            inv = 1.0 / math.sqrt(var + eps)
+            mean[c0 + j] = shift[j] + mu_d
+            invstd[c0 + j] = inv
+            mu[j] = shift[j] + mu_d
+            scale[j] = weight[c0 + j] * inv
+            beta[j] = bias[c0 + j]
+        for r in range(m):
+            row = x[r, c0:c1]
+            out = y[r, c0:c1]
+            for j in range(cb):
+                out[j] = _act((row[j] - mu[j]) * scale[j] + beta[j], act, slope)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def backward_rows(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, blocks):
+    """Rows backward: the same as :func:`backward_cfirst`, organized as :func:`forward_rows`."""
+    m, c_ = x.shape
+    step = (c_ + blocks - 1) // blocks
+    for blk in prange(blocks):
+        c0 = blk * step
+        c1 = min(c_, c0 + step)
+        cb = c1 - c0
+        if cb <= 0:
+            continue
+        mu = np.empty(cb, x.dtype)
+        inv = np.empty(cb, x.dtype)
+        w = np.empty(cb, x.dtype)
+        b = np.empty(cb, x.dtype)
+        for j in range(cb):
+            mu[j], inv[j], w[j], b[j] = mean[c0 + j], invstd[c0 + j], weight[c0 + j], bias[c0 + j]
+        total_g = np.zeros(cb)
+        total_gx = np.zeros(cb)
+        part_g = np.zeros(cb, x.dtype)
+        part_gx = np.zeros(cb, x.dtype)
+        for r0 in range(0, m, PARTIAL_ROWS):
+            part_g[:] = 0
+            part_gx[:] = 0
+            for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
+                row, grad = x[r, c0:c1], dy[r, c0:c1]
+                for j in range(cb):
+                    x_hat = (row[j] - mu[j]) * inv[j]
+                    g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
+                    part_g[j] += g
+                    part_gx[j] += g * x_hat
+            for j in range(cb):
+                total_g[j] += part_g[j]
+                total_gx[j] += part_gx[j]
+        k = np.empty(cb, x.dtype)
+        sg = np.empty(cb, x.dtype)
+        sgx = np.empty(cb, x.dtype)
+        for j in range(cb):
+            dweight[c0 + j] = total_gx[j]
+            dbias[c0 + j] = total_g[j]
+            k[j] = w[j] * inv[j] / m
+            sg[j] = total_g[j]
+            sgx[j] = total_gx[j]
+        for r in range(m):
+            row, grad, out = x[r, c0:c1], dy[r, c0:c1], dx[r, c0:c1]
+            for j in range(cb):
+                x_hat = (row[j] - mu[j]) * inv[j]
+                g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
+                out[j] = k[j] * (m * g - sg[j] - x_hat * sgx[j])
+
+
+def forward(x: np.ndarray, weight, bias, eps: float, act: str, slope: float, channels_last: bool):
+    """Fused training forward on a NumPy view; returns ``(y, mean, invstd)`` (statistics float64)."""
+    c_ = x.shape[-1] if channels_last else x.shape[1]
+    y = np.empty_like(x)
+    mean, invstd = np.empty(c_), np.empty(c_)
+    if channels_last:
+        forward_rows(x, weight, bias, eps, ACTIVATIONS[act], slope, y, mean, invstd, _blocks(c_))
+    else:
+        forward_cfirst(x, weight, bias, eps, ACTIVATIONS[act], slope, y, mean, invstd)
+    return y, mean, invstd
+
+
+def backward(dy, x, weight, bias, mean, invstd, act: str, slope: float, channels_last: bool):
+    """Fused backward on NumPy views; returns ``(dx, dweight, dbias)`` (the last two float64)."""
+    c_ = x.shape[-1] if channels_last else x.shape[1]
+    dx = np.empty_like(x)
+    dweight, dbias = np.empty(c_), np.empty(c_)
+    if channels_last:
+        backward_rows(dy, x, weight, bias, mean, invstd, ACTIVATIONS[act], slope, dx, dweight, dbias, _blocks(c_))
+    else:
+        backward_cfirst(dy, x, weight, bias, mean, invstd, ACTIVATIONS[act], slope, dx, dweight, dbias)
+    return dx, dweight, dbias

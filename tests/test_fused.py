@@ -1,0 +1,66 @@
+"""The fused CPU BN + activation path against BN followed by the activation (the unfused path)."""
+
+import pytest
+import torch
+
+import bnlab
+from bnlab import functional as F
+
+ACTS = [("identity", lambda u: u), ("relu", torch.relu),
+        ("leaky_relu", lambda u: torch.nn.functional.leaky_relu(u, 0.2)), ("silu", torch.nn.functional.silu)]
+SHAPES = [(5, 7), (4, 3, 9), (3, 5, 4, 6), (2, 3, 1, 1), (1, 4, 3, 3), (2, 2, 2, 3, 2)]
+FLOAT32_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("act, reference", ACTS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_equals_bn_then_activation(act, reference, shape, channels_last):
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last is a 4-D layout")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.rand(shape[1], generator=g) + 0.5
+    b = torch.randn(shape[1], generator=g)
+    dy = torch.randn(shape, generator=g)
+    results = []
+    for backend in ("fused", "native"):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+        y, *_ = F.batch_norm_act_train(xi, wi, bi, 1e-5, act, 0.2, backend, rm, rv, 0.1)
+        y.backward(dy)
+        results.append((y, xi.grad, wi.grad, bi.grad, rm, rv))
+    for fused, unfused in zip(*results):
+        torch.testing.assert_close(fused, unfused, **FLOAT32_TOL)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert results[0][0].is_contiguous(memory_format=layout)  # the output keeps the input's layout
+    expected = reference(torch.nn.functional.batch_norm(x, None, None, w, b, True))
+    torch.testing.assert_close(results[0][0], expected, **FLOAT32_TOL)
+
+
+def test_batch_norm_act_module_loads_bn_checkpoints_and_matches_bn_relu():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4)
+    bn(torch.randn(8, 4, 5, 5))
+    layer = bnlab.BatchNormAct2d(4, act="relu")
+    layer.load_state_dict(bn.state_dict())
+    x = torch.randn(16, 4, 20, 20)
+    torch.testing.assert_close(layer(x), torch.relu(bn(x)), **FLOAT32_TOL)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(layer.state_dict()[key], bn.state_dict()[key], **FLOAT32_TOL)
+    layer.eval(), bn.eval()
+    torch.testing.assert_close(layer(x), torch.relu(bn(x)), **FLOAT32_TOL)
+    assert "act='relu'" in repr(layer)
+    with pytest.raises(ValueError, match="act must be"):
+        bnlab.BatchNormAct1d(3, act="tanh")
+
+
+def test_half_precision_falls_back_to_the_unfused_path():
+    layer = bnlab.BatchNormAct2d(3, act="silu", dtype=torch.float32)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = torch.nn.functional.silu(torch.nn.functional.batch_norm(x.float(), None, None, training=True))
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
