@@ -51,15 +51,15 @@ class BatchNormFunction(torch.autograd.Function):
 def _layout(x: torch.Tensor):
     """How the fused CPU kernels see ``x``: (kernel view as a tensor, rows?, to restore the shape)."""
     c = x.shape[1]
-    if x.dim() == 2:
-        return x.contiguous(), True
+    if x.dim() == 2 or x[0, 0].numel() == 1:
+        return x.reshape(x.shape[0], c).contiguous(), True  # (N, C, 1, ...) is (N, C) rows
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return x.permute(0, 2, 3, 1).reshape(-1, c), True  # NHWC memory: (N*H*W, C) rows, no copy
     return x.contiguous().view(x.shape[0], c, -1), False  # (N, C, *S) -> (N, C, prod(S))
 
 
 def _restore(view: torch.Tensor, like: torch.Tensor, rows: bool) -> torch.Tensor:
-    if rows and like.dim() == 4:
+    if rows and like.dim() == 4 and like[0, 0].numel() > 1:
         n, c, h, w = like.shape
         return view.view(n, h, w, c).permute(0, 3, 1, 2)  # a channels_last NCHW tensor
     return view.view(like.shape)
@@ -96,7 +96,8 @@ class BatchNormActFunction(torch.autograd.Function):
         x, w, b = ctx.saved_tensors
         act, slope, rows, affine = ctx.config
         xv, _ = _layout(x)
-        dyv, _ = _layout(dy.to(memory_format=torch.channels_last) if rows and x.dim() == 4 else dy)
+        channels_last = rows and x.dim() == 4 and x[0, 0].numel() > 1
+        dyv, _ = _layout(dy.to(memory_format=torch.channels_last) if channels_last else dy)
         dx, dw, db = cpu_fused.backward(dyv.numpy(), xv.numpy(), w.numpy(), b.numpy(), *ctx.stats, act, slope, rows)
         grad_w = torch.from_numpy(dw).to(x.dtype) if affine and ctx.needs_input_grad[1] else None
         grad_b = torch.from_numpy(db).to(x.dtype) if affine and ctx.needs_input_grad[2] else None

@@ -155,15 +155,15 @@ def batch_norm_train(
       hand-written backward;
     - ``"native"``: PyTorch's fused ATen kernels (``torch.native_batch_norm``, which also updates
       the buffers in the same pass), the fastest correct path on the CPU;
-    - ``"fused"``: bnlab's compiled CPU kernels (:mod:`bnlab.kernels.cpu_fused`; float32/float64),
-      two passes each way and no double backward;
-    - ``"auto"``: ``"fused"`` for float32/float64 CPU tensors large enough that the kernels' thread
-      start-up pays (:func:`use_fused`), ``"native"`` otherwise.
+    - ``"fused"``: bnlab's compiled CPU kernels (:mod:`bnlab.kernels.cpu_fused`; float32/float64,
+      no double backward); for BN alone they do not beat ``"native"`` (benchmarks/RESULTS.md),
+      their use is BN fused with an activation (:func:`batch_norm_act_train`);
+    - ``"auto"``: ``"native"``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     tracking = running_mean is not None and running_var is not None
-    if backend == "fused" or (backend == "auto" and use_fused(x)):
+    if backend == "fused":
         return batch_norm_act_train(x, weight, bias, eps, "identity", 0.0, "fused", running_mean, running_var, momentum)
     if backend == "autograd":
         from bnlab.autograd import BatchNormFunction  # autograd builds on this module
@@ -265,9 +265,9 @@ def activation(u: torch.Tensor, act: str, slope: float = 0.01) -> torch.Tensor:
 FUSED_MIN_NUMEL = 1 << 16  # below this, torch's kernels win on call overhead (benchmarks/RESULTS.md)
 
 
-def use_fused(x: torch.Tensor) -> bool:
-    """``backend="auto"``'s choice of the fused CPU kernels."""
-    return fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL
+def use_fused(x: torch.Tensor, act: str) -> bool:
+    """``backend="auto"``'s choice of the fused CPU kernels for act(BN(x))."""
+    return act != "identity" and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL
 
 
 def fused_act_supported(x: torch.Tensor) -> bool:
@@ -281,7 +281,8 @@ def batch_norm_act_train(
 ):
     """act(BN(x)) in training mode, and the running update: returns ``(y, mean, invstd, folded)``.
 
-    ``backend="fused"`` (or ``"auto"`` where supported): one fused pass each way on the CPU
+    ``backend="fused"`` (or ``"auto"``, for an activation other than identity on large enough
+    float32/float64 CPU tensors): the fused kernels on the CPU
     (:class:`bnlab.autograd.BatchNormActFunction`); otherwise :func:`batch_norm_train` with that
     backend followed by the activation as a torch op. The running update is
     :func:`update_running_stats_`'s in every case.
@@ -290,7 +291,7 @@ def batch_norm_act_train(
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if backend == "fused" and not fused_act_supported(x):
         raise ValueError(f"backend='fused' takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
-    if backend == "fused" or (backend == "auto" and use_fused(x)):
+    if backend == "fused" or (backend == "auto" and use_fused(x, act)):
         from bnlab.autograd import BatchNormActFunction  # autograd builds on this module
 
         y, mean, invstd = BatchNormActFunction.apply(x, weight, bias, eps, act, slope)

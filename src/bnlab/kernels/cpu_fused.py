@@ -34,24 +34,25 @@ FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 @numba.njit(inline="always")
 def _act(u, act, slope):
     if act == 1:
-        return u if u > 0 else 0.0 * u
+        return u if u > 0 else u * 0
     if act == 2:
         return u if u > 0 else slope * u
     if act == 3:
-        return u / (1.0 + math.exp(-u))
+        return u / (u - u + 1 + math.exp(-u))
     return u
 
 
 @numba.njit(inline="always")
 def _act_grad(u, act, slope):
+    one = u - u + 1  # 1 in u's dtype (mixing in float64 literals stops the loops vectorizing); NaN stays NaN
     if act == 1:
-        return 1.0 if u > 0 else 0.0
+        return one if u > 0 else one - one
     if act == 2:
-        return 1.0 if u > 0 else slope
+        return one if u > 0 else one * slope
     if act == 3:
-        s = 1.0 / (1.0 + math.exp(-u))
-        return s * (1.0 + u * (1.0 - s))
-    return 1.0
+        s = one / (one + math.exp(-u))
+        return s * (one + u * (one - s))
+    return one
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -82,27 +83,38 @@ def forward_cfirst(x, weight, bias, eps, act, slope, y, mean, invstd):
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def backward_cfirst(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias):
-    """Channels-first backward: writes ``dx``, ``dweight`` (dgamma) and ``dbias`` (dbeta)."""
+    """Channels-first backward: writes ``dx``, ``dweight`` (dgamma) and ``dbias`` (dbeta).
+
+    Each contiguous run of S values is summed in the input's dtype, the runs in float64.
+    """
     n_, c_, s_ = x.shape
     m = n_ * s_
     for c in prange(c_):
-        mu, inv, w, b = mean[c], invstd[c], weight[c], bias[c]
+        mu, inv = x.dtype.type(mean[c]), x.dtype.type(invstd[c])
+        w, b = weight[c], bias[c]
         sum_g = 0.0
         sum_gx = 0.0
         for n in range(n_):
+            xr, dr = x[n, c], dy[n, c]
+            part_g = xr[0] * 0
+            part_gx = xr[0] * 0
             for s in range(s_):
-                x_hat = (x[n, c, s] - mu) * inv
-                g = dy[n, c, s] * _act_grad(w * x_hat + b, act, slope)
-                sum_g += g
-                sum_gx += g * x_hat
+                x_hat = (xr[s] - mu) * inv
+                g = dr[s] * _act_grad(w * x_hat + b, act, slope)
+                part_g += g
+                part_gx += g * x_hat
+            sum_g += part_g
+            sum_gx += part_gx
         dweight[c] = sum_gx
         dbias[c] = sum_g
         k = w * inv / m
+        sg, sgx, mm = x.dtype.type(sum_g), x.dtype.type(sum_gx), x.dtype.type(m)
         for n in range(n_):
+            xr, dr, out = x[n, c], dy[n, c], dx[n, c]
             for s in range(s_):
-                x_hat = (x[n, c, s] - mu) * inv
-                g = dy[n, c, s] * _act_grad(w * x_hat + b, act, slope)
-                dx[n, c, s] = k * (m * g - sum_g - x_hat * sum_gx)
+                x_hat = (xr[s] - mu) * inv
+                g = dr[s] * _act_grad(w * x_hat + b, act, slope)
+                out[s] = k * (mm * g - sg - x_hat * sgx)
 
 
 def _blocks(c_: int) -> int:
@@ -220,9 +232,9 @@ def forward(x: np.ndarray, weight, bias, eps: float, act: str, slope: float, cha
     y = np.empty_like(x)
     mean, invstd = np.empty(c_), np.empty(c_)
     if channels_last:
-        forward_rows(x, weight, bias, eps, ACTIVATIONS[act], slope, y, mean, invstd, _blocks(c_))
+        forward_rows(x, weight, bias, eps, ACTIVATIONS[act], x.dtype.type(slope), y, mean, invstd, _blocks(c_))
     else:
-        forward_cfirst(x, weight, bias, eps, ACTIVATIONS[act], slope, y, mean, invstd)
+        forward_cfirst(x, weight, bias, eps, ACTIVATIONS[act], x.dtype.type(slope), y, mean, invstd)
     return y, mean, invstd
 
 
@@ -232,7 +244,8 @@ def backward(dy, x, weight, bias, mean, invstd, act: str, slope: float, channels
     dx = np.empty_like(x)
     dweight, dbias = np.empty(c_), np.empty(c_)
     if channels_last:
-        backward_rows(dy, x, weight, bias, mean, invstd, ACTIVATIONS[act], slope, dx, dweight, dbias, _blocks(c_))
+        backward_rows(dy, x, weight, bias, mean, invstd, ACTIVATIONS[act], x.dtype.type(slope), dx, dweight, dbias,
+                      _blocks(c_))
     else:
-        backward_cfirst(dy, x, weight, bias, mean, invstd, ACTIVATIONS[act], slope, dx, dweight, dbias)
+        backward_cfirst(dy, x, weight, bias, mean, invstd, ACTIVATIONS[act], x.dtype.type(slope), dx, dweight, dbias)
     return dx, dweight, dbias
