@@ -102,3 +102,33 @@ class BatchNormActFunction(torch.autograd.Function):
         grad_w = torch.from_numpy(dw).to(x.dtype) if affine and ctx.needs_input_grad[1] else None
         grad_b = torch.from_numpy(db).to(x.dtype) if affine and ctx.needs_input_grad[2] else None
         return _restore(torch.from_numpy(dx), x, rows), grad_w, grad_b, None, None, None
+
+
+class TritonBatchNormActFunction(torch.autograd.Function):
+    """act(BN(x)) with the Triton kernels of :mod:`bnlab.kernels.triton_bn` (CUDA tensors, or any
+    tensor under ``TRITON_INTERPRET=1``); the running buffers are updated inside the forward launch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, act, slope, running_mean, running_var, momentum):
+        from bnlab.kernels import triton_bn
+
+        c = x.shape[1]
+        w = (weight if weight is not None else torch.ones(c, device=x.device)).detach()
+        b = (bias if bias is not None else torch.zeros(c, device=x.device)).detach()
+        y, mean, invstd = triton_bn.forward(x, w, b, eps, act, slope, running_mean, running_var, momentum)
+        ctx.save_for_backward(x, w, b, mean, invstd)
+        ctx.config = (act, slope, weight is not None)
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _dinvstd):
+        from bnlab.kernels import triton_bn
+
+        x, w, b, mean, invstd = ctx.saved_tensors
+        act, slope, affine = ctx.config
+        dx, dw, db = triton_bn.backward(dy, x, w, b, mean, invstd, act, slope)
+        grad_w = dw.to(w.dtype) if affine and ctx.needs_input_grad[1] else None
+        grad_b = db.to(b.dtype) if affine and ctx.needs_input_grad[2] else None
+        return dx, grad_w, grad_b, None, None, None, None, None, None

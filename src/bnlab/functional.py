@@ -20,7 +20,7 @@ import torch
 
 # Inputs of these dtypes are normalized with float32 statistics.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "native", "autograd", "fused")
+BACKENDS = ("auto", "native", "autograd", "fused", "triton")
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 
 
@@ -158,13 +158,14 @@ def batch_norm_train(
     - ``"fused"``: bnlab's compiled CPU kernels (:mod:`bnlab.kernels.cpu_fused`; float32/float64,
       no double backward); for BN alone they do not beat ``"native"`` (benchmarks/RESULTS.md),
       their use is BN fused with an activation (:func:`batch_norm_act_train`);
-    - ``"auto"``: ``"native"``.
+    - ``"triton"``: the Triton kernels of :mod:`bnlab.kernels.triton_bn` (one launch a direction);
+    - ``"auto"``: ``"triton"`` for CUDA tensors when Triton is importable, else ``"native"``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     tracking = running_mean is not None and running_var is not None
-    if backend == "fused":
-        return batch_norm_act_train(x, weight, bias, eps, "identity", 0.0, "fused", running_mean, running_var, momentum)
+    if backend in ("fused", "triton") or (backend == "auto" and use_triton(x)):
+        return batch_norm_act_train(x, weight, bias, eps, "identity", 0.0, backend, running_mean, running_var, momentum)
     if backend == "autograd":
         from bnlab.autograd import BatchNormFunction  # autograd builds on this module
 
@@ -265,6 +266,17 @@ def activation(u: torch.Tensor, act: str, slope: float = 0.01) -> torch.Tensor:
 FUSED_MIN_NUMEL = 1 << 16  # below this, torch's kernels win on call overhead (benchmarks/RESULTS.md)
 
 
+def use_triton(x: torch.Tensor) -> bool:
+    """``backend="auto"``'s choice of the Triton kernels: CUDA tensors, when Triton is importable."""
+    if x.device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def use_fused(x: torch.Tensor, act: str) -> bool:
     """``backend="auto"``'s choice of the fused CPU kernels for act(BN(x))."""
     return act != "identity" and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL
@@ -291,6 +303,16 @@ def batch_norm_act_train(
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if backend == "fused" and not fused_act_supported(x):
         raise ValueError(f"backend='fused' takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
+    if backend == "triton" or (backend == "auto" and use_triton(x)):
+        from bnlab.autograd import TritonBatchNormActFunction  # autograd builds on this module
+
+        tracking = running_mean is not None and running_var is not None
+        y, mean, invstd = TritonBatchNormActFunction.apply(
+            x, weight, bias, eps, act, slope, running_mean if tracking else None,
+            running_var if tracking else None, momentum,
+        )
+        # The kernel leaves the buffers alone for a channel whose statistics are not finite.
+        return y, mean, invstd, tracking and stats_are_finite(mean, invstd)
     if backend == "fused" or (backend == "auto" and use_fused(x, act)):
         from bnlab.autograd import BatchNormActFunction  # autograd builds on this module
 

@@ -1,0 +1,205 @@
+"""Batch Normalization fused with its activation as Triton kernels (GPUs; the CPU under
+``TRITON_INTERPRET=1`` for tests).
+
+Math: Ioffe & Szegedy 2015, Algorithm 1 and section 3, as in :mod:`bnlab.kernels.cpu_fused`.
+One program per channel. The input is addressed as (N, C, S) with any strides, so contiguous NCHW
+(strides C*S, S, 1), channels_last NHWC (S*C, 1, C) and (N, C) all run without a copy. Statistics
+accumulate in float32 whatever the input dtype (float32, float16, bfloat16): a first pass takes
+the mean, a second the variance around it (no E[x^2] - E[x]^2 cancellation), a third writes
+act(gamma * x_hat + beta) and folds the batch into the running statistics in the same launch.
+Backward: one pass for dbeta = sum g and dgamma = sum g * x_hat (g = dy * act'(u), u recomputed
+from x), one for dx. Inference: one elementwise pass with the folded scale and shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
+
+
+@triton.jit
+def _act(u, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        u = tl.where(u > 0, u, 0.0)
+    elif ACT == 2:
+        u = tl.where(u > 0, u, u * slope)
+    elif ACT == 3:
+        u = u / (1.0 + tl.exp(-u))
+    return u
+
+
+@triton.jit
+def _act_grad(u, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        g = tl.where(u > 0, 1.0, 0.0)
+    elif ACT == 2:
+        g = tl.where(u > 0, 1.0, slope)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-u))
+        g = s * (1.0 + u * (1.0 - s))
+    else:
+        g = u * 0.0 + 1.0
+    return g
+
+
+@triton.jit
+def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr,
+                    N, S, sn, sc, ss, eps, momentum, slope,
+                    ACT: tl.constexpr, TRACK: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    m = N * S
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, m, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < m
+        offs = (i // S) * sn + c * sc + (i % S) * ss
+        acc += tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / m
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, m, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < m
+        offs = (i // S) * sn + c * sc + (i % S) * ss
+        d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean
+        acc += tl.where(mask, d * d, 0.0)
+    var = tl.sum(acc, axis=0) / m
+    invstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + c).to(tl.float32)
+    b = tl.load(b_ptr + c).to(tl.float32)
+    for start in range(0, m, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < m
+        offs = (i // S) * sn + c * sc + (i % S) * ss
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _act((x - mean) * invstd * w + b, ACT, slope)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + c, mean)
+    tl.store(invstd_ptr + c, invstd)
+    if TRACK:
+        rm = tl.load(rm_ptr + c).to(tl.float32)
+        rv = tl.load(rv_ptr + c).to(tl.float32)
+        ok = (mean == mean) & (var == var) & (var < float("inf")) & (tl.abs(mean) < float("inf"))
+        new_rm = (1.0 - momentum) * rm + momentum * mean
+        new_rv = (1.0 - momentum) * rv + momentum * var * m / (m - 1)
+        tl.store(rm_ptr + c, tl.where(ok, new_rm, rm).to(rm_ptr.dtype.element_ty))
+        tl.store(rv_ptr + c, tl.where(ok, new_rv, rv).to(rv_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _backward_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, dw_ptr, db_ptr,
+                     N, S, sn, sc, ss, dsn, dsc, dss, slope,
+                     ACT: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    m = N * S
+    mean = tl.load(mean_ptr + c)
+    invstd = tl.load(invstd_ptr + c)
+    w = tl.load(w_ptr + c).to(tl.float32)
+    b = tl.load(b_ptr + c).to(tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_gx = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, m, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < m
+        offs = (i // S) * sn + c * sc + (i % S) * ss
+        doffs = (i // S) * dsn + c * dsc + (i % S) * dss
+        x_hat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * invstd
+        g = tl.load(dy_ptr + doffs, mask=mask, other=0.0).to(tl.float32) * _act_grad(w * x_hat + b, ACT, slope)
+        g = tl.where(mask, g, 0.0)
+        acc_g += g
+        acc_gx += g * x_hat
+    sum_g = tl.sum(acc_g, axis=0)
+    sum_gx = tl.sum(acc_gx, axis=0)
+    tl.store(dw_ptr + c, sum_gx)
+    tl.store(db_ptr + c, sum_g)
+    k = w * invstd / m
+    for start in range(0, m, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < m
+        offs = (i // S) * sn + c * sc + (i % S) * ss
+        doffs = (i // S) * dsn + c * dsc + (i % S) * dss
+        x_hat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * invstd
+        g = tl.load(dy_ptr + doffs, mask=mask, other=0.0).to(tl.float32) * _act_grad(w * x_hat + b, ACT, slope)
+        dx = k * (m * g - sum_g - x_hat * sum_gx)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _inference_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, total, C, S, sn, sc, ss, slope,
+                      ACT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < total
+    # logical (n, c, s) of the i-th element in NCS order, then its address in memory
+    n = i // (C * S)
+    c = (i // S) % C
+    s = i % S
+    offs = n * sn + c * sc + s * ss
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = x * tl.load(scale_ptr + c, mask=mask, other=0.0) + tl.load(shift_ptr + c, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, _act(u, ACT, slope).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _ncs(t: torch.Tensor):
+    """(N, S, strides n, c, s) of ``t`` viewed as (N, C, S); S flattens the spatial dims."""
+    n, c = t.shape[:2]
+    spatial = t.shape[2:]
+    s = 1
+    for d in spatial:
+        s *= d
+    if len(spatial) == 0:
+        return n, 1, t.stride(0), t.stride(1), 1
+    for k in range(2, t.dim() - 1):  # the spatial dims must flatten to one stride (NCHW, channels_last)
+        if t.shape[k] > 1 and t.stride(k) != t.stride(k + 1) * t.shape[k + 1]:
+            raise ValueError("triton batch norm: the spatial dimensions must be laid out contiguously")
+    return n, s, t.stride(0), t.stride(1), t.stride(-1)
+
+
+def _block(m: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(m)))
+
+
+def forward(x, weight, bias, eps, act, slope, running_mean=None, running_var=None, momentum=0.1):
+    """Returns ``(y, mean, invstd)``; y has x's layout and dtype; updates the running buffers."""
+    c = x.shape[1]
+    if x.dim() > 2 and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    y = torch.empty_like(x)
+    mean = torch.empty(c, dtype=torch.float32, device=x.device)
+    invstd = torch.empty_like(mean)
+    n, s, sn, sc, ss = _ncs(x)
+    track = running_mean is not None
+    dummy = mean
+    _forward_kernel[(c,)](x, y, weight, bias, mean, invstd,
+                          running_mean if track else dummy, running_var if track else dummy,
+                          n, s, sn, sc, ss, eps, momentum, slope,
+                          ACT=ACT_CODES[act], TRACK=track, BLOCK=_block(n * s))
+    return y, mean, invstd
+
+
+def backward(dy, x, weight, bias, mean, invstd, act, slope):
+    """Returns ``(dx, dgamma, dbeta)``; dx has x's layout and dtype."""
+    c = x.shape[1]
+    dx = torch.empty_like(x)
+    dw = torch.empty(c, dtype=torch.float32, device=x.device)
+    db = torch.empty_like(dw)
+    n, s, sn, sc, ss = _ncs(x)
+    _, _, dsn, dsc, dss = _ncs(dy)
+    _backward_kernel[(c,)](dy, x, dx, weight, bias, mean, invstd, dw, db,
+                           n, s, sn, sc, ss, dsn, dsc, dss, slope,
+                           ACT=ACT_CODES[act], BLOCK=_block(n * s))
+    return dx, dw, db
+
+
+def inference(x, weight, bias, running_mean, running_var, eps, act, slope):
+    """y = act(x * scale + shift) with scale = gamma / sqrt(Var + eps), shift = beta - E[x] * scale."""
+    scale = (weight.float() * torch.rsqrt(running_var.float() + eps)).contiguous()
+    shift = (bias.float() - running_mean.float() * scale).contiguous()
+    y = torch.empty_like(x)
+    n, s, sn, sc, ss = _ncs(x)
+    total = x.numel()
+    block = 1024
+    _inference_kernel[(triton.cdiv(total, block),)](x, y, scale, shift, total, x.shape[1], s, sn, sc, ss, slope,
+                                                    ACT=ACT_CODES[act], BLOCK=block)
+    return y

@@ -1,0 +1,103 @@
+"""The Triton kernels, run on the CPU by Triton's interpreter, against the reference and torch.
+
+TRITON_INTERPRET=1 is set before Triton is imported; on a machine with a GPU the same tests can
+run on CUDA tensors by setting BNLAB_TEST_DEVICE=cuda (and unsetting TRITON_INTERPRET).
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+DEVICE = os.environ.get("BNLAB_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install bnlab[triton])")
+
+from bnlab import functional as F  # noqa: E402
+from bnlab import reference as R  # noqa: E402
+from bnlab.kernels import triton_bn  # noqa: E402
+
+ACTS = {"identity": lambda u: u, "relu": torch.relu, "leaky_relu": lambda u: torch.nn.functional.leaky_relu(u, 0.1),
+        "silu": torch.nn.functional.silu}
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
+       torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+# Odd sizes: C and N*S not multiples of the block; m = 1,200 spans two blocks of 1,024.
+CASES = [((5, 7), "rows"), ((3, 5, 11), "ncl"), ((3, 2, 20, 20), "nchw"), ((3, 2, 20, 20), "channels_last"),
+         ((7, 3, 1, 1), "nchw"), ((2, 3, 3, 5), "channels_last")]
+
+
+def make(shape, layout, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.rand(shape[1], generator=g) + 0.5
+    b = torch.randn(shape[1], generator=g) * 0.5
+    dy = torch.randn(shape, generator=g)
+    return x.to(DEVICE, dtype), w.to(DEVICE), b.to(DEVICE), dy.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("shape, layout", CASES)
+def test_forward_backward_and_running_stats_float32(act, shape, layout):
+    x, w, b, dy = make(shape, layout, torch.float32)
+    rm, rv = torch.zeros(shape[1], device=DEVICE), torch.ones(shape[1], device=DEVICE)
+    xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+    y, mean, invstd, folded = F.batch_norm_act_train(xi, wi, bi, 1e-5, act, 0.1, "triton", rm, rv, 0.1)
+    y.backward(dy)
+    ref = R.batch_norm_train(x.double().cpu().numpy(), w.double().cpu().numpy(), b.double().cpu().numpy())
+    np.testing.assert_allclose(mean.cpu().numpy(), ref["mu_B"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(invstd.cpu().numpy(), 1 / np.sqrt(ref["sigma2_B"] + 1e-5), rtol=1e-4)
+    expected_y = ACTS[act](torch.from_numpy(ref["y"])).to(DEVICE, torch.float32)
+    torch.testing.assert_close(y, expected_y, **TOL[torch.float32])
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, b))
+    trm, trv = torch.zeros(shape[1], device=DEVICE), torch.ones(shape[1], device=DEVICE)
+    ACTS[act](torch.nn.functional.batch_norm(xt, trm, trv, wt, bt, True, 0.1)).backward(dy)
+    for ours, theirs in [(xi.grad, xt.grad), (wi.grad, wt.grad), (bi.grad, bt.grad), (rm, trm), (rv, trv)]:
+        torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
+    assert folded
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, layout", [((3, 2, 20, 20), "nchw"), ((4, 6), "rows")])
+def test_low_precision_inputs_float32_statistics(dtype, shape, layout):
+    x, w, b, dy = make(shape, layout, dtype)
+    try:
+        y, mean, invstd = triton_bn.forward(x, w, b, 1e-5, "relu", 0.0)
+    except Exception as err:  # the interpreter's support for these dtypes varies by Triton version
+        pytest.skip(f"Triton cannot run {dtype} here: {err}")
+    assert y.dtype == dtype and mean.dtype == torch.float32
+    ref = R.batch_norm_train(x.double().cpu().numpy(), w.double().cpu().numpy(), b.double().cpu().numpy())
+    np.testing.assert_allclose(mean.cpu().numpy(), ref["mu_B"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.float(), torch.relu(torch.from_numpy(ref["y"])).float().to(DEVICE), **TOL[dtype])
+    dx, dw, db = triton_bn.backward(dy, x, w, b, mean, invstd, "relu", 0.0)
+    xt, wt, bt = x.float().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    torch.relu(torch.nn.functional.batch_norm(xt, None, None, wt, bt, True)).backward(dy.float())
+    torch.testing.assert_close(dx.float(), xt.grad, **TOL[dtype])
+    torch.testing.assert_close(db, bt.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("shape, layout", CASES)
+def test_inference_is_one_pass_with_folded_scale_and_shift(act, shape, layout):
+    x, w, b, _ = make(shape, layout, torch.float32)
+    rm = torch.randn(shape[1], device=DEVICE)
+    rv = torch.rand(shape[1], device=DEVICE) + 0.5
+    y = triton_bn.inference(x, w, b, rm, rv, 1e-5, act, 0.1)
+    expected = ACTS[act](torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5))
+    torch.testing.assert_close(y, expected, **TOL[torch.float32])
+
+
+def test_non_finite_batch_leaves_running_stats_alone():
+    x, w, b, _ = make((4, 3, 2, 2), "nchw", torch.float32)
+    x[1, 2, 0, 0] = float("nan")
+    rm, rv = torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5
+    before = rm.clone(), rv.clone()
+    *_, folded = F.batch_norm_act_train(x, w, b, 1e-5, "relu", 0.0, "triton", rm, rv, 0.1)
+    assert not folded
+    assert torch.equal(rm[2], before[0][2]) and torch.equal(rv[2], before[1][2])  # channel 2 had the NaN
+    assert not torch.equal(rm[0], before[0][0])  # the finite channels were folded in
