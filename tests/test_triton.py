@@ -79,6 +79,7 @@ def test_low_precision_inputs_float32_statistics(dtype, shape, layout):
     torch.relu(torch.nn.functional.batch_norm(xt, None, None, wt, bt, True)).backward(dy.float())
     torch.testing.assert_close(dx.float(), xt.grad, **TOL[dtype])
     torch.testing.assert_close(db, bt.grad, **TOL[dtype])
+    torch.testing.assert_close(dw, wt.grad, **TOL[dtype])
 
 
 @pytest.mark.parametrize("act", list(ACTS))
