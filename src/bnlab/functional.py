@@ -130,11 +130,12 @@ def update_running_stats_(running_mean, running_var, mean, var_biased, m, moment
     Returns:
         True when the batch was folded in, False when it was skipped.
     """
+    correction = 1.0 if m is None else m / (m - 1)  # m=None: var_biased is already unbiased
     mean, var_biased = mean.to(running_mean.dtype), var_biased.to(running_var.dtype)
-    if not bool(torch.isfinite(mean.sum() + var_biased.sum() * (m / (m - 1)))):
+    if not bool(torch.isfinite(mean.sum() + var_biased.sum() * correction)):
         return False  # (checked in the buffers' dtype: a float64 variance may overflow float32)
     running_mean.lerp_(mean, momentum)
-    running_var.mul_(1.0 - momentum).add_(var_biased, alpha=momentum * m / (m - 1))
+    running_var.mul_(1.0 - momentum).add_(var_biased, alpha=momentum * correction)
     return True
 
 
@@ -328,3 +329,67 @@ def batch_norm_act_train(
         x, weight, bias, eps, backend, running_mean, running_var, momentum
     )
     return activation(y, act, slope), mean, invstd, folded
+
+
+def renorm_limits(step: int, r_max: float, d_max: float, warmup: int, r_max_steps: int, d_max_steps: int):
+    """Ioffe 2017's schedule: (r_max, d_max) = (1, 0) for ``warmup`` steps, then relaxed linearly to
+    ``r_max`` at step ``r_max_steps`` and ``d_max`` at ``d_max_steps`` (paper: 5k, 40k, 25k)."""
+
+    def ramp(target, start_value, end_step):
+        if step <= warmup or end_step <= warmup:
+            return start_value if step <= warmup else target
+        return start_value + (target - start_value) * min(1.0, (step - warmup) / (end_step - warmup))
+
+    return ramp(r_max, 1.0, r_max_steps), ramp(d_max, 0.0, d_max_steps)
+
+
+def batch_renorm_train(x, weight, bias, running_mean, running_std, r_max, d_max, eps=1e-5, momentum=0.01):
+    """Ioffe 2017, Batch Renormalization, training; returns ``(y, folded)``.
+
+    sigma_B = sqrt(sigma2_B + eps), r = clip(sigma_B / sigma, 1/r_max, r_max),
+    d = clip((mu_B - mu) / sigma, -d_max, d_max), y = gamma * ((x - mu_B) / sigma_B * r + d) + beta,
+    with r and d constants in backprop (so the gradient is BN's, scaled by r). Then the moving mean
+    and standard deviation move toward the batch's: mu <- mu + momentum (mu_B - mu),
+    sigma <- sigma + momentum (sigma_B - sigma) (skipped for a non-finite batch).
+    """
+    nd = x.dim()
+    x_hat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    with torch.no_grad():
+        mean, sigma_B = mean.detach(), invstd.detach().reciprocal()
+        r = (sigma_B / running_std).clamp(1.0 / r_max, r_max)
+        d = ((mean - running_mean) / running_std).clamp(-d_max, d_max)
+    y = x_hat * per_channel(r.to(x.dtype), nd) + per_channel(d.to(x.dtype), nd)
+    if weight is not None:
+        y = y * per_channel(weight.to(y.dtype), nd) + per_channel(bias.to(y.dtype), nd)
+    folded = stats_are_finite(mean, invstd)
+    if folded:
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_std.lerp_(sigma_B.to(running_std.dtype), momentum)
+    return y, folded
+
+
+def batch_renorm_eval(x, weight, bias, running_mean, running_std):
+    """Batch Renormalization inference: y = gamma * (x - mu) / sigma + beta (eps is inside sigma)."""
+    nd = x.dim()
+    y = (x - per_channel(running_mean.to(x.dtype), nd)) / per_channel(running_std.to(x.dtype), nd)
+    if weight is not None:
+        y = y * per_channel(weight.to(y.dtype), nd) + per_channel(bias.to(y.dtype), nd)
+    return y
+
+
+def ghost_batch_norm_train(x, weight, bias, virtual_batch_size, eps=1e-5, backend="auto"):
+    """Ghost BN: Algorithm 1 on consecutive sub-batches of ``virtual_batch_size`` examples.
+
+    Returns ``(y, mean, var_unbiased)``, the last two averaged over the sub-batches (each variance
+    unbiased with its own m/(m-1)): what the running statistics fold in.
+    """
+    outs, means, variances = [], [], []
+    for chunk in torch.split(x, virtual_batch_size):
+        check_input(chunk, x.shape[1], True, "ghost batch norm (a virtual batch)")
+        y, mean, invstd, _ = batch_norm_train(chunk, weight, bias, eps, backend)
+        m = values_per_channel(chunk)
+        outs.append(y)
+        means.append(mean)
+        variances.append((invstd.double() ** -2 - eps).clamp_min(0) * (m / (m - 1)))
+    return torch.cat(outs), torch.stack(means).mean(0), torch.stack(variances).mean(0).to(means[0].dtype)

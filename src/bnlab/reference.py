@@ -163,3 +163,44 @@ def cumulative_average(running, batch, count):
     running_new = running + (batch - running) / count, where ``count`` includes the new batch.
     """
     return np.asarray(running, np.float64) + (np.asarray(batch, np.float64) - running) / count
+
+
+def batch_renorm_train(x, gamma, beta, mu, sigma, r_max, d_max, eps=1e-5):
+    """Ioffe 2017 (Batch Renormalization), Algorithm 1, training.
+
+    sigma_B = sqrt(sigma2_B + eps);  r = clip(sigma_B / sigma, 1/r_max, r_max);
+    d = clip((mu_B - mu) / sigma, -d_max, d_max);  x_hat = (x - mu_B) / sigma_B * r + d;
+    y = gamma * x_hat + beta. r and d are constants in backprop. ``mu``, ``sigma``: the moving mean
+    and standard deviation.
+
+    Returns:
+        dict with ``y``, ``mu_B``, ``sigma_B``, ``r``, ``d``.
+    """
+    shape = np.shape(x)
+    rows = to_rows(x)
+    m = rows.shape[0]
+    mu_B = rows.sum(axis=0) / m
+    sigma_B = np.sqrt(((rows - mu_B) ** 2).sum(axis=0) / m + eps)
+    r = np.clip(sigma_B / sigma, 1.0 / r_max, r_max)
+    d = np.clip((mu_B - mu) / sigma, -d_max, d_max)
+    x_hat = (rows - mu_B) / sigma_B * r + d
+    y = np.asarray(gamma, np.float64) * x_hat + np.asarray(beta, np.float64)
+    return {"y": from_rows(y, shape), "mu_B": mu_B, "sigma_B": sigma_B, "r": r, "d": d}
+
+
+def ghost_batch_norm_train(x, gamma, beta, virtual_batch_size, eps=1e-5):
+    """Ghost Batch Normalization (Hoffer et al. 2017): Algorithm 1 on each virtual sub-batch.
+
+    The batch is split along its first dimension into consecutive chunks of
+    ``virtual_batch_size`` examples (the last may be smaller), each normalized with its own
+    statistics. Returns ``y`` and the per-chunk ``mu_B``, ``sigma2_B`` and ``m``.
+    """
+    x = np.asarray(x, np.float64)
+    outs, mus, vars_, ms = [], [], [], []
+    for start in range(0, x.shape[0], virtual_batch_size):
+        out = batch_norm_train(x[start : start + virtual_batch_size], gamma, beta, eps)
+        outs.append(out["y"])
+        mus.append(out["mu_B"])
+        vars_.append(out["sigma2_B"])
+        ms.append(out["m"])
+    return {"y": np.concatenate(outs), "mu_B": np.array(mus), "sigma2_B": np.array(vars_), "m": ms}

@@ -1,0 +1,117 @@
+"""Batch Renormalization and Ghost BN against the NumPy reference, BN, and their own definitions."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bnlab
+from bnlab import functional as F
+from bnlab import reference as R
+from conftest import rel_err
+
+
+def data(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1, torch.randn(shape, generator=g,
+                                                                                      dtype=torch.float64)
+
+
+def test_renorm_schedule_is_the_papers():
+    lim = lambda t: F.renorm_limits(t, 3.0, 5.0, 5_000, 40_000, 25_000)  # noqa: E731
+    assert lim(0) == (1.0, 0.0) and lim(5_000) == (1.0, 0.0)
+    assert lim(22_500) == pytest.approx((2.0, 4.375))  # halfway to 40k for r, 7/8 of the way to 25k for d
+    assert lim(25_000) == pytest.approx((1 + 2 * 20 / 35, 5.0)) and lim(60_000) == (3.0, 5.0)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 2, 3)])
+def test_batch_renorm_training_matches_reference_and_its_gradient_is_bn_times_r(shape):
+    x, dy = data(shape)
+    layer = bnlab.BatchRenorm2d(4, dtype=torch.float64, warmup=0, r_max_steps=1, d_max_steps=1,
+                                r_max=1.5, d_max=0.5) if len(shape) == 4 else \
+        bnlab.BatchRenorm1d(4, dtype=torch.float64, warmup=0, r_max_steps=1, d_max_steps=1, r_max=1.5, d_max=0.5)
+    layer.num_batches_tracked.fill_(10)  # past the schedule: limits 1.5 and 0.5
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.0, 3.0, 1.0, -2.0]))
+        layer.running_std.copy_(torch.tensor([1.0, 0.5, 4.0, 2.0]))
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    mu, sigma = layer.running_mean.clone(), layer.running_std.clone()
+    xr = x.clone().requires_grad_()
+    y = layer(xr)
+    ref = R.batch_renorm_train(x.numpy(), layer.weight.detach().numpy(), layer.bias.detach().numpy(),
+                               mu.numpy(), sigma.numpy(), 1.5, 0.5)
+    assert rel_err(y, ref["y"]) < 1e-10
+    assert (ref["r"] != 1).any() and (np.abs(ref["d"]) == 0.5).any()  # the clipping is exercised
+    y.backward(dy)
+    # r and d are constants: dL/dx is BN's backward of dy * gamma * r.
+    xb = x.clone().requires_grad_()
+    nd = x.dim()
+    scale = (layer.weight.detach() * torch.from_numpy(ref["r"])).view(1, -1, *[1] * (nd - 2))
+    torch.nn.functional.batch_norm(xb, None, None, training=True, eps=layer.eps).backward(dy * scale)
+    assert rel_err(xr.grad, xb.grad.numpy()) < 1e-10
+    np.testing.assert_allclose(layer.running_mean.numpy(), 0.99 * mu.numpy() + 0.01 * ref["mu_B"], rtol=1e-12)
+    np.testing.assert_allclose(layer.running_std.numpy(), 0.99 * sigma.numpy() + 0.01 * ref["sigma_B"], rtol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000), steps=st.integers(1, 4))
+def test_batch_renorm_with_r_max_1_and_d_max_0_is_bn(seed, steps):
+    brn = bnlab.BatchRenorm1d(3, dtype=torch.float64, r_max=1.0, d_max=0.0, momentum=0.1)
+    bn = bnlab.BatchNorm1d(3, dtype=torch.float64, momentum=0.1)
+    for step in range(steps):
+        x, dy = data((5, 3, 2), seed + step)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = brn(xa), bn(xb)
+        ya.backward(dy), yb.backward(dy)
+        torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(brn.running_mean, bn.running_mean)
+
+
+def test_batch_renorm_inference_and_non_finite_guard():
+    layer = bnlab.BatchRenorm1d(2, dtype=torch.float64)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([1.0, -1.0]))
+        layer.running_std.copy_(torch.tensor([2.0, 0.5]))
+    x = torch.tensor([[3.0, 0.0], [1.0, -2.0]], dtype=torch.float64)
+    torch.testing.assert_close(layer.eval()(x), (x - layer.running_mean) / layer.running_std)
+    layer.train()
+    bad = torch.randn(4, 2, dtype=torch.float64)
+    bad[0, 0] = float("inf")
+    before = layer.running_std.clone()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        layer(bad)
+    assert torch.equal(layer.running_std, before) and int(layer.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("shape, vbs", [((10, 3), 4), ((6, 2, 3, 3), 2), ((8, 3, 5), 8)])
+def test_ghost_bn_matches_reference_and_running_stats_average_the_ghost_batches(shape, vbs):
+    x, dy = data(shape)
+    layer = (bnlab.GhostBatchNorm2d if len(shape) == 4 else bnlab.GhostBatchNorm1d)(
+        shape[1], virtual_batch_size=vbs, momentum=1.0, dtype=torch.float64)
+    y = layer(x)
+    ref = R.ghost_batch_norm_train(x.numpy(), np.ones(shape[1]), np.zeros(shape[1]), vbs)
+    assert rel_err(y, ref["y"]) < 1e-10
+    unbiased = [v * m / (m - 1) for v, m in zip(ref["sigma2_B"], ref["m"])]
+    np.testing.assert_allclose(layer.running_mean.numpy(), ref["mu_B"].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var.numpy(), np.mean(unbiased, axis=0), rtol=1e-12)
+
+
+def test_ghost_bn_inference_uses_running_stats_not_virtual_batches():
+    layer = bnlab.GhostBatchNorm1d(3, virtual_batch_size=2, dtype=torch.float64)
+    layer(data((8, 3))[0])
+    layer.eval()
+    x = data((6, 3), 1)[0]
+    torch.testing.assert_close(layer(x), torch.cat([layer(x[i : i + 1]) for i in range(6)]))
+    expected = torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_ghost_bn_with_one_virtual_batch_is_bn_and_tiny_ghost_batches_are_refused():
+    x, _ = data((6, 3))
+    torch.testing.assert_close(bnlab.GhostBatchNorm1d(3, virtual_batch_size=6, dtype=torch.float64)(x),
+                               bnlab.BatchNorm1d(3, dtype=torch.float64)(x))
+    with pytest.raises(ValueError, match="virtual batch.*more than one value"):
+        bnlab.GhostBatchNorm1d(3, virtual_batch_size=4)(torch.randn(5, 3))  # the last ghost batch has 1 row
