@@ -24,6 +24,8 @@ from bnlab.modules import (
     recalibrate,
 )
 
+from bnlab.distributed import SyncBatchNorm
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "GhostBatchNorm",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
+    "SyncBatchNorm",
     "convert",
     "is_batch_norm",
     "name_layers",

@@ -1,0 +1,139 @@
+"""Synchronized Batch Normalization over a torch.distributed process group, any backend.
+
+PyTorch's SyncBatchNorm runs only on CUDA tensors; this one runs wherever the process group does,
+gloo on the CPU included. The statistics are those of the union of every rank's batch:
+
+    forward:  each rank sends (n_r, mean_r, M2_r) per channel (one all_gather); all combine them
+              with Chan et al.'s parallel formula: n = sum n_r, mean = sum n_r mean_r / n,
+              M2 = sum (M2_r + n_r (mean_r - mean)^2), sigma2_B = M2 / n  (stable, any sizes,
+              an empty batch on a rank included);
+    backward: one all_reduce of (sum dy, sum dy * x_hat) per channel, then Algorithm 1's backward
+              with the global sums: dx = gamma * invstd / n * (n dy - sum dy - x_hat sum dy x_hat).
+
+dgamma and dbeta are each rank's own part, as in torch (DistributedDataParallel sums or averages
+the parameters' gradients across ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bnlab import functional as F
+from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
+
+PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """y, mean, var_biased, n = BN over the union of the group's batches."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group):
+        c = x.shape[1]
+        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xs = x.to(stat_dtype)
+        n_local = F.values_per_channel(x) if x.numel() else 0
+        if n_local:
+            mean_l, var_l = F.batch_stats(xs)
+        else:
+            mean_l = var_l = torch.zeros(c, dtype=stat_dtype, device=x.device)
+        packed = torch.cat([torch.tensor([float(n_local)], dtype=torch.float64, device=x.device),
+                            mean_l.double(), (var_l * n_local).double()])
+        if _world(group) > 1:
+            parts = [torch.empty_like(packed) for _ in range(_world(group))]
+            dist.all_gather(parts, packed, group=group)
+            gathered = torch.stack(parts)
+        else:
+            gathered = packed[None]
+        counts, means, m2s = gathered[:, :1], gathered[:, 1 : 1 + c], gathered[:, 1 + c :]
+        n = counts.sum()
+        if n <= 1:
+            raise ValueError(f"synchronized batch norm: {int(n)} value(s) per channel over the whole group; "
+                             "training needs more than one")
+        mean = (counts * means).sum(0) / n
+        var_biased = (m2s + counts * (means - mean) ** 2).sum(0) / n
+        mean, var_biased = mean.to(stat_dtype), var_biased.to(stat_dtype)
+        invstd = torch.rsqrt(var_biased + eps)
+        y = F.normalize(x, mean, invstd, weight, bias)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.group, ctx.n = group, float(n)
+        ctx.mark_non_differentiable(mean, var_biased)
+        return y, mean, var_biased, int(n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _dvar, _dn):
+        x, weight, mean, invstd = ctx.saved_tensors
+        nd, dims = x.dim(), F.reduce_dims(x)
+        dys = dy.to(mean.dtype)
+        x_hat = (x.to(mean.dtype) - F.per_channel(mean, nd)) * F.per_channel(invstd, nd)
+        sums = torch.cat([dys.sum(dims), (dys * x_hat).sum(dims)])
+        local = sums.clone()
+        if _world(ctx.group) > 1:
+            dist.all_reduce(sums, group=ctx.group)
+        c = mean.shape[0]
+        sum_dy, sum_dy_xhat = sums[:c], sums[c:]
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        dx = F.per_channel(scale / ctx.n, nd) * (
+            ctx.n * dys - F.per_channel(sum_dy, nd) - x_hat * F.per_channel(sum_dy_xhat, nd))
+        grad_w = local[c:].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = local[:c].to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        return dx.to(x.dtype), grad_w, grad_b, None, None
+
+
+class SyncBatchNorm(BatchNorm):
+    """Batch Normalization with statistics over every rank of ``process_group`` (default: the world).
+
+    Any rank of input ``(N, C, *)``; any torch.distributed backend (gloo on the CPU, NCCL on GPUs);
+    uneven batch sizes and an empty batch on a rank are fine. Without an initialized process group
+    it is BN over the local batch. The running statistics fold in the global mean and unbiased
+    variance, identically on every rank. BN's state_dict keys.
+
+    Example (torchrun --nproc-per-node 2 train.py):
+        >>> dist.init_process_group("gloo")
+        >>> model = bnlab.SyncBatchNorm.convert(model)
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.process_group = process_group
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            F.check_input(x, self.num_features, False, self._label())  # raises with the reason
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.training and self.track_running_stats:
+            return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                     self.backend)
+        y, mean, var_biased, n = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,
+                                                             self.process_group)
+        if self.training and self.track_running_stats:
+            folded = F.update_running_stats_(self.running_mean, self.running_var, mean, var_biased, n,
+                                             self.batch_weight())
+            self.count_batch_(folded)
+        return y
+
+    @classmethod
+    def convert(cls, model: nn.Module, process_group=None) -> nn.Module:
+        """Swap every plain batch-norm layer (torch.nn's BatchNorm1d/2d/3d, bnlab's BatchNorm*) for a
+        SyncBatchNorm with the same state. Layers of other kinds (Batch Renorm, ghost BN, BN with a
+        fused activation) are left as they are."""
+        if type(model) in PLAIN_BATCH_NORMS:
+            ref = model.weight if model.affine else model.running_mean
+            new = cls(model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats,
+                      process_group, device=ref.device if ref is not None else None,
+                      dtype=ref.dtype if ref is not None else None)
+            new.load_state_dict(model.state_dict())
+            return new.train(model.training)
+        for name, child in model.named_children():
+            setattr(model, name, cls.convert(child, process_group))
+        return name_layers(model)

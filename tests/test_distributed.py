@@ -1,0 +1,94 @@
+"""Synchronized BN: two gloo processes on the CPU equal BN over the whole batch."""
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import bnlab
+from bnlab.distributed import SyncBatchNormFunction
+
+SHAPE = (8, 3, 4, 5)
+
+
+def whole_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64) * 3 + 2
+    dy = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    return x, dy
+
+
+def worker(rank, world, store, split, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    x, dy = whole_batch()
+    start, stop = (0, split) if rank == 0 else (split, SHAPE[0])
+    layer = bnlab.SyncBatchNorm(SHAPE[1], dtype=torch.float64, momentum=0.3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+        layer.bias.copy_(torch.tensor([0.0, -1.0, 1.0], dtype=torch.float64))
+    results = {}
+    for step in range(2):
+        xs = (x[start:stop] * (step + 1)).clone().requires_grad_()
+        y = layer(xs)
+        y.backward(dy[start:stop])
+        results[f"y{step}"], results[f"dx{step}"] = y.detach().numpy(), xs.grad.numpy()
+    results["dw"], results["db"] = layer.weight.grad.numpy(), layer.bias.grad.numpy()
+    results["rm"], results["rv"] = layer.running_mean.numpy(), layer.running_var.numpy()
+    np.savez(os.path.join(out, f"rank{rank}.npz"), **results)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("split", [5, 8], ids=["uneven", "empty-rank"])
+def test_two_gloo_processes_equal_whole_batch_bn(split, tmp_path):
+    store = tmp_path / "store"
+    mp.spawn(worker, args=(2, str(store), split, str(tmp_path)), nprocs=2, join=True)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    x, dy = whole_batch()
+    reference = torch.nn.BatchNorm2d(SHAPE[1], dtype=torch.float64, momentum=0.3)
+    with torch.no_grad():
+        reference.weight.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+        reference.bias.copy_(torch.tensor([0.0, -1.0, 1.0], dtype=torch.float64))
+    for step in range(2):
+        xs = (x * (step + 1)).clone().requires_grad_()
+        y = reference(xs)
+        y.backward(dy)
+        np.testing.assert_allclose(np.concatenate([r[f"y{step}"] for r in ranks]), y.detach().numpy(), rtol=1e-10,
+                                   atol=1e-12)
+        np.testing.assert_allclose(np.concatenate([r[f"dx{step}"] for r in ranks]), xs.grad.numpy(), rtol=1e-9,
+                                   atol=1e-12)
+    # Each rank's dgamma/dbeta is its own part; their sum is the whole batch's (what DDP all-reduces).
+    np.testing.assert_allclose(ranks[0]["dw"] + ranks[1]["dw"], reference.weight.grad.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(ranks[0]["db"] + ranks[1]["db"], reference.bias.grad.numpy(), rtol=1e-9)
+    for r in ranks:
+        np.testing.assert_allclose(r["rm"], reference.running_mean.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(r["rv"], reference.running_var.numpy(), rtol=1e-10)
+
+
+def test_without_a_process_group_it_is_local_bn_and_gradchecks():
+    x, _ = whole_batch()
+    layer = bnlab.SyncBatchNorm(3, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), torch.nn.functional.batch_norm(x, None, None, layer.weight, layer.bias,
+                                                                         True))
+    xs = x[:3, :, :2, :2].clone().requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: SyncBatchNormFunction.apply(x, w, b, 1e-5, None)[0], (xs, w, b))
+
+
+def test_convert_swaps_plain_bn_layers_only():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), bnlab.BatchNorm1d(2),
+                              bnlab.BatchRenorm1d(2), bnlab.GhostBatchNorm1d(2))
+    net[1].running_mean.fill_(0.5)
+    converted = bnlab.SyncBatchNorm.convert(net)
+    assert [type(m).__name__ for m in converted] == ["Conv2d", "SyncBatchNorm", "SyncBatchNorm", "BatchRenorm1d",
+                                                     "GhostBatchNorm1d"]
+    assert torch.equal(converted[1].running_mean, torch.full((4,), 0.5))
+
+
+def test_one_value_over_the_whole_group_is_an_error():
+    with pytest.raises(ValueError, match="1 value"):
+        bnlab.SyncBatchNorm(3)(torch.randn(1, 3))
