@@ -393,3 +393,69 @@ def ghost_batch_norm_train(x, weight, bias, virtual_batch_size, eps=1e-5, backen
         means.append(mean)
         variances.append((invstd.double() ** -2 - eps).clamp_min(0) * (m / (m - 1)))
     return torch.cat(outs), torch.stack(means).mean(0), torch.stack(variances).mean(0).to(means[0].dtype)
+
+
+def producer_statistics(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Module):
+    """Yao et al. 2020: a BN input's moments and their derivatives with respect to its producer.
+
+    ``x`` is the producer's output ``(N, C, *)``, ``u`` its input. Channel j depends only on row j
+    of the producer's weight, so each derivative is weight-shaped, row j holding d stat_j / d W_j:
+        d mu_j / d W_j = the mean input patch (Linear: the mean input row)
+        d nu_j / d W_j = 2 E[x_j * patch]     (one weight-gradient-shaped reduction)
+    Linear and Conv2d (any stride, padding, dilation, groups) producers.
+
+    Returns:
+        ``(mu, nu, dmu_dW, dnu_dW)``: mean and second moment ``(C,)`` (differentiable in x), then
+        the two weight-shaped derivatives (constants).
+    """
+    dims = reduce_dims(x)
+    mu = x.mean(dims)
+    nu = x.square().mean(dims)
+    with torch.no_grad():
+        w = producer.weight
+        m = values_per_channel(x)
+        if isinstance(producer, torch.nn.Linear):
+            if x.dim() != 2:
+                raise ValueError("cross-iteration BN after a Linear layer takes (N, C) activations")
+            dmu = u.mean(0).expand_as(w).contiguous()  # the mean input row, for every output j
+            dnu = (2.0 / m) * x.detach().t().mm(u)  # (C, N) @ (N, in) -> (C, in)
+        elif isinstance(producer, torch.nn.Conv2d):
+            conv = dict(stride=producer.stride, padding=producer.padding, dilation=producer.dilation,
+                        groups=producer.groups)
+            positions = x.shape[2] * x.shape[3]
+            # The mean patch: the weight gradient is linear in the input, so average the batch first.
+            ones = torch.full((1, *x.shape[1:]), 1.0 / positions, dtype=x.dtype, device=x.device)
+            dmu = torch.nn.grad.conv2d_weight(u.mean(0, keepdim=True), w.shape, ones, **conv)
+            dnu = torch.nn.grad.conv2d_weight(u, w.shape, x.detach() * (2.0 / m), **conv)
+        else:
+            raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
+    return mu, nu, dmu, dnu
+
+
+def compensated_window(mu_past, nu_past, dmu_past, dnu_past, w_past, b_past, w_now, b_now):
+    """Yao et al. 2020, eq. 7-8: past statistics moved to the current weights (first-order Taylor).
+
+    Shapes: ``mu_past``/``nu_past``/``b_past`` ``(k, C)``; ``dmu_past``/``dnu_past``/``w_past``
+    ``(k, *W)``. Returns the compensated ``(mu, nu)``, ``(k, C)``.
+    """
+    k, c = mu_past.shape
+    dW = (w_now.unsqueeze(0) - w_past).reshape(k, c, -1)  # (k, C, *W[1:]) -> (k, C, fan_in)
+    mu = mu_past + (dmu_past.reshape(k, c, -1) * dW).sum(-1)
+    nu = nu_past + (dnu_past.reshape(k, c, -1) * dW).sum(-1)
+    if b_now is not None:
+        db = b_now.unsqueeze(0) - b_past
+        mu = mu + db
+        nu = nu + 2 * mu_past * db
+    return mu, nu
+
+
+def cross_iteration_pool(mu, nu, mu_past, nu_past):
+    """Yao et al. 2020, eq. 9: mu_bar = mean of mu; nu_bar = mean of max(nu, mu^2); sigma2 = nu_bar - mu_bar^2.
+
+    ``mu``/``nu`` are the current iteration's (gradients flow through them), ``mu_past``/``nu_past``
+    ``(j, C)`` the valid compensated past entries (constants). Returns ``(mu_bar, sigma2_bar)``.
+    """
+    mus = torch.cat([mu.unsqueeze(0), mu_past.to(mu.dtype)])
+    nus = torch.cat([torch.maximum(nu, mu * mu).unsqueeze(0), torch.maximum(nu_past, mu_past * mu_past).to(nu.dtype)])
+    mu_bar = mus.mean(0)
+    return mu_bar, (nus.mean(0) - mu_bar * mu_bar).clamp_min(0)

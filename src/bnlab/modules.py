@@ -362,6 +362,173 @@ class GhostBatchNorm2d(GhostBatchNorm):
     ranks = (4,)
 
 
+class CrossIterationBatchNorm(BatchNorm):
+    """Cross-Iteration Batch Normalization (Yao et al. 2020) after a Linear or Conv2d producer.
+
+    At iteration t the statistics pool the current batch with the last ``window - 1`` iterations',
+    each compensated to the producer's current weights by a first-order Taylor expansion
+    (:func:`bnlab.functional.compensated_window`): mu_bar = mean of mu, nu_bar = mean of
+    max(nu, mu^2), sigma2 = nu_bar - mu_bar^2, y = weight * (x - mu_bar) / sqrt(sigma2 + eps) + bias.
+    Gradients flow through the current iteration's statistics only. For the first ``burn_in``
+    iterations, and with ``window=1``, it is BN. ``compensate=False`` pools the raw past
+    statistics (the paper's "naive CBN"). The running statistics follow the current batch, as BN's;
+    inference uses them, as BN.
+
+    The window (statistics, their weight derivatives, the weights and biases they were taken at,
+    which entries are filled) and the iteration count are buffers: a checkpoint resumes CBN
+    exactly and ``.to()`` moves them. The layer must be paired with its producer before its first
+    training forward or ``load_state_dict``: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)``
+    for a whole model.
+
+    Example:
+        >>> conv, cbn = nn.Conv2d(3, 16, 3, bias=False), CrossIterationBatchNorm2d(16, window=4, burn_in=100)
+        >>> cbn.pair(conv)
+        >>> y = cbn(conv(torch.randn(4, 3, 32, 32)))
+    """
+
+    def __init__(self, num_features, window: int = 4, burn_in: int = 0, compensate: bool = True, eps=1e-5,
+                 momentum=0.1, affine=True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.window, self.burn_in, self.compensate = window, burn_in, compensate
+        factory = {"device": device, "dtype": dtype}
+        past = window - 1
+        self.register_buffer("iteration", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer("window_valid", torch.zeros(past, dtype=torch.bool, device=device))
+        self.register_buffer("window_mu", torch.zeros(past, num_features, **factory))
+        self.register_buffer("window_nu", torch.zeros(past, num_features, **factory))
+        self.register_buffer("window_bias", torch.zeros(past, num_features, **factory))
+        for name in ("window_dmu", "window_dnu", "window_weight"):  # weight-shaped: allocated by pair()
+            self.register_buffer(name, torch.zeros(past, 0, **factory))
+        self.__dict__["_producer"] = None  # a plain reference: not a submodule, not in state_dict
+        self.__dict__["_input"] = None
+
+    @property
+    def producer(self):
+        return self.__dict__["_producer"]
+
+    def pair(self, producer: nn.Module) -> "CrossIterationBatchNorm":
+        """Use ``producer`` (the Linear or Conv2d whose output this layer normalizes)."""
+        if not isinstance(producer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
+        if producer.weight.shape[0] != self.num_features:
+            raise ValueError(f"the producer has {producer.weight.shape[0]} outputs, this layer "
+                             f"{self.num_features} channels")
+        shape = (self.window - 1, *producer.weight.shape)
+        for name in ("window_dmu", "window_dnu", "window_weight"):
+            if getattr(self, name).shape != shape:
+                setattr(self, name, torch.zeros(shape, dtype=self.window_mu.dtype, device=self.window_mu.device))
+        self.__dict__["_producer"] = producer
+        self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
+        return self
+
+    def _capture(self, module, args, output):
+        # The producer's input, for the derivatives of this iteration's statistics.
+        self.__dict__["_input"] = args[0].detach() if self.training else None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, window={self.window}, burn_in={self.burn_in}, compensate={self.compensate}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.training:
+            return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        producer, u = self.producer, self.__dict__["_input"]
+        if producer is None:
+            raise RuntimeError(f"{self._label()}: not paired with its producer; call layer.pair(conv_or_linear) "
+                               "or bnlab.cross_iteration(model) first")
+        if u is None or u.shape[0] != x.shape[0]:
+            raise RuntimeError(f"{self._label()}: its producer did not run on this batch just before it; the "
+                               "input must be the paired layer's output")
+        mu, nu, dmu, dnu = F.producer_statistics(x, u, producer)
+        valid = self.window_valid
+        use_window = int(self.iteration) >= self.burn_in and bool(valid.any())
+        if use_window:
+            w_now = producer.weight.detach()
+            b_now = producer.bias.detach() if producer.bias is not None else None
+            if self.compensate:
+                mu_past, nu_past = F.compensated_window(
+                    self.window_mu[valid], self.window_nu[valid], self.window_dmu[valid], self.window_dnu[valid],
+                    self.window_weight[valid], self.window_bias[valid], w_now, b_now)
+            else:
+                mu_past, nu_past = self.window_mu[valid], self.window_nu[valid]
+            mu_bar, var_bar = F.cross_iteration_pool(mu, nu, mu_past, nu_past)
+            y = F.normalize(x, mu_bar, torch.rsqrt(var_bar + self.eps), self.weight, self.bias)
+        else:
+            y, *_ = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend)
+        with torch.no_grad():
+            mean, var_biased = F.batch_stats(x.detach())
+            folded = F.update_running_stats_(self.running_mean, self.running_var, mean, var_biased,
+                                             F.values_per_channel(x), self.batch_weight())
+            self.count_batch_(folded)
+            if self.window > 1 and folded:
+                slot = int(self.iteration) % (self.window - 1)
+                self.window_mu[slot], self.window_nu[slot] = mu.detach(), nu.detach()
+                self.window_dmu[slot], self.window_dnu[slot] = dmu, dnu
+                self.window_weight[slot] = producer.weight.detach()
+                self.window_bias[slot] = producer.bias.detach() if producer.bias is not None else 0.0
+                self.window_valid[slot] = True
+            self.iteration.add_(1)
+        self.__dict__["_input"] = None
+        return y
+
+
+class CrossIterationBatchNorm1d(CrossIterationBatchNorm):
+    """:class:`CrossIterationBatchNorm` after a Linear layer: ``(N, C)`` inputs."""
+
+    ranks = (2,)
+
+
+class CrossIterationBatchNorm2d(CrossIterationBatchNorm):
+    """:class:`CrossIterationBatchNorm` after a Conv2d layer: ``(N, C, H, W)`` inputs."""
+
+    ranks = (4,)
+
+
+def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compensate: bool = True) -> nn.Module:
+    """Convert every BN of ``model`` whose input is a Linear or Conv2d output into cross-iteration BN.
+
+    Finds the pairs by tracing the model with torch.fx; the BN state carries over. A BN fed by
+    anything else (an addition, an activation, a function) is refused with its name, since its
+    statistics could not be compensated.
+    """
+    import torch.fx
+
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, BatchNorm1d, BatchNorm2d)
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):  # bnlab's layers are leaves, like torch.nn's
+            return isinstance(module, BatchNorm) or super().is_leaf_module(module, name)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as err:  # fx raises many kinds
+        raise ValueError(f"cross_iteration: could not trace the model ({err}); pair layers by hand with "
+                         "CrossIterationBatchNorm2d(...).pair(conv)") from err
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or type(modules[node.target]) not in plain:
+            continue
+        source = node.args[0]
+        producer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
+        if not isinstance(producer, (nn.Linear, nn.Conv2d)):
+            what = source.target if getattr(source, "op", None) == "call_module" else f"{source.op} {source.target}"
+            raise ValueError(f"cross_iteration: the input of {node.target!r} comes from {what!r}, not from a Linear "
+                             "or Conv2d layer, so its statistics cannot be compensated; keep it as BN")
+        pairs.append((node.target, producer))
+    for name, producer in pairs:
+        old = modules[name]
+        cls = CrossIterationBatchNorm2d if isinstance(producer, nn.Conv2d) else CrossIterationBatchNorm1d
+        ref = old.weight if old.affine else old.running_mean
+        new = cls(old.num_features, window, burn_in, compensate, old.eps, old.momentum if old.momentum is not None
+                  else 0.1, old.affine, device=ref.device, dtype=ref.dtype).pair(producer)
+        new.load_state_dict(old.state_dict(), strict=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, new.train(old.training))
+    return name_layers(model)
+
+
 BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, BatchNorm)
 
 

@@ -204,3 +204,33 @@ def ghost_batch_norm_train(x, gamma, beta, virtual_batch_size, eps=1e-5):
         vars_.append(out["sigma2_B"])
         ms.append(out["m"])
     return {"y": np.concatenate(outs), "mu_B": np.array(mus), "sigma2_B": np.array(vars_), "m": ms}
+
+
+def cross_iteration_statistics(mus, nus, dmus, dnus, weights, biases, weight_now, bias_now, compensate=True):
+    """Yao et al. 2020 (Cross-Iteration BN), equations 7-9, for a producer with weight rows W_j.
+
+    Window entries tau = 0..k-1 (entry 0 the current iteration) hold the per-channel mean mu and
+    second moment nu of the producer's output, their derivatives with respect to the producer's
+    weight (W-shaped: row j is d mu_j / d W_j) and the weight and bias they were taken at.
+    Compensated to the current weight by a first-order Taylor expansion:
+        mu_j(theta_t) ~ mu_j + <d mu_j / d W_j, W_t,j - W_j> + (b_t,j - b_j)
+        nu_j(theta_t) ~ nu_j + <d nu_j / d W_j, W_t,j - W_j> + 2 mu_j (b_t,j - b_j)
+    Pooled: mu = mean of the compensated mu; nu = mean of max(nu, mu^2); sigma2 = nu - mu^2.
+
+    Returns:
+        ``(mu_bar, sigma2_bar)``, each ``(C,)``.
+    """
+    k = len(mus)
+    mu_c, nu_c = [], []
+    for tau in range(k):
+        mu, nu = np.asarray(mus[tau], np.float64), np.asarray(nus[tau], np.float64)
+        if compensate and tau > 0:
+            dW = (np.asarray(weight_now, np.float64) - np.asarray(weights[tau], np.float64)).reshape(len(mu), -1)
+            db = np.zeros(len(mu)) if bias_now is None else np.asarray(bias_now) - np.asarray(biases[tau])
+            mu = mu + (np.asarray(dmus[tau]).reshape(len(mu), -1) * dW).sum(1) + db
+            nu = nu + (np.asarray(dnus[tau]).reshape(len(mu), -1) * dW).sum(1) + 2 * np.asarray(mus[tau]) * db
+        mu_c.append(mu)
+        nu_c.append(np.maximum(nu, mu**2))
+    mu_bar = np.mean(mu_c, axis=0)
+    nu_bar = np.mean(nu_c, axis=0)
+    return mu_bar, nu_bar - mu_bar**2

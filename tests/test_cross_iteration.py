@@ -1,0 +1,191 @@
+"""Cross-Iteration BN (Yao et al. 2020): derivatives, compensation, equivalences, resume, conversion."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load, save
+from torch import nn
+
+import bnlab
+from bnlab import functional as F
+from bnlab import reference as R
+
+PRODUCERS = {
+    "linear": lambda: nn.Linear(5, 4),
+    "conv": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+    "conv-nobias": lambda: nn.Conv2d(3, 4, 2, bias=False, dilation=2),
+}
+
+
+def inputs(kind, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = {"linear": (batch, 5), "conv": (batch, 4, 7, 7), "conv-nobias": (batch, 3, 6, 6)}[kind]
+    return torch.randn(shape, generator=g, dtype=torch.float64) + 0.5
+
+
+def pair(kind, window, **kw):
+    torch.manual_seed(0)
+    producer = PRODUCERS[kind]().double()
+    cls = bnlab.CrossIterationBatchNorm1d if kind == "linear" else bnlab.CrossIterationBatchNorm2d
+    layer = cls(producer.weight.shape[0], window=window, dtype=torch.float64, **kw).pair(producer)
+    return producer, layer
+
+
+@pytest.mark.parametrize("kind", list(PRODUCERS))
+def test_weight_derivatives_equal_autograd(kind):
+    producer, _ = pair(kind, 2)
+    u = inputs(kind)
+    x = producer(u)
+    mu, nu, dmu, dnu = F.producer_statistics(x, u, producer)
+    # Channel j depends on row j only, so d(sum_j stat_j)/dW has d stat_j / d W_j in row j.
+    torch.testing.assert_close(dmu, torch.autograd.grad(mu.sum(), producer.weight, retain_graph=True)[0])
+    torch.testing.assert_close(dnu, torch.autograd.grad(nu.sum(), producer.weight)[0])
+
+
+@pytest.mark.parametrize("kind", list(PRODUCERS))
+def test_window_1_is_bn(kind):
+    producer, cbn = pair(kind, 1)
+    bn = (bnlab.BatchNorm1d if kind == "linear" else bnlab.BatchNorm2d)(cbn.num_features, dtype=torch.float64)
+    for step in range(3):
+        u = inputs(kind, seed=step)
+        xa = producer(u).detach().requires_grad_()
+        xb = xa.detach().clone().requires_grad_()
+        producer_out = producer(u)  # the hook sees the producer's input
+        del producer_out
+        ya, yb = cbn(xa), bn(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)
+        dy = torch.randn_like(ya)
+        ya.backward(dy), yb.backward(dy)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cbn.running_var, bn.running_var)
+
+
+def run(producer, layer, steps, lr=0.0, seed=0):
+    """Train the pair on fixed batches with plain SGD on the producer; returns each step's output."""
+    outs = []
+    for step in range(steps):
+        u = inputs("conv", seed=seed + step)
+        y = layer(producer(u))
+        outs.append(y.detach())
+        producer.zero_grad()
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        with torch.no_grad():
+            for p in producer.parameters():
+                p -= lr * p.grad
+    return outs
+
+
+def test_frozen_producer_makes_compensation_change_nothing():
+    pa, a = pair("conv", 4, compensate=True)
+    pb, b = pair("conv", 4, compensate=False)
+    for ya, yb in zip(run(pa, a, 6), run(pb, b, 6)):
+        torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+
+
+def test_compensation_beats_naive_on_a_slowly_changing_producer():
+    producer, layer = pair("conv", 4)
+    run(producer, layer, 4, lr=1e-4)  # slow: the weights move by about 1% a step
+    valid = layer.window_valid
+    w_now, b_now = producer.weight.detach(), producer.bias.detach()
+    mu_c, nu_c = F.compensated_window(layer.window_mu[valid], layer.window_nu[valid], layer.window_dmu[valid],
+                                      layer.window_dnu[valid], layer.window_weight[valid], layer.window_bias[valid],
+                                      w_now, b_now)
+    # The truth: the same past batches through the current weights.
+    slots = torch.arange(3)[valid]
+    steps = [int(s) for s in slots]  # with 4 steps and 3 slots, slot s holds step s (steps 0..2), step 3 in slot 0
+    steps = [3 if s == 0 else s for s in steps]
+    with torch.no_grad():
+        truth = [producer(inputs("conv", seed=s)) for s in steps]
+    mu_true = torch.stack([t.mean((0, 2, 3)) for t in truth])
+    nu_true = torch.stack([t.square().mean((0, 2, 3)) for t in truth])
+    err = lambda a, b: float((a - b).abs().max())  # noqa: E731
+    naive_mu, naive_nu = layer.window_mu[valid], layer.window_nu[valid]
+    assert err(mu_c, mu_true) < 1e-10 < err(naive_mu, mu_true)  # the mean is linear in W: exact
+    assert err(nu_c, nu_true) < 0.2 * err(naive_nu, nu_true)  # the second moment: first order
+
+
+def test_pooled_statistics_match_the_reference():
+    producer, layer = pair("conv", 3)
+    run(producer, layer, 3, lr=0.05)
+    u = inputs("conv", seed=10)
+    x = producer(u)
+    valid = layer.window_valid
+    snapshot = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    mu, nu, dmu, dnu = F.producer_statistics(x.detach(), u, producer)
+    w = producer.weight.detach().numpy()
+    past = lambda name: list(snapshot[name][valid].numpy())  # noqa: E731
+    mu_bar, var_bar = R.cross_iteration_statistics(
+        [mu.numpy()] + past("window_mu"), [nu.numpy()] + past("window_nu"), [None] + past("window_dmu"),
+        [None] + past("window_dnu"), [w] + past("window_weight"), [producer.bias.detach().numpy()] +
+        past("window_bias"), w, producer.bias.detach().numpy())
+    expected = (x.detach().numpy() - mu_bar[None, :, None, None]) / np.sqrt(var_bar[None, :, None, None] + layer.eps)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_gradcheck_through_the_current_statistics():
+    producer, layer = pair("conv", 3)
+    run(producer, layer, 3, lr=0.05)
+    valid = layer.window_valid
+    past = (layer.window_mu[valid], layer.window_nu[valid])
+    u = inputs("conv", batch=2)
+    x = producer(u).detach().requires_grad_()
+
+    def f(x):
+        dims = (0, 2, 3)
+        mu_bar, var_bar = F.cross_iteration_pool(x.mean(dims), x.square().mean(dims), *past)
+        return F.normalize(x, mu_bar, torch.rsqrt(var_bar + 1e-5))
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_checkpoint_resumes_cbn_exactly_and_to_moves_the_window():
+    pa, a = pair("conv", 4)
+    first = run(pa, a, 3, lr=0.05)
+    state = save({**{f"p.{k}": v.contiguous() for k, v in pa.state_dict().items()},
+                  **{f"n.{k}": v.contiguous() for k, v in a.state_dict().items()}})
+    later = run(pa, a, 3, lr=0.05, seed=3)
+    pb, b = pair("conv", 4)
+    loaded = load(state)
+    pb.load_state_dict({k[2:]: v for k, v in loaded.items() if k.startswith("p.")})
+    b.load_state_dict({k[2:]: v for k, v in loaded.items() if k.startswith("n.")})
+    assert int(b.iteration) == 3 and bool(b.window_valid.all())
+    for ya, yb in zip(later, run(pb, b, 3, lr=0.05, seed=3)):
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    assert len(first) == 3
+    b.float()
+    assert b.window_dnu.dtype == torch.float32 and b.window_weight.dtype == torch.float32
+
+
+def test_burn_in_is_bn():
+    pa, a = pair("conv", 4, burn_in=3)
+    pb, b = pair("conv", 1)
+    for ya, yb in zip(run(pa, a, 3, lr=0.05), run(pb, b, 3, lr=0.05)):
+        torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)
+
+
+def test_cross_iteration_converts_pairs_and_refuses_others():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), bnlab.BatchNorm2d(4),
+                        nn.Flatten(), nn.Linear(4 * 9, 5), nn.BatchNorm1d(5))
+    net[1].running_mean.fill_(0.25)
+    bnlab.cross_iteration(net, window=3, burn_in=10)
+    assert [type(net[i]).__name__ for i in (1, 4, 7)] == ["CrossIterationBatchNorm2d"] * 2 + ["CrossIterationBatchNorm1d"]
+    assert net[1].producer is net[0] and net[7].producer is net[6] and net[1].burn_in == 10
+    assert torch.equal(net[1].running_mean, torch.full((4,), 0.25))
+    net(torch.randn(2, 3, 5, 5)).sum().backward()
+    bad = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="'2' comes from '1'.*cannot be compensated"):
+        bnlab.cross_iteration(bad)
+
+
+def test_unpaired_or_detached_use_is_a_clear_error():
+    layer = bnlab.CrossIterationBatchNorm2d(4)
+    with pytest.raises(RuntimeError, match="not paired"):
+        layer(torch.randn(2, 4, 3, 3))
+    layer.pair(nn.Conv2d(3, 4, 1))
+    with pytest.raises(RuntimeError, match="did not run on this batch"):
+        layer(torch.randn(2, 4, 3, 3))
+    with pytest.raises(TypeError, match="Linear or Conv2d"):
+        bnlab.CrossIterationBatchNorm2d(4).pair(nn.Conv1d(3, 4, 1))
