@@ -2,6 +2,7 @@
 
     bnlab reproduce bn-mnist [--quick] [--steps N] [--data-dir DIR] [--out RUN_DIR] [--seed S] ...
     bnlab reproduce bn-mnist --resume RUN_DIR
+    bnlab reproduce small-batch [--quick] [--batch-sizes 32,16,8,4,2] [--methods bn,gn,brn,cbn-naive,cbn] ...
     bnlab plot RUN_DIR
     bnlab download-mnist [--dir DIR]
 """
@@ -89,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"  bnlab reproduce {args.experiment} --resume {cfg.out}", file=sys.stderr)
                 return 130
         elif args.command == "plot":
-            from bnlab.experiments import bn_mnist
+            from bnlab.experiments import experiment_of
 
-            print(bn_mnist.plot(Path(args.run_dir)))
+            print(experiment_of(args.run_dir).plot(Path(args.run_dir)))
         elif args.command == "download-mnist":
             from bnlab.data import download_mnist
 

@@ -1,5 +1,14 @@
 """One module per paper figure or table: a frozen ``Config``, ``run(cfg)``, ``plot(run_dir)``."""
 
-from bnlab.experiments import bn_mnist
+from bnlab.experiments import bn_mnist, small_batch
 
-EXPERIMENTS = {"bn-mnist": bn_mnist}
+EXPERIMENTS = {"bn-mnist": bn_mnist, "small-batch": small_batch}
+
+
+def experiment_of(run_dir):
+    """The experiment module that wrote ``run_dir`` (its config.json names it)."""
+    import json
+    from pathlib import Path
+
+    record = json.loads((Path(run_dir) / "config.json").read_text())
+    return EXPERIMENTS[record.get("experiment", "bn-mnist")]

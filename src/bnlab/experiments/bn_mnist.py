@@ -303,7 +303,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} ({len(data.x_train)} train, {len(data.x_test)} test, {data.image_shape} pixels)")
-    record = {"config": asdict(cfg), "seed": cfg.seed, "code_version": code_version(), "data": data.source}
+    record = {"experiment": "bn-mnist", "config": asdict(cfg), "seed": cfg.seed, "code_version": code_version(), "data": data.source}
     (out / "config.json").write_text(json.dumps(record, indent=1))
     tensors = Tensors.build(data, cfg.threshold)
     metrics = train_both(cfg, resume, tensors)

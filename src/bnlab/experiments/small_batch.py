@@ -1,0 +1,257 @@
+"""Small-batch normalization: test accuracy against batch size, as in the CBN paper's comparison.
+
+Yao et al. 2020 (Cross-Iteration BN) compare BN, Group Norm, Batch Renorm, naive CBN and CBN as the
+per-step batch shrinks (their ImageNet table; Wu & He 2018 show the same collapse of BN). Here a
+small convolutional network learns MNIST (or any IDX dataset in MNIST's layout, or the bundled
+digits) with each method at batch sizes 32, 16, 8, 4 and 2. Every run sees the same number of
+training examples (so smaller batches take more steps), with plain SGD with momentum at a learning
+rate scaled linearly with the batch size (base_lr at batch 32). Each run is evaluated once at its
+end on the whole test set, in inference mode (running statistics for the batch-based methods).
+
+Network: conv3x3(1->16) - norm - ReLU - maxpool2 - conv3x3(16->32) - norm - ReLU - maxpool2 -
+linear(32*7*7 -> 10) for 28x28 images (global pooling makes it size-agnostic for the 8x8 digits).
+Methods: "bn" (bnlab.BatchNorm2d), "gn" (torch.nn.GroupNorm, 4 groups), "brn" (bnlab.BatchRenorm2d,
+the paper's schedule scaled to the run: warm-up 5% of the steps, r_max 3 at 40%, d_max 5 at 25%),
+"cbn-naive" and "cbn" (bnlab.CrossIterationBatchNorm2d, window 4, burn-in 10% of the steps).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.data import Dataset, load_dataset
+from bnlab.experiments.bn_mnist import code_version
+from bnlab.train import LoopConfig, fit
+
+METHODS = ("bn", "gn", "brn", "cbn-naive", "cbn")
+
+
+@dataclass(frozen=True)
+class Config:
+    out: str | None = None  # run directory; default runs/small-batch-<time>
+    data_dir: str | None = None  # MNIST or any IDX dataset in its layout; else $BNLAB_DATA, cache, digits
+    download: bool = False  # download MNIST (MD5-checked) when it is not found
+    batch_sizes: str = "32,16,8,4,2"  # per-step batch sizes, comma-separated
+    methods: str = ",".join(METHODS)  # normalizers, comma-separated, from: bn gn brn cbn-naive cbn
+    examples: int = 60_000  # training examples each run sees (steps = examples / batch size)
+    base_lr: float = 0.02  # SGD learning rate at batch 32; scaled linearly with the batch size
+    momentum: float = 0.9  # SGD momentum
+    window: int = 4  # CBN: iterations pooled (the official code's 4)
+    burn_in: float = 0.1  # CBN: fraction of the steps run as plain BN first
+    seed: int = 0  # initial weights and batch order (the same for every method at a batch size)
+    checkpoint_every: int = 2_000  # steps between checkpoints of a run
+    nproc: int = 1  # > 1: also train "syncbn", each batch split over this many gloo processes
+
+    def quick(self) -> "Config":
+        """A few hundred steps per run: the demo and CI."""
+        return replace(self, examples=1_600, batch_sizes="16,4", checkpoint_every=10_000)
+
+
+def norm_layer(method: str, channels: int, steps: int, cfg: Config) -> nn.Module:
+    if method == "syncbn":
+        return bnlab.SyncBatchNorm(channels)
+    if method == "bn":
+        return bnlab.BatchNorm2d(channels)
+    if method == "gn":
+        return nn.GroupNorm(4, channels)
+    if method == "brn":
+        return bnlab.BatchRenorm2d(channels, warmup=int(0.05 * steps), r_max_steps=int(0.4 * steps),
+                                   d_max_steps=int(0.25 * steps))
+    if method in ("cbn", "cbn-naive"):
+        return bnlab.CrossIterationBatchNorm2d(channels, window=cfg.window, burn_in=int(cfg.burn_in * steps),
+                                               compensate=method == "cbn")
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self, method: str, steps: int, cfg: Config, classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.norm1 = norm_layer(method, 16, steps, cfg)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.norm2 = norm_layer(method, 32, steps, cfg)
+        self.head = nn.Linear(32 * 7 * 7, classes)
+        self.pool = nn.AdaptiveAvgPool2d(7)
+        for norm, conv in ((self.norm1, self.conv1), (self.norm2, self.conv2)):
+            if isinstance(norm, bnlab.CrossIterationBatchNorm):
+                norm.pair(conv)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.norm1(self.conv1(x))), 2, ceil_mode=True)
+        x = nn.functional.max_pool2d(torch.relu(self.norm2(self.conv2(x))), 2, ceil_mode=True)
+        return self.head(self.pool(x).flatten(1))
+
+
+class RunTask:
+    """One (method, batch size) run for :func:`bnlab.train.fit`.
+
+    With ``world > 1`` (the "syncbn" method) this process is rank ``rank`` of a gloo group: every
+    rank draws the same batch and trains on its own slice of it, SyncBatchNorm pools the
+    statistics over the slices and DistributedDataParallel averages the gradients, so the
+    training is the whole batch's.
+    """
+
+    def __init__(self, cfg: Config, method: str, batch: int, data: Dataset, rank: int = 0, world: int = 1):
+        self.batch, self.rank, self.world = batch, rank, world
+        self.steps = max(1, cfg.examples // batch)
+        side = data.image_shape
+        to_images = lambda a: torch.from_numpy(a.reshape(-1, 1, *side).astype(np.float32) / 255.0)  # noqa: E731
+        self.x_train, self.y_train = to_images(data.x_train), torch.from_numpy(data.y_train)
+        self.x_test, self.y_test = to_images(data.x_test), torch.from_numpy(data.y_test)
+        torch.manual_seed(cfg.seed)
+        self.model = bnlab.name_layers(SmallConvNet(method, self.steps, cfg, data.num_classes))
+        self.module = self.model
+        if world > 1:
+            self.model = nn.parallel.DistributedDataParallel(self.model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.base_lr * batch / 32, momentum=cfg.momentum)
+        self.sampler = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def train_step(self, step: int) -> None:
+        i = torch.randint(0, len(self.x_train), (self.batch,), generator=self.sampler)[self.rank :: self.world]
+        loss = nn.functional.cross_entropy(self.model(self.x_train[i]), self.y_train[i])
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        if step == 0:
+            return {}
+        self.model.eval()
+        try:
+            correct = sum(int((self.model(x).argmax(1) == y).sum())
+                          for x, y in zip(self.x_test.split(1000), self.y_test.split(1000)))
+        finally:
+            self.model.train()
+        return {"test_accuracy": correct / len(self.x_test)}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = {f"model.{k}": v for k, v in self.module.state_dict().items()}
+        for k, p in enumerate(self.model.parameters()):
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                state[f"momentum.{k}"] = buf
+        return {**state, "rng.sampler": self.sampler.get_state()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for k, p in enumerate(self.model.parameters()):
+            if f"momentum.{k}" in tensors:
+                self.opt.state[p]["momentum_buffer"] = tensors[f"momentum.{k}"].clone()
+        self.sampler.set_state(tensors["rng.sampler"])
+
+
+def run(cfg: Config, resume: bool = False) -> dict:
+    """Train every (method, batch size) run; write the table, metrics and figure into ``cfg.out``."""
+    if cfg.out is None:
+        cfg = replace(cfg, out=time.strftime("runs/small-batch-%Y%m%d-%H%M%S"))
+    out = Path(cfg.out)
+    if not resume and any(out.glob("*/checkpoint.safetensors")):
+        raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(cfg.data_dir, cfg.download)
+    print(f"data: {data.source} ({len(data.x_train)} train, {len(data.x_test)} test)")
+    (out / "config.json").write_text(json.dumps({"experiment": "small-batch", "config": asdict(cfg), "seed": cfg.seed,
+                                                "code_version": code_version(), "data": data.source},
+                                                indent=1))
+    batches = [int(b) for b in cfg.batch_sizes.split(",")]
+    methods = [m.strip() for m in cfg.methods.split(",")]
+    if cfg.nproc > 1:
+        methods.append("syncbn")
+    results = {}
+    for batch in batches:
+        for method in methods:
+            if method == "syncbn":
+                if batch % cfg.nproc:
+                    raise ValueError(f"--nproc {cfg.nproc} must divide every batch size (got {batch})")
+                (out / f"syncbn-b{batch}" / "store").unlink(missing_ok=True)  # a store left by an earlier run
+                torch.multiprocessing.spawn(_sync_worker, args=(cfg, batch, data, resume), nprocs=cfg.nproc)
+                rows = json.loads((out / f"syncbn-b{batch}" / "rows.json").read_text())
+            else:
+                rows = _train(cfg, method, batch, data, resume)
+            results[f"{method}-b{batch}"] = rows[-1]["test_accuracy"]
+    summary = {"batch_sizes": batches, "methods": methods,
+               "accuracy": {m: {str(b): results[f"{m}-b{b}"] for b in batches} for m in methods}}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", *[f"batch {b}" for b in batches]])
+        for m in methods:
+            writer.writerow([m, *[summary["accuracy"][m][str(b)] for b in batches]])
+    figure = plot(out)
+    print(table(summary))
+    print(f"figure: {figure}\nmetrics: {out / 'metrics.csv'}")
+    return summary
+
+
+def _train(cfg: Config, method: str, batch: int, data: Dataset, resume: bool, rank: int = 0, world: int = 1):
+    task = RunTask(cfg, method, batch, data, rank, world)
+    folder = Path(cfg.out) / f"{method}-b{batch}" / (f"rank{rank}" if world > 1 else "")
+    loop = LoopConfig(task.steps, task.steps, cfg.checkpoint_every, folder, desc=f"{method} batch {batch}")
+    resuming = resume and (loop.out / "checkpoint.safetensors").exists()
+    return fit(task, loop, resume=resuming, progress=None if rank == 0 else (lambda n: None))
+
+
+def _sync_worker(rank: int, cfg: Config, batch: int, data: Dataset, resume: bool) -> None:
+    """One rank of the "syncbn" method: a gloo group over a file store in the run folder."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = Path(cfg.out) / f"syncbn-b{batch}" / "store"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    dist.init_process_group("gloo", init_method=f"file://{store.resolve()}", rank=rank, world_size=cfg.nproc)
+    try:
+        rows = _train(cfg, "syncbn", batch, data, resume, rank, cfg.nproc)
+        if rank == 0:
+            (store.parent / "rows.json").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def table(summary: dict) -> str:
+    head = f"{'test accuracy':<14}" + "".join(f"{'batch ' + str(b):>10}" for b in summary["batch_sizes"])
+    rows = [f"{m:<14}" + "".join(f"{summary['accuracy'][m][str(b)]:>10.4f}" for b in summary["batch_sizes"])
+            for m in summary["methods"]]
+    return "\n".join([head, *rows])
+
+
+def load_config(run_dir) -> Config:
+    record = json.loads((Path(run_dir) / "config.json").read_text())
+    return Config(**record["config"])
+
+
+def plot(run_dir) -> Path:
+    """Test accuracy against batch size, one line per method (the CBN paper's comparison)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    batches = summary["batch_sizes"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    styles = {"bn": "o-", "gn": "s--", "brn": "^-.", "cbn-naive": "v:", "cbn": "D-"}
+    for m in summary["methods"]:
+        ax.plot(batches, [100 * summary["accuracy"][m][str(b)] for b in batches], styles.get(m, "o-"), label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.invert_xaxis()
+    ax.set(xlabel="batch size per step", ylabel="test accuracy (%)",
+           title="Normalizers at small batch sizes (same examples seen)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "figure.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
