@@ -189,3 +189,29 @@ def test_unpaired_or_detached_use_is_a_clear_error():
         layer(torch.randn(2, 4, 3, 3))
     with pytest.raises(TypeError, match="Linear or Conv2d"):
         bnlab.CrossIterationBatchNorm2d(4).pair(nn.Conv1d(3, 4, 1))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_cross_iteration_norm_function(affine):
+    from bnlab.autograd import CrossIterationNormFunction
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64) + 0.3).requires_grad_()
+    w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if affine else None
+    past_mu = torch.randn(4, generator=g, dtype=torch.float64) * 2
+    past_nu = past_mu**2 + torch.rand(4, generator=g, dtype=torch.float64) + 1
+
+    def f(x, *wb):
+        return CrossIterationNormFunction.apply(x, *(wb or (None, None)), past_mu, past_nu, 3, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b) if affine else (x,))
+    # The forward is the pooled normalization written out.
+    dims = (0, 2, 3)
+    mu, nu = x.mean(dims), x.square().mean(dims)
+    mu_bar = (mu + past_mu) / 3
+    var_bar = (torch.maximum(nu, mu**2) + past_nu) / 3 - mu_bar**2
+    expected = (x - mu_bar.view(1, -1, 1, 1)) / torch.sqrt(var_bar.view(1, -1, 1, 1) + 1e-5)
+    if affine:
+        expected = expected * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    torch.testing.assert_close(f(x, *((w, b) if affine else ())), expected)

@@ -411,25 +411,35 @@ def producer_statistics(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Mod
     dims = reduce_dims(x)
     mu = x.mean(dims)
     nu = x.square().mean(dims)
-    with torch.no_grad():
-        w = producer.weight
-        m = values_per_channel(x)
-        if isinstance(producer, torch.nn.Linear):
-            if x.dim() != 2:
-                raise ValueError("cross-iteration BN after a Linear layer takes (N, C) activations")
-            dmu = u.mean(0).expand_as(w).contiguous()  # the mean input row, for every output j
-            dnu = (2.0 / m) * x.detach().t().mm(u)  # (C, N) @ (N, in) -> (C, in)
-        elif isinstance(producer, torch.nn.Conv2d):
-            conv = dict(stride=producer.stride, padding=producer.padding, dilation=producer.dilation,
-                        groups=producer.groups)
-            positions = x.shape[2] * x.shape[3]
-            # The mean patch: the weight gradient is linear in the input, so average the batch first.
-            ones = torch.full((1, *x.shape[1:]), 1.0 / positions, dtype=x.dtype, device=x.device)
-            dmu = torch.nn.grad.conv2d_weight(u.mean(0, keepdim=True), w.shape, ones, **conv)
-            dnu = torch.nn.grad.conv2d_weight(u, w.shape, x.detach() * (2.0 / m), **conv)
-        else:
-            raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
-    return mu, nu, dmu, dnu
+    return (mu, nu, *producer_derivatives(x, u, producer))
+
+
+@torch.no_grad()
+def producer_derivatives(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Module):
+    """The weight-shaped ``(d mu / d W, d nu / d W)`` of :func:`producer_statistics`."""
+    w = producer.weight
+    m = values_per_channel(x)
+    if isinstance(producer, torch.nn.Linear):
+        if x.dim() != 2:
+            raise ValueError("cross-iteration BN after a Linear layer takes (N, C) activations")
+        dmu = u.mean(0).expand_as(w).contiguous()  # the mean input row, for every output j
+        dnu = (2.0 / m) * x.detach().t().mm(u)  # (C, N) @ (N, in) -> (C, in)
+    elif isinstance(producer, torch.nn.Conv2d):
+        if producer.padding_mode != "zeros" or isinstance(producer.padding, str):
+            raise ValueError("cross-iteration BN supports Conv2d with numeric zero padding")
+        g, c_out = producer.groups, w.shape[0]
+        geometry = dict(dilation=producer.dilation, padding=producer.padding, stride=producer.stride)
+        # d mu_j / d W_j: the mean patch of channel j's group. Patches are linear in the input,
+        # so the mean patch is the mean image's: unfold one image, not the batch.
+        patches = torch.nn.functional.unfold(u.mean(0, keepdim=True), w.shape[2:], **geometry)
+        # (1, C_in*kh*kw, L) -> (G, C_in/G*kh*kw) -> (C_out, C_in/G, kh, kw)
+        dmu = patches.mean(2).view(g, -1).repeat_interleave(c_out // g, dim=0).view_as(w)
+        # d nu_j / d W_j = 2 E[x_j * patch]: one weight-gradient-shaped reduction, as the
+        # producer's own weight gradient is computed.
+        dnu = torch.nn.grad.conv2d_weight(u, w.shape, x.detach() * (2.0 / m), groups=g, **geometry)
+    else:
+        raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
+    return dmu, dnu
 
 
 def compensated_window(mu_past, nu_past, dmu_past, dnu_past, w_past, b_past, w_now, b_now):

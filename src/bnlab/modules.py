@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bnlab import functional as F
+from bnlab.autograd import CrossIterationNormFunction
 
 STATS = ("ema", "cumulative")
 
@@ -441,28 +442,34 @@ class CrossIterationBatchNorm(BatchNorm):
         if u is None or u.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self._label()}: its producer did not run on this batch just before it; the "
                                "input must be the paired layer's output")
-        mu, nu, dmu, dnu = F.producer_statistics(x, u, producer)
-        valid = self.window_valid
-        use_window = int(self.iteration) >= self.burn_in and bool(valid.any())
-        if use_window:
+        dmu, dnu = F.producer_derivatives(x.detach(), u, producer)
+        filled = int(self.window_valid.sum())
+        if int(self.iteration) >= self.burn_in and filled > 0:
             w_now = producer.weight.detach()
             b_now = producer.bias.detach() if producer.bias is not None else None
+            # The filled entries are a prefix unless a non-finite batch left a hole: slice, else mask.
+            past = slice(0, filled) if bool(self.window_valid[:filled].all()) else self.window_valid
             if self.compensate:
                 mu_past, nu_past = F.compensated_window(
-                    self.window_mu[valid], self.window_nu[valid], self.window_dmu[valid], self.window_dnu[valid],
-                    self.window_weight[valid], self.window_bias[valid], w_now, b_now)
+                    self.window_mu[past], self.window_nu[past], self.window_dmu[past], self.window_dnu[past],
+                    self.window_weight[past], self.window_bias[past], w_now, b_now)
             else:
-                mu_past, nu_past = self.window_mu[valid], self.window_nu[valid]
-            mu_bar, var_bar = F.cross_iteration_pool(mu, nu, mu_past, nu_past)
-            y = F.normalize(x, mu_bar, torch.rsqrt(var_bar + self.eps), self.weight, self.bias)
+                mu_past, nu_past = self.window_mu[past], self.window_nu[past]
+            nu_past = torch.maximum(nu_past, mu_past * mu_past)
+            y, mu, nu = CrossIterationNormFunction.apply(
+                x, self.weight, self.bias, mu_past.sum(0).to(x.dtype), nu_past.sum(0).to(x.dtype),
+                mu_past.shape[0] + 1, self.eps)
         else:
             y, *_ = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend)
+            with torch.no_grad():
+                dims = F.reduce_dims(x)
+                mu, nu = x.mean(dims), x.square().mean(dims)
         with torch.no_grad():
             mean, var_biased = F.batch_stats(x.detach())
             folded = F.update_running_stats_(self.running_mean, self.running_var, mean, var_biased,
                                              F.values_per_channel(x), self.batch_weight())
             self.count_batch_(folded)
-            if self.window > 1 and folded:
+            if self.window > 1 and folded:  # a non-finite batch never enters the window
                 slot = int(self.iteration) % (self.window - 1)
                 self.window_mu[slot], self.window_nu[slot] = mu.detach(), nu.detach()
                 self.window_dmu[slot], self.window_dnu[slot] = dmu, dnu
