@@ -109,18 +109,12 @@ class SyncBatchNorm(BatchNorm):
         if x.dim() < 2 or x.shape[1] != self.num_features:
             F.check_input(x, self.num_features, False, self._label())  # raises with the reason
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if not self.training and self.track_running_stats:
-            return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                                     self.backend)
+    def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         y, mean, var_biased, n = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,
                                                              self.process_group)
-        if self.training and self.track_running_stats:
-            folded = F.update_running_stats_(self.running_mean, self.running_var, mean, var_biased, n,
-                                             self.batch_weight())
-            self.count_batch_(folded)
-        return y
+        folded = tracking and F.update_running_stats_(self.running_mean, self.running_var, mean, var_biased, n,
+                                                      self.batch_weight())
+        return y, folded
 
     @classmethod
     def convert(cls, model: nn.Module, process_group=None) -> nn.Module:

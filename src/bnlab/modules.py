@@ -143,17 +143,26 @@ class BatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if not self.training and self.track_running_stats:
-            return F.batch_norm_eval(
-                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, self.backend
-            )
+            return self._inference(x)
         tracking = self.training and self.track_running_stats
+        y, folded = self._train(x, tracking)
+        if tracking:
+            self.count_batch_(folded)
+        return y
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Algorithm 2: the running statistics. Subclasses change what follows or precedes it."""
+        return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                 self.backend)
+
+    def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
+        """Batch statistics; folds the batch into the running buffers when ``tracking``.
+        Returns the output and whether the batch was folded in. Subclasses change the statistics."""
         y, _, _, folded = F.batch_norm_train(
             x, self.weight, self.bias, self.eps, self.backend,
             self.running_mean if tracking else None, self.running_var if tracking else None, self.batch_weight(),
         )
-        if tracking:
-            self.count_batch_(folded)
-        return y
+        return y, folded
 
     def count_batch_(self, folded: bool) -> None:
         """Count a batch folded into the running statistics, or warn that it was skipped."""
@@ -217,21 +226,15 @@ class BatchNormAct(BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act!r}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if not self.training and self.track_running_stats:
-            y = F.batch_norm_eval(
-                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, self.backend
-            )
-            return F.activation(y, self.act, self.negative_slope)
-        tracking = self.training and self.track_running_stats
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.activation(super()._inference(x), self.act, self.negative_slope)
+
+    def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         y, _, _, folded = F.batch_norm_act_train(
             x, self.weight, self.bias, self.eps, self.act, self.negative_slope, self.backend,
             self.running_mean if tracking else None, self.running_var if tracking else None, self.batch_weight(),
         )
-        if tracking:
-            self.count_batch_(folded)
-        return y
+        return y, folded
 
 
 class BatchNormAct1d(BatchNormAct):
@@ -337,18 +340,12 @@ class GhostBatchNorm(BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if not self.training and self.track_running_stats:
-            return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                                     self.backend)
+    def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         y, mean, var_unbiased = F.ghost_batch_norm_train(x, self.weight, self.bias, self.virtual_batch_size,
                                                          self.eps, self.backend)
-        if self.training and self.track_running_stats:
-            folded = F.update_running_stats_(self.running_mean, self.running_var, mean, var_unbiased, None,
-                                             self.batch_weight())
-            self.count_batch_(folded)
-        return y
+        folded = tracking and F.update_running_stats_(self.running_mean, self.running_var, mean, var_unbiased,
+                                                      None, self.batch_weight())
+        return y, folded
 
 
 class GhostBatchNorm1d(GhostBatchNorm):
