@@ -137,52 +137,48 @@ class TritonBatchNormActFunction(torch.autograd.Function):
 class CrossIterationNormFunction(torch.autograd.Function):
     """y = gamma * (x - mu_bar) / sqrt(sigma2_bar + eps) + beta with Yao et al. 2020's pooled statistics.
 
-    mu_bar = (mu + past_mu) / k and nu_bar = (max(nu, mu^2) + past_nu) / k, where mu, nu are the
-    batch's mean and second moment (functions of x) and ``past_mu``, ``past_nu`` the sums of the
-    k - 1 compensated past entries (constants: gradients flow through the current iteration only);
-    sigma2_bar = nu_bar - mu_bar^2. Backward by hand, per channel over m values:
-        g = dy * gamma,  dsigma2 = -1/2 invstd^3 sum g (x - mu_bar)
-        dmu_bar = -invstd sum g - 2 mu_bar dsigma2,  dnu_bar = dsigma2
-        dmu = dmu_bar / k + [nu < mu^2] 2 mu dnu_bar / k,  dnu = [nu >= mu^2] dnu_bar / k
-        dx = g invstd + dmu / m + 2 x dnu / m
-    Returns ``(y, mu, nu)``; the last two are the batch's moments, not differentiable.
+    mu_bar = (mu + past_mu) / k and nu_bar = (max(nu, mu^2) + past_nu) / k, where mu and nu are the
+    batch's mean and second moment (functions of x; nu < mu^2 happens only by rounding, so the
+    gradient takes the nu branch) and ``past_mu``, ``past_nu`` the
+    sums of the k - 1 compensated past entries, already clipped by max(nu, mu^2) (constants:
+    gradients flow through the current iteration only); sigma2_bar = nu_bar - mu_bar^2.
+
+    Backward by hand, per channel over m values, with x_hat = (x - mu_bar) invstd:
+        dmu_bar = -invstd sum g - 2 mu_bar dsigma2,   dsigma2 = -1/2 invstd^3 sum g (x - mu_bar),
+        dmu = dmu_bar / k,   dnu = dsigma2 / k,       dx = g invstd + dmu / m + 2 x dnu / m,
+    with g = gamma dy; collected, dx = gamma invstd (dy - (mean(dy) + x_hat mean(dy x_hat)) / k),
+    which is BN's backward when k = 1. Both passes run on torch's fused inference-mode kernels
+    (normalize with (mu_bar, sigma2_bar); their backward gives gamma invstd dy, sum dy and
+    sum dy x_hat) plus one per-channel affine correction of dx.
+
+    Returns ``(y, mu, sigma2)``: the batch's mean and biased variance are not differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, past_mu, past_nu, k, eps):
-        nd, dims = x.dim(), F.reduce_dims(x)
-        mu, nu = x.mean(dims), x.square().mean(dims)
-        mu_sq = mu * mu
-        use_nu = nu >= mu_sq
+        mu, nu = F.raw_moments(x)
+        var = (nu - mu * mu).clamp_min_(0)
         mu_bar = (mu + past_mu) / k
-        var_bar = ((torch.where(use_nu, nu, mu_sq) + past_nu) / k - mu_bar * mu_bar).clamp_min(0)
-        invstd = torch.rsqrt(var_bar + eps)
-        scale = invstd if weight is None else invstd * weight
-        shift = -mu_bar * scale if bias is None else bias - mu_bar * scale
-        y = torch.addcmul(F.per_channel(shift, nd), x, F.per_channel(scale, nd))
-        ctx.save_for_backward(x, weight, mu, mu_bar, invstd, use_nu)
-        ctx.k, ctx.has_bias = k, bias is not None
-        ctx.mark_non_differentiable(mu, nu)
-        return y, mu, nu
+        var_bar = ((var + mu * mu + past_nu) / k - mu_bar * mu_bar).clamp_min_(0)  # var + mu^2: max(nu, mu^2)
+        y = torch.native_batch_norm(x, weight, bias, mu_bar, var_bar, False, 0.0, eps)[0]
+        ctx.save_for_backward(x, weight, mu_bar, var_bar)
+        ctx.k, ctx.eps, ctx.has_bias = k, eps, bias is not None
+        ctx.mark_non_differentiable(mu, var)
+        return y, mu, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, _dmu, _dnu):
-        x, weight, mu, mu_bar, invstd, use_nu = ctx.saved_tensors
-        nd, dims, k = x.dim(), F.reduce_dims(x), ctx.k
-        m = F.values_per_channel(x)
-        sum_dy = dy.sum(dims)
-        sum_dy_x = (dy * x).sum(dims)
-        gamma = weight if weight is not None else torch.ones_like(mu)
-        sum_g, sum_gx = gamma * sum_dy, gamma * sum_dy_x
-        dvar = -0.5 * invstd**3 * (sum_gx - mu_bar * sum_g)
-        dmu_bar = -invstd * sum_g - 2 * mu_bar * dvar
-        dmu = dmu_bar / k + torch.where(use_nu, 0.0, 2 * mu * dvar / k)
-        dnu = torch.where(use_nu, dvar / k, 0.0)
-        # dx = (gamma invstd) dy + (2 dnu / m) x + dmu / m, one pass over the tensor
-        dx = torch.addcmul(F.per_channel(dmu / m, nd), x, F.per_channel(2 * dnu / m, nd))
-        dx.addcmul_(dy, F.per_channel(gamma * invstd, nd))
-        x_hat_sum = invstd * (sum_dy_x - mu_bar * sum_dy)  # sum dy * x_hat
-        grad_w = x_hat_sum if weight is not None and ctx.needs_input_grad[1] else None
+    def backward(ctx, dy, _dmu, _dvar):
+        x, weight, mu_bar, var_bar = ctx.saved_tensors
+        dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, mu_bar, var_bar, None, None, False, ctx.eps, [True, True, True])
+        nd, km = x.dim(), ctx.k * F.values_per_channel(x)
+        invstd = torch.rsqrt(var_bar + ctx.eps)
+        scale = invstd if weight is None else invstd * weight  # gamma invstd
+        # dx -= gamma invstd / (k m) * (sum dy + x_hat sum dy x_hat), as a * x + b per channel
+        a = scale * invstd * sum_dy_xhat / -km
+        b = scale * sum_dy / -km - a * mu_bar
+        dx.addcmul_(x, F.per_channel(a.to(x.dtype), nd)).add_(F.per_channel(b.to(x.dtype), nd))
+        grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, grad_w, grad_b, None, None, None, None

@@ -59,6 +59,19 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var_biased
 
 
+def raw_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and second moment ``(mu, nu)``, nu = 1/m sum x^2, as Cross-Iteration BN pools them.
+
+    One pass each and no deviations: cheaper than :func:`batch_stats` (whose variance is stabler
+    when the mean dwarfs the spread), and what Yao et al. 2020 compensate and pool. The variance
+    is nu - mu^2. Low-precision inputs are promoted to float32 first.
+    """
+    if x.dtype in LOW_PRECISION:
+        x = x.float()
+    dims = reduce_dims(x)
+    return x.mean(dims), x.square().mean(dims)
+
+
 def normalize(x, mean, invstd, weight=None, bias=None):
     """Ioffe & Szegedy 2015, Algorithm 1, lines 3-4: y = gamma * (x - mu) * invstd + beta.
 
@@ -422,8 +435,8 @@ def producer_derivatives(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Mo
     if isinstance(producer, torch.nn.Linear):
         if x.dim() != 2:
             raise ValueError("cross-iteration BN after a Linear layer takes (N, C) activations")
-        dmu = u.mean(0).expand_as(w).contiguous()  # the mean input row, for every output j
-        dnu = (2.0 / m) * x.detach().t().mm(u)  # (C, N) @ (N, in) -> (C, in)
+        dmu = u.mean(0).expand_as(w)  # the mean input row, for every output j
+        dnu = x.detach().t().mm(u).mul_(2.0 / m)  # (C, N) @ (N, in) -> (C, in)
     elif isinstance(producer, torch.nn.Conv2d):
         if producer.padding_mode != "zeros" or isinstance(producer.padding, str):
             raise ValueError("cross-iteration BN supports Conv2d with numeric zero padding")
@@ -432,11 +445,13 @@ def producer_derivatives(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Mo
         # d mu_j / d W_j: the mean patch of channel j's group. Patches are linear in the input,
         # so the mean patch is the mean image's: unfold one image, not the batch.
         patches = torch.nn.functional.unfold(u.mean(0, keepdim=True), w.shape[2:], **geometry)
-        # (1, C_in*kh*kw, L) -> (G, C_in/G*kh*kw) -> (C_out, C_in/G, kh, kw)
-        dmu = patches.mean(2).view(g, -1).repeat_interleave(c_out // g, dim=0).view_as(w)
-        # d nu_j / d W_j = 2 E[x_j * patch]: one weight-gradient-shaped reduction, as the
-        # producer's own weight gradient is computed.
-        dnu = torch.nn.grad.conv2d_weight(u, w.shape, x.detach() * (2.0 / m), groups=g, **geometry)
+        # (1, C_in*kh*kw, L) -> (G, 1, C_in/G, kh, kw) -> (C_out, C_in/G, kh, kw), a view when G = 1
+        dmu = patches.mean(2).view(g, 1, *w.shape[1:]).expand(g, c_out // g, *w.shape[1:]).reshape(w.shape)
+        # d nu_j / d W_j = 2 E[x_j * patch]: one weight-gradient-shaped reduction, the kernel that
+        # computes the producer's own weight gradient (as torch.nn.grad.conv2d_weight calls it).
+        dnu = torch.ops.aten.convolution_backward(
+            x.detach(), u, w, None, producer.stride, producer.padding, producer.dilation, False, (0, 0), g,
+            (False, True, False))[1].mul_(2.0 / m)
     else:
         raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
     return dmu, dnu

@@ -413,7 +413,8 @@ class CrossIterationBatchNorm(BatchNorm):
         if producer.weight.shape[0] != self.num_features:
             raise ValueError(f"the producer has {producer.weight.shape[0]} outputs, this layer "
                              f"{self.num_features} channels")
-        shape = (self.window - 1, *producer.weight.shape)
+        # Naive CBN never compensates, so it keeps no derivatives or weights (empty buffers).
+        shape = (self.window - 1, *producer.weight.shape) if self.compensate else (self.window - 1, 0)
         for name in ("window_dmu", "window_dnu", "window_weight"):
             if getattr(self, name).shape != shape:
                 setattr(self, name, torch.zeros(shape, dtype=self.window_mu.dtype, device=self.window_mu.device))
@@ -428,54 +429,56 @@ class CrossIterationBatchNorm(BatchNorm):
     def extra_repr(self) -> str:
         return f"{self.num_features}, window={self.window}, burn_in={self.burn_in}, compensate={self.compensate}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if not self.training:
-            return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+    def _past_statistics(self, filled: int):
+        """The window's valid entries, compensated to the producer's current weights (or raw, when
+        naive), clipped by nu >= mu^2: their sums ``(C,)`` and how many there are."""
+        # The filled entries are a prefix unless a non-finite batch left a hole: slice, else mask.
+        past = slice(0, filled) if bool(self.window_valid[:filled].all()) else self.window_valid
+        mu, nu = self.window_mu[past], self.window_nu[past]
+        if self.compensate:
+            producer = self.producer
+            mu, nu = F.compensated_window(
+                mu, nu, self.window_dmu[past], self.window_dnu[past], self.window_weight[past],
+                self.window_bias[past], producer.weight.detach(),
+                producer.bias.detach() if producer.bias is not None else None)
+        return mu.sum(0), torch.maximum(nu, mu * mu).sum(0), mu.shape[0]
+
+    def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         producer, u = self.producer, self.__dict__["_input"]
+        self.__dict__["_input"] = None
         if producer is None:
             raise RuntimeError(f"{self._label()}: not paired with its producer; call layer.pair(conv_or_linear) "
                                "or bnlab.cross_iteration(model) first")
         if u is None or u.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self._label()}: its producer did not run on this batch just before it; the "
                                "input must be the paired layer's output")
-        dmu, dnu = F.producer_derivatives(x.detach(), u, producer)
-        filled = int(self.window_valid.sum())
-        if int(self.iteration) >= self.burn_in and filled > 0:
-            w_now = producer.weight.detach()
-            b_now = producer.bias.detach() if producer.bias is not None else None
-            # The filled entries are a prefix unless a non-finite batch left a hole: slice, else mask.
-            past = slice(0, filled) if bool(self.window_valid[:filled].all()) else self.window_valid
-            if self.compensate:
-                mu_past, nu_past = F.compensated_window(
-                    self.window_mu[past], self.window_nu[past], self.window_dmu[past], self.window_dnu[past],
-                    self.window_weight[past], self.window_bias[past], w_now, b_now)
-            else:
-                mu_past, nu_past = self.window_mu[past], self.window_nu[past]
-            nu_past = torch.maximum(nu_past, mu_past * mu_past)
-            y, mu, nu = CrossIterationNormFunction.apply(
-                x, self.weight, self.bias, mu_past.sum(0).to(x.dtype), nu_past.sum(0).to(x.dtype),
-                mu_past.shape[0] + 1, self.eps)
-        else:
-            y, *_ = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend)
+        iteration, filled = int(self.iteration), int(self.window_valid.sum())
+        if iteration >= self.burn_in and filled > 0:
+            past_mu, past_nu, n = self._past_statistics(filled)
+            y, mu, var = CrossIterationNormFunction.apply(x, self.weight, self.bias, past_mu.to(x.dtype),
+                                                          past_nu.to(x.dtype), n + 1, self.eps)
             with torch.no_grad():
-                dims = F.reduce_dims(x)
-                mu, nu = x.mean(dims), x.square().mean(dims)
-        with torch.no_grad():
-            mean, var_biased = F.batch_stats(x.detach())
-            folded = F.update_running_stats_(self.running_mean, self.running_var, mean, var_biased,
-                                             F.values_per_channel(x), self.batch_weight())
-            self.count_batch_(folded)
-            if self.window > 1 and folded:  # a non-finite batch never enters the window
-                slot = int(self.iteration) % (self.window - 1)
-                self.window_mu[slot], self.window_nu[slot] = mu.detach(), nu.detach()
-                self.window_dmu[slot], self.window_dnu[slot] = dmu, dnu
-                self.window_weight[slot] = producer.weight.detach()
-                self.window_bias[slot] = producer.bias.detach() if producer.bias is not None else 0.0
+                folded = F.update_running_stats_(self.running_mean, self.running_var, mu, var,
+                                                 F.values_per_channel(x), self.batch_weight())
+        else:  # burn-in: BN, whose kernel folds the batch into the running statistics too
+            y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
+                                                 self.running_var, self.batch_weight())
+            if self.window > 1 and folded:
+                with torch.no_grad():
+                    mu, nu = F.raw_moments(x.detach())
+                    var = (nu - mu * mu).clamp_min_(0)
+        if self.window > 1 and folded:  # a non-finite batch never enters the window
+            with torch.no_grad():
+                slot = iteration % (self.window - 1)
+                self.window_mu[slot] = mu
+                self.window_nu[slot] = var + mu * mu
+                if self.compensate:
+                    self.window_dmu[slot], self.window_dnu[slot] = F.producer_derivatives(x.detach(), u, producer)
+                    self.window_weight[slot] = producer.weight.detach()
+                    self.window_bias[slot] = producer.bias.detach() if producer.bias is not None else 0.0
                 self.window_valid[slot] = True
-            self.iteration.add_(1)
-        self.__dict__["_input"] = None
-        return y
+        self.iteration.add_(1)
+        return y, folded
 
 
 class CrossIterationBatchNorm1d(CrossIterationBatchNorm):
