@@ -62,12 +62,19 @@ def test_window_1_is_bn(kind):
     torch.testing.assert_close(cbn.running_var, bn.running_var)
 
 
-def run(producer, layer, steps, lr=0.0, seed=0):
-    """Train the pair on fixed batches with plain SGD on the producer; returns each step's output."""
+def run(producer, layer, steps, lr=0.0, seed=0, history=None):
+    """Train the pair on fixed batches with plain SGD on the producer; returns each step's output.
+
+    ``history`` (a list) receives each step's (mu, nu, dmu/dW, dnu/dW, W, b), as the reference wants them."""
     outs = []
     for step in range(steps):
         u = inputs("conv", seed=seed + step)
-        y = layer(producer(u))
+        x = producer(u)
+        if history is not None:
+            stats = F.producer_statistics(x.detach(), u, producer)
+            history.append([t.numpy() for t in stats] + [producer.weight.detach().numpy().copy(),
+                                                         producer.bias.detach().numpy().copy()])
+        y = layer(x)
         outs.append(y.detach())
         producer.zero_grad()
         (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
@@ -90,8 +97,8 @@ def test_compensation_beats_naive_on_a_slowly_changing_producer():
     valid = layer.window_valid
     w_now, b_now = producer.weight.detach(), producer.bias.detach()
     mu_c, nu_c = F.compensated_window(layer.window_mu[valid], layer.window_nu[valid], layer.window_dmu[valid],
-                                      layer.window_dnu[valid], layer.window_weight[valid], layer.window_bias[valid],
-                                      w_now, b_now)
+                                      layer.window_dnu[valid], layer.window_dmu_w[valid], layer.window_dnu_w[valid],
+                                      layer.window_bias[valid], w_now, b_now)
     # The truth: the same past batches through the current weights.
     slots = torch.arange(3)[valid]
     steps = [int(s) for s in slots]  # with 4 steps and 3 slots, slot s holds step s (steps 0..2), step 3 in slot 0
@@ -108,19 +115,17 @@ def test_compensation_beats_naive_on_a_slowly_changing_producer():
 
 def test_pooled_statistics_match_the_reference():
     producer, layer = pair("conv", 3)
-    run(producer, layer, 3, lr=0.05)
+    history = []
+    run(producer, layer, 3, lr=0.05, history=history)  # the window holds the last two steps
     u = inputs("conv", seed=10)
     x = producer(u)
-    valid = layer.window_valid
-    snapshot = {k: v.clone() for k, v in layer.state_dict().items()}
     y = layer(x)
-    mu, nu, dmu, dnu = F.producer_statistics(x.detach(), u, producer)
-    w = producer.weight.detach().numpy()
-    past = lambda name: list(snapshot[name][valid].numpy())  # noqa: E731
+    mu, nu, _, _ = F.producer_statistics(x.detach(), u, producer)
+    w, b = producer.weight.detach().numpy(), producer.bias.detach().numpy()
+    past = list(zip(*history[-2:]))  # per quantity, the two past entries
     mu_bar, var_bar = R.cross_iteration_statistics(
-        [mu.numpy()] + past("window_mu"), [nu.numpy()] + past("window_nu"), [None] + past("window_dmu"),
-        [None] + past("window_dnu"), [w] + past("window_weight"), [producer.bias.detach().numpy()] +
-        past("window_bias"), w, producer.bias.detach().numpy())
+        [mu.numpy(), *past[0]], [nu.numpy(), *past[1]], [None, *past[2]], [None, *past[3]], [w, *past[4]],
+        [b, *past[5]], w, b)
     expected = (x.detach().numpy() - mu_bar[None, :, None, None]) / np.sqrt(var_bar[None, :, None, None] + layer.eps)
     np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-9, atol=1e-10)
 
@@ -156,7 +161,7 @@ def test_checkpoint_resumes_cbn_exactly_and_to_moves_the_window():
         torch.testing.assert_close(ya, yb, rtol=0, atol=0)
     assert len(first) == 3
     b.float()
-    assert b.window_dnu.dtype == torch.float32 and b.window_weight.dtype == torch.float32
+    assert b.window_dnu.dtype == torch.float32 and b.window_dnu_w.dtype == torch.float32
 
 
 def test_burn_in_is_bn():

@@ -37,9 +37,10 @@ def test_quick_run_writes_table_metrics_figure_and_resumes(tmp_path, no_mnist, c
 
 
 def test_syncbn_over_two_processes_trains_like_bn(tmp_path, no_mnist):
-    cfg = small_batch.Config(out=str(tmp_path / "run"), examples=200, batch_sizes="4", methods="bn", nproc=2)
+    cfg = small_batch.Config(out=str(tmp_path / "run"), examples=60, batch_sizes="4", methods="bn", nproc=2)
     summary = small_batch.run(cfg)
-    assert abs(summary["accuracy"]["syncbn"]["4"] - summary["accuracy"]["bn"]["4"]) < 0.05
+    # The same training up to rounding (15 steps: the deeper net amplifies rounding over long runs).
+    assert abs(summary["accuracy"]["syncbn"]["4"] - summary["accuracy"]["bn"]["4"]) < 0.01
 
 
 def test_unknown_method_and_indivisible_nproc_are_refused(tmp_path, no_mnist):

@@ -457,16 +457,35 @@ def producer_derivatives(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Mo
     return dmu, dnu
 
 
-def compensated_window(mu_past, nu_past, dmu_past, dnu_past, w_past, b_past, w_now, b_now):
+def compensation_terms(dmu: torch.Tensor, dnu: torch.Tensor, weight: torch.Tensor):
+    """Per channel, the products <d mu_j / d W_j, W_j> and <d nu_j / d W_j, W_j> for k window entries.
+
+    ``dmu`` ``(k, G, F)``: the mean patch of each of the producer's G groups (one row serves every
+    output channel of its group; F = fan-in per group); ``dnu`` ``(k, C, F)``; ``weight`` the
+    producer's ``(C, ...)`` weight. Returns two ``(k, C)``.
+    """
+    k, g, f = dmu.shape
+    c = weight.shape[0]
+    # (G, k, F) @ (G, F, C/G) -> (G, k, C/G) -> (k, C): one product per group
+    mu_term = torch.matmul(dmu.transpose(0, 1), weight.reshape(g, c // g, f).transpose(1, 2)).transpose(0, 1)
+    mu_term = mu_term.reshape(k, c)
+    nu_term = (dnu * weight.reshape(1, c, f)).sum(-1)
+    return mu_term, nu_term
+
+
+def compensated_window(mu_past, nu_past, dmu_past, dnu_past, dmu_w_past, dnu_w_past, b_past, w_now, b_now):
     """Yao et al. 2020, eq. 7-8: past statistics moved to the current weights (first-order Taylor).
 
-    Shapes: ``mu_past``/``nu_past``/``b_past`` ``(k, C)``; ``dmu_past``/``dnu_past``/``w_past``
-    ``(k, *W)``. Returns the compensated ``(mu, nu)``, ``(k, C)``.
+        mu(W_t) ~ mu + <d mu/d W, W_t - W_tau> = mu + <d mu/d W, W_t> - <d mu/d W, W_tau>
+
+    and the same for nu; the last products (``dmu_w_past``, ``dnu_w_past``, ``(k, C)``) were taken
+    when the entry was stored, so the window keeps no copies of past weights. ``mu_past``,
+    ``nu_past``, ``b_past`` ``(k, C)``; ``dmu_past`` ``(k, G, F)`` and ``dnu_past`` ``(k, C, F)`` as in
+    :func:`compensation_terms`. A bias moves mu by db and nu by 2 mu db. Returns ``(mu, nu)``, ``(k, C)``.
     """
-    k, c = mu_past.shape
-    dW = (w_now.unsqueeze(0) - w_past).reshape(k, c, -1)  # (k, C, *W[1:]) -> (k, C, fan_in)
-    mu = mu_past + (dmu_past.reshape(k, c, -1) * dW).sum(-1)
-    nu = nu_past + (dnu_past.reshape(k, c, -1) * dW).sum(-1)
+    mu_term, nu_term = compensation_terms(dmu_past, dnu_past, w_now)
+    mu = mu_past + mu_term - dmu_w_past
+    nu = nu_past + nu_term - dnu_w_past
     if b_now is not None:
         db = b_now.unsqueeze(0) - b_past
         mu = mu + db

@@ -372,8 +372,9 @@ class CrossIterationBatchNorm(BatchNorm):
     statistics (the paper's "naive CBN"). The running statistics follow the current batch, as BN's;
     inference uses them, as BN.
 
-    The window (statistics, their weight derivatives, the weights and biases they were taken at,
-    which entries are filled) and the iteration count are buffers: a checkpoint resumes CBN
+    The window (statistics, their weight derivatives and the derivatives' products with the
+    weights they were taken at, the biases, which entries are filled) and the iteration count are
+    buffers: a checkpoint resumes CBN
     exactly and ``.to()`` moves them. The layer must be paired with its producer before its first
     training forward or ``load_state_dict``: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)``
     for a whole model.
@@ -397,7 +398,9 @@ class CrossIterationBatchNorm(BatchNorm):
         self.register_buffer("window_mu", torch.zeros(past, num_features, **factory))
         self.register_buffer("window_nu", torch.zeros(past, num_features, **factory))
         self.register_buffer("window_bias", torch.zeros(past, num_features, **factory))
-        for name in ("window_dmu", "window_dnu", "window_weight"):  # weight-shaped: allocated by pair()
+        self.register_buffer("window_dmu_w", torch.zeros(past, num_features, **factory))  # <d mu/d W, W> then
+        self.register_buffer("window_dnu_w", torch.zeros(past, num_features, **factory))  # <d nu/d W, W> then
+        for name in ("window_dmu", "window_dnu"):  # shaped by the producer: allocated by pair()
             self.register_buffer(name, torch.zeros(past, 0, **factory))
         self.__dict__["_producer"] = None  # a plain reference: not a submodule, not in state_dict
         self.__dict__["_input"] = None
@@ -413,9 +416,14 @@ class CrossIterationBatchNorm(BatchNorm):
         if producer.weight.shape[0] != self.num_features:
             raise ValueError(f"the producer has {producer.weight.shape[0]} outputs, this layer "
                              f"{self.num_features} channels")
-        # Naive CBN never compensates, so it keeps no derivatives or weights (empty buffers).
-        shape = (self.window - 1, *producer.weight.shape) if self.compensate else (self.window - 1, 0)
-        for name in ("window_dmu", "window_dnu", "window_weight"):
+        # d mu / d W: one mean patch per group of the producer, (G, F); d nu / d W: (C, F).
+        # Naive CBN never compensates, so it keeps no derivatives (empty buffers).
+        past, c = self.window - 1, self.num_features
+        groups = getattr(producer, "groups", 1)
+        fan_in = producer.weight[0].numel()
+        shapes = {"window_dmu": (past, groups, fan_in), "window_dnu": (past, c, fan_in)}
+        for name, shape in shapes.items():
+            shape = shape if self.compensate else (past, 0)
             if getattr(self, name).shape != shape:
                 setattr(self, name, torch.zeros(shape, dtype=self.window_mu.dtype, device=self.window_mu.device))
         self.__dict__["_producer"] = producer
@@ -438,7 +446,7 @@ class CrossIterationBatchNorm(BatchNorm):
         if self.compensate:
             producer = self.producer
             mu, nu = F.compensated_window(
-                mu, nu, self.window_dmu[past], self.window_dnu[past], self.window_weight[past],
+                mu, nu, self.window_dmu[past], self.window_dnu[past], self.window_dmu_w[past], self.window_dnu_w[past],
                 self.window_bias[past], producer.weight.detach(),
                 producer.bias.detach() if producer.bias is not None else None)
         return mu.sum(0), torch.maximum(nu, mu * mu).sum(0), mu.shape[0]
@@ -473,8 +481,13 @@ class CrossIterationBatchNorm(BatchNorm):
                 self.window_mu[slot] = mu
                 self.window_nu[slot] = var + mu * mu
                 if self.compensate:
-                    self.window_dmu[slot], self.window_dnu[slot] = F.producer_derivatives(x.detach(), u, producer)
-                    self.window_weight[slot] = producer.weight.detach()
+                    dmu, dnu = F.producer_derivatives(x.detach(), u, producer)
+                    c, (_, groups, fan_in) = self.num_features, self.window_dmu.shape
+                    dmu = dmu.reshape(groups, c // groups, fan_in)[:, 0]  # the rows of a group are equal
+                    dnu = dnu.reshape(c, fan_in)
+                    self.window_dmu[slot], self.window_dnu[slot] = dmu, dnu
+                    mu_w, nu_w = F.compensation_terms(dmu[None], dnu[None], producer.weight.detach())
+                    self.window_dmu_w[slot], self.window_dnu_w[slot] = mu_w[0], nu_w[0]
                     self.window_bias[slot] = producer.bias.detach() if producer.bias is not None else 0.0
                 self.window_valid[slot] = True
         self.iteration.add_(1)
