@@ -52,7 +52,7 @@ def test_statistics_outputs_are_not_differentiable():
     assert not mean.requires_grad and not var.requires_grad
 
 
-ACTS = ["identity", "relu", "leaky_relu", "silu"]
+ACTS = ["identity", "relu", "leaky_relu", "silu", "sigmoid"]
 
 
 @pytest.mark.parametrize("act", ACTS)

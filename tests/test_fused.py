@@ -7,7 +7,8 @@ import bnlab
 from bnlab import functional as F
 
 ACTS = [("identity", lambda u: u), ("relu", torch.relu),
-        ("leaky_relu", lambda u: torch.nn.functional.leaky_relu(u, 0.2)), ("silu", torch.nn.functional.silu)]
+        ("leaky_relu", lambda u: torch.nn.functional.leaky_relu(u, 0.2)), ("silu", torch.nn.functional.silu),
+        ("sigmoid", torch.sigmoid)]
 SHAPES = [(5, 7), (4, 3, 9), (3, 5, 4, 6), (2, 3, 1, 1), (1, 4, 3, 3), (2, 2, 2, 3, 2)]
 FLOAT32_TOL = dict(rtol=1e-4, atol=1e-5)
 

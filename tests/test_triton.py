@@ -20,7 +20,7 @@ from bnlab import reference as R  # noqa: E402
 from bnlab.kernels import triton_bn  # noqa: E402
 
 ACTS = {"identity": lambda u: u, "relu": torch.relu, "leaky_relu": lambda u: torch.nn.functional.leaky_relu(u, 0.1),
-        "silu": torch.nn.functional.silu}
+        "silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid}
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
        torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 # Odd sizes: C and N*S not multiples of the block; m = 1,200 spans two blocks of 1,024.

@@ -21,7 +21,7 @@ import torch
 # Inputs of these dtypes are normalized with float32 statistics.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "native", "autograd", "fused", "triton")
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "sigmoid")
 
 
 def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
@@ -267,13 +267,15 @@ def batch_norm(
 
 
 def activation(u: torch.Tensor, act: str, slope: float = 0.01) -> torch.Tensor:
-    """The activation that follows BN: identity, ReLU, leaky ReLU (``slope``) or SiLU."""
+    """The activation that follows BN: identity, ReLU, leaky ReLU (``slope``), SiLU or sigmoid."""
     if act == "relu":
         return torch.relu(u)
     if act == "leaky_relu":
         return torch.nn.functional.leaky_relu(u, slope)
     if act == "silu":
         return torch.nn.functional.silu(u)
+    if act == "sigmoid":
+        return torch.sigmoid(u)
     return u
 
 

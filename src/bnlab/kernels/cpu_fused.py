@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import prange
 
-ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "sigmoid": 4}
 # Reassociation lets the reductions vectorize; no 'nnan'/'ninf': NaN and inf must propagate.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -39,6 +39,8 @@ def _act(u, act, slope):
         return u if u > 0 else slope * u
     if act == 3:
         return u / (u - u + 1 + math.exp(-u))
+    if act == 4:
+        return (u - u + 1) / (u - u + 1 + math.exp(-u))
     return u
 
 
@@ -52,6 +54,9 @@ def _act_grad(u, act, slope):
     if act == 3:
         s = one / (one + math.exp(-u))
         return s * (one + u * (one - s))
+    if act == 4:
+        s = one / (one + math.exp(-u))
+        return s * (one - s)
     return one
 
 
@@ -124,106 +129,143 @@ def _blocks(c_: int) -> int:
 PARTIAL_ROWS = 64  # rows summed in the input's dtype before joining the float64 totals
 
 
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _forward_rows_block(x, weight, bias, eps, act, slope, y, mean, invstd, c0, c1):
+    """Channels ``c0:c1`` of :func:`forward_rows`: sums over ``PARTIAL_ROWS`` rows at a time in the
+    input's dtype, then float64 totals; then normalize, scale, shift and activate."""
+    m = x.shape[0]
+    cb = c1 - c0
+    shift = x[0, c0:c1].copy()
+    total1 = np.zeros(cb)
+    total2 = np.zeros(cb)
+    part1 = np.zeros(cb, x.dtype)
+    part2 = np.zeros(cb, x.dtype)
+    for r0 in range(0, m, PARTIAL_ROWS):
+        part1[:] = 0
+        part2[:] = 0
+        for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
+            row = x[r, c0:c1]
+            for j in range(cb):
+                d = row[j] - shift[j]
+                part1[j] += d
+                part2[j] += d * d
+        for j in range(cb):
+            total1[j] += part1[j]
+            total2[j] += part2[j]
+    mu = np.empty(cb, x.dtype)
+    scale = np.empty(cb, x.dtype)
+    beta = np.empty(cb, x.dtype)
+    for j in range(cb):
+        mu_d = total1[j] / m
+        var = max(total2[j] / m - mu_d * mu_d, 0.0)
+        inv = 1.0 / math.sqrt(var + eps)
+        mean[c0 + j] = shift[j] + mu_d
+        invstd[c0 + j] = inv
+        mu[j] = shift[j] + mu_d
+        scale[j] = weight[c0 + j] * inv
+        beta[j] = bias[c0 + j]
+    for r in range(m):
+        row = x[r, c0:c1]
+        out = y[r, c0:c1]
+        for j in range(cb):
+            out[j] = _act((row[j] - mu[j]) * scale[j] + beta[j], act, slope)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _backward_rows_block(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, c0, c1):
+    """Channels ``c0:c1`` of :func:`backward_rows`."""
+    m = x.shape[0]
+    cb = c1 - c0
+    mu = np.empty(cb, x.dtype)
+    inv = np.empty(cb, x.dtype)
+    w = np.empty(cb, x.dtype)
+    b = np.empty(cb, x.dtype)
+    for j in range(cb):
+        mu[j], inv[j], w[j], b[j] = mean[c0 + j], invstd[c0 + j], weight[c0 + j], bias[c0 + j]
+    total_g = np.zeros(cb)
+    total_gx = np.zeros(cb)
+    part_g = np.zeros(cb, x.dtype)
+    part_gx = np.zeros(cb, x.dtype)
+    for r0 in range(0, m, PARTIAL_ROWS):
+        part_g[:] = 0
+        part_gx[:] = 0
+        for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
+            row, grad = x[r, c0:c1], dy[r, c0:c1]
+            for j in range(cb):
+                x_hat = (row[j] - mu[j]) * inv[j]
+                g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
+                part_g[j] += g
+                part_gx[j] += g * x_hat
+        for j in range(cb):
+            total_g[j] += part_g[j]
+            total_gx[j] += part_gx[j]
+    k = np.empty(cb, x.dtype)
+    sg = np.empty(cb, x.dtype)
+    sgx = np.empty(cb, x.dtype)
+    for j in range(cb):
+        dweight[c0 + j] = total_gx[j]
+        dbias[c0 + j] = total_g[j]
+        k[j] = w[j] * inv[j] / m
+        sg[j] = total_g[j]
+        sgx[j] = total_gx[j]
+    for r in range(m):
+        row, grad, out = x[r, c0:c1], dy[r, c0:c1], dx[r, c0:c1]
+        for j in range(cb):
+            x_hat = (row[j] - mu[j]) * inv[j]
+            g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
+            out[j] = k[j] * (m * g - sg[j] - x_hat * sgx[j])
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def forward_rows(x, weight, bias, eps, act, slope, y, mean, invstd, blocks):
     """Rows ``x (M, C)`` (channels-last): the same as :func:`forward_cfirst`.
 
     Threads take blocks of channels; each sweeps the rows with its block's values contiguous.
-    Sums run in the input's dtype over ``PARTIAL_ROWS`` rows at a time, then join float64 totals.
     """
-    m, c_ = x.shape
+    c_ = x.shape[1]
     step = (c_ + blocks - 1) // blocks
     for blk in prange(blocks):
         c0 = blk * step
         c1 = min(c_, c0 + step)
-        cb = c1 - c0
-        if cb <= 0:
-            continue
-        shift = x[0, c0:c1].copy()
-        total1 = np.zeros(cb)
-        total2 = np.zeros(cb)
-        part1 = np.zeros(cb, x.dtype)
-        part2 = np.zeros(cb, x.dtype)
-        for r0 in range(0, m, PARTIAL_ROWS):
-            part1[:] = 0
-            part2[:] = 0
-            for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
-                row = x[r, c0:c1]
-                for j in range(cb):
-                    d = row[j] - shift[j]
-                    part1[j] += d
-                    part2[j] += d * d
-            for j in range(cb):
-                total1[j] += part1[j]
-                total2[j] += part2[j]
-        mu = np.empty(cb, x.dtype)
-        scale = np.empty(cb, x.dtype)
-        beta = np.empty(cb, x.dtype)
-        for j in range(cb):
-            mu_d = total1[j] / m
-            var = max(total2[j] / m - mu_d * mu_d, 0.0)
-            inv = 1.0 / math.sqrt(var + eps)
-            mean[c0 + j] = shift[j] + mu_d
-            invstd[c0 + j] = inv
-            mu[j] = shift[j] + mu_d
-            scale[j] = weight[c0 + j] * inv
-            beta[j] = bias[c0 + j]
-        for r in range(m):
-            row = x[r, c0:c1]
-            out = y[r, c0:c1]
-            for j in range(cb):
-                out[j] = _act((row[j] - mu[j]) * scale[j] + beta[j], act, slope)
+        if c1 > c0:
+            _forward_rows_block(x, weight, bias, eps, act, slope, y, mean, invstd, c0, c1)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def backward_rows(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, blocks):
     """Rows backward: the same as :func:`backward_cfirst`, organized as :func:`forward_rows`."""
-    m, c_ = x.shape
+    c_ = x.shape[1]
     step = (c_ + blocks - 1) // blocks
     for blk in prange(blocks):
         c0 = blk * step
         c1 = min(c_, c0 + step)
-        cb = c1 - c0
-        if cb <= 0:
-            continue
-        mu = np.empty(cb, x.dtype)
-        inv = np.empty(cb, x.dtype)
-        w = np.empty(cb, x.dtype)
-        b = np.empty(cb, x.dtype)
-        for j in range(cb):
-            mu[j], inv[j], w[j], b[j] = mean[c0 + j], invstd[c0 + j], weight[c0 + j], bias[c0 + j]
-        total_g = np.zeros(cb)
-        total_gx = np.zeros(cb)
-        part_g = np.zeros(cb, x.dtype)
-        part_gx = np.zeros(cb, x.dtype)
-        for r0 in range(0, m, PARTIAL_ROWS):
-            part_g[:] = 0
-            part_gx[:] = 0
-            for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
-                row, grad = x[r, c0:c1], dy[r, c0:c1]
-                for j in range(cb):
-                    x_hat = (row[j] - mu[j]) * inv[j]
-                    g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
-                    part_g[j] += g
-                    part_gx[j] += g * x_hat
-            for j in range(cb):
-                total_g[j] += part_g[j]
-                total_gx[j] += part_gx[j]
-        k = np.empty(cb, x.dtype)
-        sg = np.empty(cb, x.dtype)
-        sgx = np.empty(cb, x.dtype)
-        for j in range(cb):
-            dweight[c0 + j] = total_gx[j]
-            dbias[c0 + j] = total_g[j]
-            k[j] = w[j] * inv[j] / m
-            sg[j] = total_g[j]
-            sgx[j] = total_gx[j]
-        for r in range(m):
-            row, grad, out = x[r, c0:c1], dy[r, c0:c1], dx[r, c0:c1]
-            for j in range(cb):
-                x_hat = (row[j] - mu[j]) * inv[j]
-                g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
-                out[j] = k[j] * (m * g - sg[j] - x_hat * sgx[j])
+        if c1 > c0:
+            _backward_rows_block(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, c0, c1)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def train_rows_small(x, weight, bias, eps, act, slope, y, mean, invstd, running_mean, running_var, momentum):
+    """One thread, no launch of a thread pool: :func:`forward_rows` for small ``(M, C)`` (the BN
+    paper's 60 x 100 layers), then the running update (unbiased variance, weight ``momentum``)."""
+    _forward_rows_block(x, weight, bias, eps, act, slope, y, mean, invstd, 0, x.shape[1])
+    m = x.shape[0]
+    for c in range(x.shape[1]):
+        var_unbiased = (1.0 / (invstd[c] * invstd[c]) - eps) * m / (m - 1)
+        running_mean[c] += momentum * (mean[c] - running_mean[c])
+        running_var[c] += momentum * (var_unbiased - running_var[c])
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def sgd_backward_rows_small(dy, x, weight, bias, mean, invstd, act, slope, dx, alpha):
+    """One thread: :func:`backward_rows` for small ``(M, C)``, then the SGD step of gamma and beta,
+    ``weight += alpha * dgamma`` and ``bias += alpha * dbeta`` (after dx used the old values)."""
+    c_ = x.shape[1]
+    dweight = np.empty(c_)
+    dbias = np.empty(c_)
+    _backward_rows_block(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, 0, c_)
+    for c in range(c_):
+        weight[c] += alpha * dweight[c]
+        bias[c] += alpha * dbias[c]
 
 
 def forward(x: np.ndarray, weight, bias, eps: float, act: str, slope: float, channels_last: bool):

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "sigmoid": 4}
 
 
 @triton.jit
@@ -28,6 +28,8 @@ def _act(u, ACT: tl.constexpr, slope):
         u = tl.where(u > 0, u, u * slope)
     elif ACT == 3:
         u = u / (1.0 + tl.exp(-u))
+    elif ACT == 4:
+        u = 1.0 / (1.0 + tl.exp(-u))
     return u
 
 
@@ -40,6 +42,9 @@ def _act_grad(u, ACT: tl.constexpr, slope):
     elif ACT == 3:
         s = 1.0 / (1.0 + tl.exp(-u))
         g = s * (1.0 + u * (1.0 - s))
+    elif ACT == 4:
+        s = 1.0 / (1.0 + tl.exp(-u))
+        g = s * (1.0 - s)
     else:
         g = u * 0.0 + 1.0
     return g
