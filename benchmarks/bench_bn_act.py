@@ -20,7 +20,7 @@ from torch import nn
 import bnlab
 
 SHAPES = [(64, 256, 56, 56), (256, 512, 14, 14), (1024, 4096), (32, 64, 56, 56), (64, 128, 28, 28)]
-ACT = {"relu": nn.ReLU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU, "identity": nn.Identity}
+ACT = {"relu": nn.ReLU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU, "identity": nn.Identity}
 
 
 def sync(device):

@@ -293,9 +293,15 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
+# Activations the fused CPU kernels win on. SiLU and sigmoid need exp, which numba computes one
+# value at a time (no vector math library here), and measured 0.4-0.5x torch's speed on most shapes
+# (benchmarks/RESULTS.md); plain BN stays with torch's kernels too. backend="fused" still runs them.
+FUSED_AUTO_ACTS = ("relu", "leaky_relu")
+
+
 def use_fused(x: torch.Tensor, act: str) -> bool:
     """``backend="auto"``'s choice of the fused CPU kernels for act(BN(x))."""
-    return act != "identity" and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL
+    return act in FUSED_AUTO_ACTS and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL
 
 
 def fused_act_supported(x: torch.Tensor) -> bool:

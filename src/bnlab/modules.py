@@ -206,10 +206,12 @@ class BatchNormAct(BatchNorm):
     """Batch Normalization followed by an activation, fused: y = act(BN(x)).
 
     ``act`` is ``"relu"`` (default), ``"leaky_relu"`` (slope ``negative_slope``), ``"silu"``,
-    ``"sigmoid"`` or ``"identity"``. The state_dict keys are BN's, so a BN checkpoint loads into it. Training on
-    float32/float64 CPU tensors runs bnlab's fused kernels (two passes over the data forward, three
-    backward, against five and eight for BN then the activation; see benchmarks/RESULTS.md);
-    other tensors run BN then the activation. Inference: the running statistics, then ``act``.
+    ``"sigmoid"`` or ``"identity"``. The state_dict keys are BN's, so a BN checkpoint loads into it. Training with ReLU or leaky
+    ReLU on large float32/float64 CPU tensors runs bnlab's fused kernels (two passes over the data
+    forward, three backward, against five and eight for BN then the activation; see
+    benchmarks/RESULTS.md); SiLU and sigmoid, whose exp the kernels compute one value at a time,
+    run BN then torch's activation unless ``backend="fused"``; CUDA tensors run the Triton kernels.
+    Inference: the running statistics, then ``act``.
 
     Example:
         >>> layer = BatchNormAct2d(64, act="relu")

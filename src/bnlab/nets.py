@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnlab.kernels import cpu_fused
-from bnlab.kernels import binary_linear
+from bnlab import functional as F
 from bnlab.kernels.binary_linear import binary_forward, binary_update
 from bnlab.modules import BatchNorm1d
 
@@ -76,34 +75,14 @@ def flat_active_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _bn_refs(norm: BatchNorm1d):
-    """The layer, then NumPy views of gamma, beta and the running buffers (sharing their memory),
-    and ``num_batches_tracked``."""
-    views = [t.detach().numpy() for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var)]
-    return (norm, *views, norm.num_batches_tracked)
-
-
-SIGMOID = cpu_fused.ACTIVATIONS["sigmoid"]
-
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) every kernel of :class:`BinaryInputSGD`'s step now, e.g.
-    once before forking training processes, so that they do not each compile them."""
-    binary_linear.warm_up()
-    for dtype in (np.float32, np.float64):
-        x, ones, stats = np.ones((2, 1), dtype), np.ones(1, dtype), np.ones(1)
-        cpu_fused.train_rows_small(x, ones, ones, 1e-5, SIGMOID, dtype(0), x.copy(), stats, stats.copy(), ones.copy(),
-                                   ones.copy(), 0.1)
-        cpu_fused.sgd_backward_rows_small(x, x, ones.copy(), ones.copy(), stats, stats, SIGMOID, dtype(0), x.copy(),
-                                          dtype(0))
+    return (norm, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.num_batches_tracked)
 
 
 class BinaryInputSGD:
     """Plain SGD for a :class:`SigmoidMLP` on binary inputs, the backward written out by hand.
 
-    Forward per hidden layer: z = h W^T (+ b), u = BN(z) (training mode, with the running update)
-    or u = z + b, h' = sigmoid(u); BN and the sigmoid run as one fused kernel
-    (:func:`bnlab.kernels.cpu_fused.train_rows_small`), and so do their backward and the SGD step
-    of gamma and beta (:func:`~bnlab.kernels.cpu_fused.sgd_backward_rows_small`). Output p = softmax(h W^T + b), loss
+    Forward per hidden layer: z = h W^T (+ b), u = BN(z) (training mode; the native kernel also
+    updates the running statistics) or u = z, h' = sigmoid(u). Output p = softmax(h W^T + b), loss
     the mean cross-entropy. Backward (every gradient is linear in dlogits, so the 1/N is applied
     with the learning rate):
         dlogits = (p - onehot) / N
@@ -139,7 +118,6 @@ class BinaryInputSGD:
         ]
         self.out = (model.linears[-1].weight, model.linears[-1].bias)
         self.counts = [refs[2][5] for refs in self.hidden if refs[2] is not None]  # num_batches_tracked
-        self.zero = self.w1t.numpy().dtype.type(0)  # the fused kernels' (unused) slope, in their dtype
 
     @torch.no_grad()
     def sync_(self) -> None:
@@ -171,13 +149,13 @@ class BinaryInputSGD:
             z = h if k == 0 else torch.mm(h, weight.t())
             if norm is not None:
                 module, gamma, beta, running_mean, running_var, _ = norm
-                h = torch.empty_like(z)
-                mean, invstd = np.empty(z.shape[1]), np.empty(z.shape[1])
-                cpu_fused.train_rows_small(z.numpy(), gamma, beta, module.eps, SIGMOID, self.zero, h.numpy(), mean,
-                                           invstd, running_mean, running_var, module.batch_weight())
+                u, mean, invstd = torch.native_batch_norm(
+                    z, gamma, beta, running_mean, running_var, True, module.batch_weight(), module.eps
+                )
                 saved.append((z, mean, invstd))
             else:
-                h = z.add_(bias).sigmoid_()
+                u = z.add_(bias)
+            h = u.sigmoid_()
             activations.append(h)
         out_weight, out_bias = self.out
         p = torch.softmax(torch.addmm(out_bias, h, out_weight.t()), dim=1)
@@ -189,13 +167,14 @@ class BinaryInputSGD:
         out_weight.addmm_(dz.t(), h, alpha=alpha)  # W <- W - lr dW, the product fused into the update
         for k in reversed(range(len(self.hidden))):
             weight, bias, norm = self.hidden[k]
-            if norm is not None:  # dz, and gamma and beta take their SGD step
+            du = torch.ops.aten.sigmoid_backward(dh, activations[k + 1])
+            if norm is not None:
                 z, mean, invstd = saved[k]
-                dz = torch.empty_like(z)
-                cpu_fused.sgd_backward_rows_small(dh.numpy(), z.numpy(), norm[1], norm[2], mean, invstd, SIGMOID,
-                                                  self.zero, dz.numpy(), alpha)
+                dz, dgamma, dbeta = F.batch_norm_backward(du, z, mean, invstd, norm[1], backend="native")
+                params += [norm[1], norm[2]]
+                grads += [dgamma, dbeta]
             else:
-                dz = torch.ops.aten.sigmoid_backward(dh, activations[k + 1])
+                dz = du
                 params.append(bias)
                 grads.append(dz.sum(0))
             if k > 0:

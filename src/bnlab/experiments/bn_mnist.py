@@ -31,8 +31,8 @@ import torch
 import bnlab
 from bnlab.data import Dataset, load_dataset
 from bnlab.modules import recalibrate
-from bnlab.kernels.binary_linear import active_lists
-from bnlab.nets import BinaryInputSGD, SigmoidMLP, flat_active_inputs, warm_up
+from bnlab.kernels.binary_linear import active_lists, warm_up
+from bnlab.nets import BinaryInputSGD, SigmoidMLP, flat_active_inputs
 from bnlab.train import CHECKPOINT, LoopConfig, fit, load_checkpoint
 
 NETS = ("baseline", "bn")

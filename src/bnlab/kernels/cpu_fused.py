@@ -243,31 +243,6 @@ def backward_rows(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, db
             _backward_rows_block(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, c0, c1)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def train_rows_small(x, weight, bias, eps, act, slope, y, mean, invstd, running_mean, running_var, momentum):
-    """One thread, no launch of a thread pool: :func:`forward_rows` for small ``(M, C)`` (the BN
-    paper's 60 x 100 layers), then the running update (unbiased variance, weight ``momentum``)."""
-    _forward_rows_block(x, weight, bias, eps, act, slope, y, mean, invstd, 0, x.shape[1])
-    m = x.shape[0]
-    for c in range(x.shape[1]):
-        var_unbiased = (1.0 / (invstd[c] * invstd[c]) - eps) * m / (m - 1)
-        running_mean[c] += momentum * (mean[c] - running_mean[c])
-        running_var[c] += momentum * (var_unbiased - running_var[c])
-
-
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def sgd_backward_rows_small(dy, x, weight, bias, mean, invstd, act, slope, dx, alpha):
-    """One thread: :func:`backward_rows` for small ``(M, C)``, then the SGD step of gamma and beta,
-    ``weight += alpha * dgamma`` and ``bias += alpha * dbeta`` (after dx used the old values)."""
-    c_ = x.shape[1]
-    dweight = np.empty(c_)
-    dbias = np.empty(c_)
-    _backward_rows_block(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, 0, c_)
-    for c in range(c_):
-        weight[c] += alpha * dweight[c]
-        bias[c] += alpha * dbias[c]
-
-
 def forward(x: np.ndarray, weight, bias, eps: float, act: str, slope: float, channels_last: bool):
     """Fused training forward on a NumPy view; returns ``(y, mean, invstd)`` (statistics float64)."""
     c_ = x.shape[-1] if channels_last else x.shape[1]
