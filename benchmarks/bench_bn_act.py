@@ -52,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--act", default="relu", choices=sorted(ACT))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--backend", default="auto", help="bnlab's backend: auto, fused, native, triton")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
@@ -66,7 +67,8 @@ def main() -> None:
         c = shape[1]
         x = torch.randn(shape, device=args.device, dtype=dtype, requires_grad=True)
         dy = torch.randn(shape, device=args.device, dtype=dtype)
-        ours = bnlab.BatchNormAct2d(c, act=args.act) if len(shape) == 4 else bnlab.BatchNormAct1d(c, act=args.act)
+        kind = bnlab.BatchNormAct2d if len(shape) == 4 else bnlab.BatchNormAct1d
+        ours = kind(c, act=args.act, backend=args.backend)
         norm = nn.BatchNorm2d(c) if len(shape) == 4 else nn.BatchNorm1d(c)
         theirs = nn.Sequential(norm, ACT[args.act]())
         ours.to(args.device), theirs.to(args.device)
