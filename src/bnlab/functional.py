@@ -444,7 +444,9 @@ def producer_derivatives(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Mo
         if x.dim() != 2:
             raise ValueError("cross-iteration BN after a Linear layer takes (N, C) activations")
         dmu = u.mean(0).expand_as(w)  # the mean input row, for every output j
-        dnu = x.detach().t().mm(u).mul_(2.0 / m)  # (C, N) @ (N, in) -> (C, in)
+        # (C, in) = 2/m x^T u, computed as (u^T x)^T: with few rows, MKL's (C, N) @ (N, in) product
+        # measured 9x slower than (in, N) @ (N, C) on our CPU (225 us against 25 us at N = 4).
+        dnu = u.t().mm(x.detach() * (2.0 / m)).t()
     elif isinstance(producer, torch.nn.Conv2d):
         if producer.padding_mode != "zeros" or isinstance(producer.padding, str):
             raise ValueError("cross-iteration BN supports Conv2d with numeric zero padding")

@@ -488,7 +488,9 @@ class CrossIterationBatchNorm(BatchNorm):
                     dmu = dmu.reshape(groups, c // groups, fan_in)[:, 0]  # the rows of a group are equal
                     dnu = dnu.reshape(c, fan_in)
                     self.window_dmu[slot], self.window_dnu[slot] = dmu, dnu
-                    mu_w, nu_w = F.compensation_terms(dmu[None], dnu[None], producer.weight.detach())
+                    entry = slice(slot, slot + 1)  # the stored copies: contiguous, whatever dnu's layout
+                    mu_w, nu_w = F.compensation_terms(self.window_dmu[entry], self.window_dnu[entry],
+                                                      producer.weight.detach())
                     self.window_dmu_w[slot], self.window_dnu_w[slot] = mu_w[0], nu_w[0]
                     self.window_bias[slot] = producer.bias.detach() if producer.bias is not None else 0.0
                 self.window_valid[slot] = True
