@@ -374,6 +374,12 @@ class CrossIterationBatchNorm(BatchNorm):
     statistics (the paper's "naive CBN"). The running statistics follow the current batch, as BN's;
     inference uses them, as BN.
 
+    Gradients reach the weights through the current iteration's 1/k share of the statistics only,
+    so the layer is not invariant to its producer's weight scale as BN is: started early at a high
+    learning rate, the weights and gammas grow and accuracy suffers (the small-batch experiment,
+    README). Start pooling late (the official detection config: after 8 of 12 epochs; the
+    experiment: half the steps) or use a short window.
+
     The window (statistics, their weight derivatives and the derivatives' products with the
     weights they were taken at, the biases, which entries are filled) and the iteration count are
     buffers: a checkpoint resumes CBN
