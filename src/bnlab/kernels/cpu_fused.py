@@ -129,118 +129,106 @@ def _blocks(c_: int) -> int:
 PARTIAL_ROWS = 64  # rows summed in the input's dtype before joining the float64 totals
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _forward_rows_block(x, weight, bias, eps, act, slope, y, mean, invstd, c0, c1):
-    """Channels ``c0:c1`` of :func:`forward_rows`: sums over ``PARTIAL_ROWS`` rows at a time in the
-    input's dtype, then float64 totals; then normalize, scale, shift and activate."""
-    m = x.shape[0]
-    cb = c1 - c0
-    shift = x[0, c0:c1].copy()
-    total1 = np.zeros(cb)
-    total2 = np.zeros(cb)
-    part1 = np.zeros(cb, x.dtype)
-    part2 = np.zeros(cb, x.dtype)
-    for r0 in range(0, m, PARTIAL_ROWS):
-        part1[:] = 0
-        part2[:] = 0
-        for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
-            row = x[r, c0:c1]
-            for j in range(cb):
-                d = row[j] - shift[j]
-                part1[j] += d
-                part2[j] += d * d
-        for j in range(cb):
-            total1[j] += part1[j]
-            total2[j] += part2[j]
-    mu = np.empty(cb, x.dtype)
-    scale = np.empty(cb, x.dtype)
-    beta = np.empty(cb, x.dtype)
-    for j in range(cb):
-        mu_d = total1[j] / m
-        var = max(total2[j] / m - mu_d * mu_d, 0.0)
-        inv = 1.0 / math.sqrt(var + eps)
-        mean[c0 + j] = shift[j] + mu_d
-        invstd[c0 + j] = inv
-        mu[j] = shift[j] + mu_d
-        scale[j] = weight[c0 + j] * inv
-        beta[j] = bias[c0 + j]
-    for r in range(m):
-        row = x[r, c0:c1]
-        out = y[r, c0:c1]
-        for j in range(cb):
-            out[j] = _act((row[j] - mu[j]) * scale[j] + beta[j], act, slope)
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _backward_rows_block(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, c0, c1):
-    """Channels ``c0:c1`` of :func:`backward_rows`."""
-    m = x.shape[0]
-    cb = c1 - c0
-    mu = np.empty(cb, x.dtype)
-    inv = np.empty(cb, x.dtype)
-    w = np.empty(cb, x.dtype)
-    b = np.empty(cb, x.dtype)
-    for j in range(cb):
-        mu[j], inv[j], w[j], b[j] = mean[c0 + j], invstd[c0 + j], weight[c0 + j], bias[c0 + j]
-    total_g = np.zeros(cb)
-    total_gx = np.zeros(cb)
-    part_g = np.zeros(cb, x.dtype)
-    part_gx = np.zeros(cb, x.dtype)
-    for r0 in range(0, m, PARTIAL_ROWS):
-        part_g[:] = 0
-        part_gx[:] = 0
-        for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
-            row, grad = x[r, c0:c1], dy[r, c0:c1]
-            for j in range(cb):
-                x_hat = (row[j] - mu[j]) * inv[j]
-                g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
-                part_g[j] += g
-                part_gx[j] += g * x_hat
-        for j in range(cb):
-            total_g[j] += part_g[j]
-            total_gx[j] += part_gx[j]
-    k = np.empty(cb, x.dtype)
-    sg = np.empty(cb, x.dtype)
-    sgx = np.empty(cb, x.dtype)
-    for j in range(cb):
-        dweight[c0 + j] = total_gx[j]
-        dbias[c0 + j] = total_g[j]
-        k[j] = w[j] * inv[j] / m
-        sg[j] = total_g[j]
-        sgx[j] = total_gx[j]
-    for r in range(m):
-        row, grad, out = x[r, c0:c1], dy[r, c0:c1], dx[r, c0:c1]
-        for j in range(cb):
-            x_hat = (row[j] - mu[j]) * inv[j]
-            g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
-            out[j] = k[j] * (m * g - sg[j] - x_hat * sgx[j])
-
-
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def forward_rows(x, weight, bias, eps, act, slope, y, mean, invstd, blocks):
     """Rows ``x (M, C)`` (channels-last): the same as :func:`forward_cfirst`.
 
     Threads take blocks of channels; each sweeps the rows with its block's values contiguous.
+    Sums run in the input's dtype over ``PARTIAL_ROWS`` rows at a time, then join float64 totals.
     """
-    c_ = x.shape[1]
+    m, c_ = x.shape
     step = (c_ + blocks - 1) // blocks
     for blk in prange(blocks):
         c0 = blk * step
         c1 = min(c_, c0 + step)
-        if c1 > c0:
-            _forward_rows_block(x, weight, bias, eps, act, slope, y, mean, invstd, c0, c1)
+        cb = c1 - c0
+        if cb <= 0:
+            continue
+        shift = x[0, c0:c1].copy()
+        total1 = np.zeros(cb)
+        total2 = np.zeros(cb)
+        part1 = np.zeros(cb, x.dtype)
+        part2 = np.zeros(cb, x.dtype)
+        for r0 in range(0, m, PARTIAL_ROWS):
+            part1[:] = 0
+            part2[:] = 0
+            for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
+                row = x[r, c0:c1]
+                for j in range(cb):
+                    d = row[j] - shift[j]
+                    part1[j] += d
+                    part2[j] += d * d
+            for j in range(cb):
+                total1[j] += part1[j]
+                total2[j] += part2[j]
+        mu = np.empty(cb, x.dtype)
+        scale = np.empty(cb, x.dtype)
+        beta = np.empty(cb, x.dtype)
+        for j in range(cb):
+            mu_d = total1[j] / m
+            var = max(total2[j] / m - mu_d * mu_d, 0.0)
+            inv = 1.0 / math.sqrt(var + eps)
+            mean[c0 + j] = shift[j] + mu_d
+            invstd[c0 + j] = inv
+            mu[j] = shift[j] + mu_d
+            scale[j] = weight[c0 + j] * inv
+            beta[j] = bias[c0 + j]
+        for r in range(m):
+            row = x[r, c0:c1]
+            out = y[r, c0:c1]
+            for j in range(cb):
+                out[j] = _act((row[j] - mu[j]) * scale[j] + beta[j], act, slope)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def backward_rows(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, blocks):
     """Rows backward: the same as :func:`backward_cfirst`, organized as :func:`forward_rows`."""
-    c_ = x.shape[1]
+    m, c_ = x.shape
     step = (c_ + blocks - 1) // blocks
     for blk in prange(blocks):
         c0 = blk * step
         c1 = min(c_, c0 + step)
-        if c1 > c0:
-            _backward_rows_block(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, c0, c1)
+        cb = c1 - c0
+        if cb <= 0:
+            continue
+        mu = np.empty(cb, x.dtype)
+        inv = np.empty(cb, x.dtype)
+        w = np.empty(cb, x.dtype)
+        b = np.empty(cb, x.dtype)
+        for j in range(cb):
+            mu[j], inv[j], w[j], b[j] = mean[c0 + j], invstd[c0 + j], weight[c0 + j], bias[c0 + j]
+        total_g = np.zeros(cb)
+        total_gx = np.zeros(cb)
+        part_g = np.zeros(cb, x.dtype)
+        part_gx = np.zeros(cb, x.dtype)
+        for r0 in range(0, m, PARTIAL_ROWS):
+            part_g[:] = 0
+            part_gx[:] = 0
+            for r in range(r0, min(m, r0 + PARTIAL_ROWS)):
+                row, grad = x[r, c0:c1], dy[r, c0:c1]
+                for j in range(cb):
+                    x_hat = (row[j] - mu[j]) * inv[j]
+                    g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
+                    part_g[j] += g
+                    part_gx[j] += g * x_hat
+            for j in range(cb):
+                total_g[j] += part_g[j]
+                total_gx[j] += part_gx[j]
+        k = np.empty(cb, x.dtype)
+        sg = np.empty(cb, x.dtype)
+        sgx = np.empty(cb, x.dtype)
+        for j in range(cb):
+            dweight[c0 + j] = total_gx[j]
+            dbias[c0 + j] = total_g[j]
+            k[j] = w[j] * inv[j] / m
+            sg[j] = total_g[j]
+            sgx[j] = total_gx[j]
+        for r in range(m):
+            row, grad, out = x[r, c0:c1], dy[r, c0:c1], dx[r, c0:c1]
+            for j in range(cb):
+                x_hat = (row[j] - mu[j]) * inv[j]
+                g = grad[j] * _act_grad(w[j] * x_hat + b[j], act, slope)
+                out[j] = k[j] * (m * g - sg[j] - x_hat * sgx[j])
 
 
 def forward(x: np.ndarray, weight, bias, eps: float, act: str, slope: float, channels_last: bool):
