@@ -157,9 +157,11 @@ class CrossIterationNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, past_mu, past_nu, k, eps):
         mu, nu = F.raw_moments(x)
-        var = (nu - mu * mu).clamp_min_(0)
+        mu_sq = mu * mu
+        nu = torch.maximum(nu, mu_sq)
         mu_bar = (mu + past_mu) / k
-        var_bar = ((var + mu * mu + past_nu) / k - mu_bar * mu_bar).clamp_min_(0)  # var + mu^2: max(nu, mu^2)
+        var_bar = ((nu + past_nu) / k - mu_bar * mu_bar).clamp_min_(0)
+        var = nu - mu_sq
         y = torch.native_batch_norm(x, weight, bias, mu_bar, var_bar, False, 0.0, eps)[0]
         ctx.save_for_backward(x, weight, mu_bar, var_bar)
         ctx.k, ctx.eps, ctx.has_bias = k, eps, bias is not None

@@ -437,34 +437,59 @@ def producer_statistics(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Mod
 
 @torch.no_grad()
 def producer_derivatives(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Module):
-    """The weight-shaped ``(d mu / d W, d nu / d W)`` of :func:`producer_statistics`."""
+    """The weight-shaped ``(d mu / d W, d nu / d W)`` of :func:`producer_statistics`.
+
+    Row j of d mu / d W is the mean patch of channel j's group (:func:`mean_patches`, repeated over
+    the group's channels); d nu / d W is :func:`second_moment_derivative`.
+    """
     w = producer.weight
-    m = values_per_channel(x)
+    g = getattr(producer, "groups", 1)
+    patches = mean_patches(u, producer)  # (G, F) -> (G, C/G, F) -> weight-shaped
+    dmu = patches[:, None].expand(g, w.shape[0] // g, patches.shape[1]).reshape(w.shape)
+    return dmu, second_moment_derivative(x, u, producer)
+
+
+def _check_producer(x: torch.Tensor, producer: torch.nn.Module) -> None:
     if isinstance(producer, torch.nn.Linear):
         if x.dim() != 2:
             raise ValueError("cross-iteration BN after a Linear layer takes (N, C) activations")
-        dmu = u.mean(0).expand_as(w)  # the mean input row, for every output j
-        # (C, in) = 2/m x^T u, computed as (u^T x)^T: with few rows, MKL's (C, N) @ (N, in) product
-        # measured 9x slower than (in, N) @ (N, C) on our CPU (225 us against 25 us at N = 4).
-        dnu = u.t().mm(x.detach() * (2.0 / m)).t()
     elif isinstance(producer, torch.nn.Conv2d):
         if producer.padding_mode != "zeros" or isinstance(producer.padding, str):
             raise ValueError("cross-iteration BN supports Conv2d with numeric zero padding")
-        g, c_out = producer.groups, w.shape[0]
-        geometry = dict(dilation=producer.dilation, padding=producer.padding, stride=producer.stride)
-        # d mu_j / d W_j: the mean patch of channel j's group. Patches are linear in the input,
-        # so the mean patch is the mean image's: unfold one image, not the batch.
-        patches = torch.nn.functional.unfold(u.mean(0, keepdim=True), w.shape[2:], **geometry)
-        # (1, C_in*kh*kw, L) -> (G, 1, C_in/G, kh, kw) -> (C_out, C_in/G, kh, kw), a view when G = 1
-        dmu = patches.mean(2).view(g, 1, *w.shape[1:]).expand(g, c_out // g, *w.shape[1:]).reshape(w.shape)
-        # d nu_j / d W_j = 2 E[x_j * patch]: one weight-gradient-shaped reduction, the kernel that
-        # computes the producer's own weight gradient (as torch.nn.grad.conv2d_weight calls it).
-        dnu = torch.ops.aten.convolution_backward(
-            x.detach(), u, w, None, producer.stride, producer.padding, producer.dilation, False, (0, 0), g,
-            (False, True, False))[1].mul_(2.0 / m)
     else:
         raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
-    return dmu, dnu
+
+
+@torch.no_grad()
+def mean_patches(u: torch.Tensor, producer: torch.nn.Module) -> torch.Tensor:
+    """d mu_j / d W_j, once per group of the producer: ``(G, F)``, F the fan-in of a group.
+
+    For a Linear layer (one group) the mean input row; for a Conv2d the mean patch of each group's
+    input channels. Patches are linear in the input, so the mean patch is the mean image's: one
+    image is unfolded, not the batch.
+    """
+    if isinstance(producer, torch.nn.Linear):
+        return u.mean(0, keepdim=True)
+    _check_producer(u, producer)
+    w = producer.weight
+    patches = torch.nn.functional.unfold(u.mean(0, keepdim=True), w.shape[2:], dilation=producer.dilation,
+                                         padding=producer.padding, stride=producer.stride)
+    return patches.mean(2).view(producer.groups, -1)  # (1, C_in*kh*kw, L) -> (G, C_in/G*kh*kw)
+
+
+@torch.no_grad()
+def second_moment_derivative(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Module) -> torch.Tensor:
+    """d nu_j / d W_j = 2 E[x_j * patch], weight-shaped: one weight-gradient-shaped reduction, the
+    kernel that computes the producer's own weight gradient."""
+    _check_producer(x, producer)
+    w, m = producer.weight, values_per_channel(x)
+    if isinstance(producer, torch.nn.Linear):
+        # (C, in) = 2/m x^T u, computed as (u^T x)^T: with few rows, MKL's (C, N) @ (N, in) product
+        # measured 9x slower than (in, N) @ (N, C) on our CPU (bench_cbn.py --parts).
+        return u.t().mm(x.detach() * (2.0 / m)).t()
+    return torch.ops.aten.convolution_backward(
+        x.detach(), u, w, None, producer.stride, producer.padding, producer.dilation, False, (0, 0), producer.groups,
+        (False, True, False))[1].mul_(2.0 / m)
 
 
 def compensation_terms(dmu: torch.Tensor, dnu: torch.Tensor, weight: torch.Tensor):

@@ -477,23 +477,17 @@ class CrossIterationBatchNorm(BatchNorm):
                 folded = F.update_running_stats_(self.running_mean, self.running_var, mu, var,
                                                  F.values_per_channel(x), self.batch_weight())
         else:  # burn-in: BN, whose kernel folds the batch into the running statistics too
-            y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
-                                                 self.running_var, self.batch_weight())
-            if self.window > 1 and folded:
-                with torch.no_grad():
-                    mu, nu = F.raw_moments(x.detach())
-                    var = (nu - mu * mu).clamp_min_(0)
+            y, mu, invstd, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend,
+                                                       self.running_mean, self.running_var, self.batch_weight())
+            var = invstd.detach().reciprocal().square() - self.eps  # the batch's, as BN computed it
         if self.window > 1 and folded:  # a non-finite batch never enters the window
             with torch.no_grad():
                 slot = iteration % (self.window - 1)
                 self.window_mu[slot] = mu
                 self.window_nu[slot] = var + mu * mu
                 if self.compensate:
-                    dmu, dnu = F.producer_derivatives(x.detach(), u, producer)
-                    c, (_, groups, fan_in) = self.num_features, self.window_dmu.shape
-                    dmu = dmu.reshape(groups, c // groups, fan_in)[:, 0]  # the rows of a group are equal
-                    dnu = dnu.reshape(c, fan_in)
-                    self.window_dmu[slot], self.window_dnu[slot] = dmu, dnu
+                    self.window_dmu[slot] = F.mean_patches(u, producer)
+                    self.window_dnu[slot] = F.second_moment_derivative(x, u, producer).reshape(self.window_dnu[slot].shape)
                     entry = slice(slot, slot + 1)  # the stored copies: contiguous, whatever dnu's layout
                     mu_w, nu_w = F.compensation_terms(self.window_dmu[entry], self.window_dnu[entry],
                                                       producer.weight.detach())
