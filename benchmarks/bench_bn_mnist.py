@@ -1,6 +1,7 @@
 """The BN paper's MNIST protocol: bnlab's full run against a plain PyTorch loop, in one run.
 
     python benchmarks/bench_bn_mnist.py [--steps 50000] [--data-dir ../shared/data/mnist]
+                                        [--threads N] [--plain-only] [--per-net]
 
 The plain loop is what a PyTorch user would write for the same work: for each network (without
 and with torch.nn.BatchNorm1d), nn.Sequential, torch.optim.SGD, one step at a time on batches of
@@ -8,12 +9,17 @@ and with torch.nn.BatchNorm1d), nn.Sequential, torch.optim.SGD, one step at a ti
 of one last-layer sigmoid input on the same held-out batch. bnlab's time is the whole
 `bnlab reproduce bn-mnist` run: data loading, both networks, evaluations, checkpoints,
 Algorithm 2 recalibration, metrics and the figure. Prints both wall times and their ratio.
+
+``--threads N`` runs the plain loop with N torch threads (default: torch's); ``--plain-only``
+times the plain loop alone. ``--per-net`` also times each of bnlab's two networks alone in one
+thread, as its training process does, with the evaluations every 500 steps and with one at the end.
 """
 
 import argparse
 import dataclasses
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -73,19 +79,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50_000)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the plain loop")
+    parser.add_argument("--plain-only", action="store_true")
+    parser.add_argument("--per-net", action="store_true")
     args = parser.parse_args()
     cfg = dataclasses.replace(bn_mnist.Config(), steps=args.steps, data_dir=args.data_dir)
+    default_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps per network")
     start = time.perf_counter()
     plain = plain_loop(cfg)
     t_plain = time.perf_counter() - start
     print(f"plain PyTorch loop: {t_plain:.1f} s (final test accuracy {plain})")
+    torch.set_num_threads(default_threads)
+    if args.plain_only:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         bn_mnist.run(dataclasses.replace(cfg, out=tmp))
         t_bnlab = time.perf_counter() - start
     print(f"bnlab reproduce bn-mnist: {t_bnlab:.1f} s")
     print(f"speed-up of bnlab over the plain loop: {t_plain / t_bnlab:.2f}x")
+    if args.per_net:
+        per_net(cfg)
+
+
+def per_net(cfg: bn_mnist.Config) -> None:
+    """Each network alone in one thread, as in its training process."""
+    data = bn_mnist.Tensors.build(load_dataset(cfg.data_dir), cfg.threshold)
+    bn_mnist.warm_up()
+    torch.set_num_threads(1)
+    for name in bn_mnist.NETS:
+        times = []
+        for every in (cfg.eval_every, cfg.steps):
+            with tempfile.TemporaryDirectory() as tmp:
+                run_cfg = dataclasses.replace(cfg, out=str(Path(tmp)), eval_every=every)
+                start = time.perf_counter()
+                bn_mnist._train_one(run_cfg, name, False, data, progress=lambda n: None)
+                times.append(time.perf_counter() - start)
+        print(f"{name} alone, one thread: {times[0]:.1f} s with evaluations every {cfg.eval_every} steps, "
+              f"{times[1]:.1f} s with one at the end")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Diagnostic: how the weights and gammas of the small-batch network grow under BN and under CBN.
 
     python benchmarks/cbn_weight_norms.py [--data-dir ../shared/data/mnist] [--batch 4] [--examples 20000]
+                                          [--window 4] [--burn-in 0.1]
 
 Trains the small-batch experiment's network (bnlab.experiments.small_batch, default config but
-``examples``) with each method at one batch size and prints, every 500 steps, the Frobenius norm
+``examples``, ``window`` and ``burn_in``; burn-in 10% by default, the setting where CBN's weights
+grow) with each method at one batch size and prints, every 500 steps, the Frobenius norm
 of each conv / fully connected weight and the mean |gamma| of each normalization layer. Under BN
 the layers are invariant to the scale of their weights, so the norms grow slowly; under CBN the
 gradient flows through the current iteration's share of the statistics only.
@@ -22,9 +24,10 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=20_000)
     parser.add_argument("--methods", default="bn,cbn")
     parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--burn-in", type=float, default=0.1, help="fraction of the steps run as BN first")
     args = parser.parse_args()
     data = load_dataset(args.data_dir)
-    cfg = small_batch.Config(examples=args.examples, window=args.window)
+    cfg = small_batch.Config(examples=args.examples, window=args.window, burn_in=args.burn_in)
     for method in args.methods.split(","):
         task = small_batch.RunTask(cfg, method, args.batch, data)
         net = task.model
