@@ -8,6 +8,7 @@ torch ops, so double backward (gradgradcheck) works too.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from bnlab import functional as F
@@ -184,3 +185,51 @@ class CrossIterationNormFunction(torch.autograd.Function):
         grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, grad_w, grad_b, None, None, None, None
+
+
+class FusedCrossIterationNormFunction(torch.autograd.Function):
+    """:class:`CrossIterationNormFunction` on the CPU in one numba call each way.
+
+    Forward: :func:`bnlab.kernels.cpu_cbn.pooled_forward` computes the batch's moments, compensates
+    and pools the window (when ``pool_past``; else this is BN) and normalizes, in one pass over x
+    for the statistics and one for the output. ``arrays`` are what the kernels take besides x:
+    ``(kernels, gamma, beta, window)``: the module :mod:`bnlab.kernels.cpu_cbn`, NumPy views of
+    ``weight`` and ``bias`` (ones and zeros without them) and ``window``, the producer's weight
+    and bias, the layer's window buffers and ``compensate``. Backward:
+    :func:`bnlab.kernels.cpu_cbn.pooled_backward`. Float32 and float64 channels-first CPU tensors;
+    no double backward.
+
+    Returns ``(y, stats)``: ``stats`` ``(4, C)`` float64 holds the batch's mean and biased variance
+    (what the running statistics and the window take), then the pooled mean and 1/sqrt(sigma2 + eps).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, pool_past, arrays):
+        kernels, gamma, beta, window = arrays
+        n, c = x.shape[0], x.shape[1]
+        xa = x.detach().numpy().reshape(n, c, -1)
+        y = torch.empty_like(x)
+        stats = np.empty((4, c))
+        ctx.k = kernels.pooled_forward(xa, gamma, beta, eps, pool_past, *window, y.numpy().reshape(n, c, -1),
+                                       stats[0], stats[1], stats[2], stats[3])
+        ctx.save_for_backward(x, weight)  # (for autograd's check that neither was modified in place)
+        ctx.arrays = (kernels, xa, gamma, stats)
+        stats = torch.from_numpy(stats)
+        ctx.mark_non_differentiable(stats)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, dy, _dstats):
+        if torch.is_grad_enabled():
+            raise RuntimeError("cross-iteration BN's CPU kernels have no double backward; build the layer with "
+                               "backend='native' for torch ops")
+        x, weight = ctx.saved_tensors
+        kernels, xa, gamma, stats = ctx.arrays
+        dx = torch.empty_like(x)
+        grads = np.empty((2, xa.shape[1]), dtype=xa.dtype)
+        kernels.pooled_backward(dy.numpy().reshape(xa.shape), xa, gamma, stats[2], stats[3], ctx.k,
+                                dx.numpy().reshape(xa.shape), grads[0], grads[1])
+        if weight is None:
+            return dx, None, None, None, None, None
+        grads = torch.from_numpy(grads).to(weight.dtype)
+        return dx, grads[0], grads[1], None, None, None

@@ -209,18 +209,23 @@ def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e
     return normalize(x, running_mean.to(stat_dtype), invstd, weight, bias)
 
 
-def check_input(x: torch.Tensor, num_features: int, training: bool, name: str = "batch_norm"):
-    """Raise a ValueError that says what is wrong and what to do, before any arithmetic."""
+def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_norm"):
+    """Raise a ValueError that says what is wrong and what to do, before any arithmetic.
+
+    ``name`` (a string, or a function giving one when an error is raised) names the layer."""
+    def label() -> str:
+        return name() if callable(name) else name
+
     if x.dim() < 2:
-        raise ValueError(f"{name}: expected an input of shape (N, C, ...), got shape {tuple(x.shape)}")
+        raise ValueError(f"{label()}: expected an input of shape (N, C, ...), got shape {tuple(x.shape)}")
     if x.shape[1] != num_features:
         raise ValueError(
-            f"{name}: expected {num_features} channels in dimension 1, got {x.shape[1]} "
+            f"{label()}: expected {num_features} channels in dimension 1, got {x.shape[1]} "
             f"(input shape {tuple(x.shape)}); channels-first layout (N, C, ...) is required"
         )
     if training and values_per_channel(x) <= 1:
         raise ValueError(
-            f"{name}: training needs more than one value per channel to estimate a variance, got input "
+            f"{label()}: training needs more than one value per channel to estimate a variance, got input "
             f"shape {tuple(x.shape)} (1 value per channel). Use eval() for inference on one example, "
             "a larger batch, or a normalizer that does not need batch statistics "
             "(bnlab.CrossIterationBatchNorm*, torch.nn.GroupNorm)"

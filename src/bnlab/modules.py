@@ -10,15 +10,19 @@ statistics by the paper's Algorithm 2 (:func:`recalibrate`), and :func:`convert`
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
 
 from bnlab import functional as F
-from bnlab.autograd import CrossIterationNormFunction
+from bnlab.autograd import CrossIterationNormFunction, FusedCrossIterationNormFunction
 
 STATS = ("ema", "cumulative")
+FUSED_DTYPES = (torch.float32, torch.float64)  # what the numba kernels take
+# Cross-iteration BN's window, in the order the kernels of bnlab.kernels.cpu_cbn take it
+WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
+                  "window_valid")
 
 
 class BatchNorm(nn.Module):
@@ -132,7 +136,7 @@ class BatchNorm(nn.Module):
                 f"{type(self).__name__}: expected {expected} input, got {x.dim()}D input of shape "
                 f"{tuple(x.shape)}"
             )
-        F.check_input(x, self.num_features, self.training, self._label())
+        F.check_input(x, self.num_features, self.training, self._label)
 
     def batch_weight(self) -> float:
         """The new batch's weight in the running average: momentum, or 1/t for the t-th batch."""
@@ -362,6 +366,17 @@ class GhostBatchNorm2d(GhostBatchNorm):
     ranks = (4,)
 
 
+class _KernelState(NamedTuple):
+    """What :mod:`bnlab.kernels.cpu_cbn` takes besides the batch, as NumPy views of a layer's tensors."""
+
+    kernels: object  # the module, imported when first needed
+    iteration: object  # the iteration count (a 0-d array)
+    norm: tuple  # FusedCrossIterationNormFunction's: the kernels, gamma, beta, the window as pooled_forward reads it
+    running: tuple  # running_mean, running_var
+    entry: tuple  # commit's window arrays
+    derivatives: tuple  # store_conv's and store_linear's
+
+
 class CrossIterationBatchNorm(BatchNorm):
     """Cross-Iteration Batch Normalization (Yao et al. 2020) after a Linear or Conv2d producer.
 
@@ -394,8 +409,8 @@ class CrossIterationBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, window: int = 4, burn_in: int = 0, compensate: bool = True, eps=1e-5,
-                 momentum=0.1, affine=True, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+                 momentum=0.1, affine=True, device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, backend=backend)
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self.window, self.burn_in, self.compensate = window, burn_in, compensate
@@ -468,33 +483,131 @@ class CrossIterationBatchNorm(BatchNorm):
         if u is None or u.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self._label()}: its producer did not run on this batch just before it; the "
                                "input must be the paired layer's output")
-        iteration, filled = int(self.iteration), int(self.window_valid.sum())
-        if iteration >= self.burn_in and filled > 0:
+        state = self._kernel_state(x)
+        iteration = int(self.iteration if state is None else state.iteration)
+        # The window is read from iteration burn_in on, so only the window - 1 iterations before
+        # it need storing: the burn-in's earlier iterations are plain BN at BN's cost.
+        if self.window == 1 or iteration < self.burn_in - (self.window - 1):
+            y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
+                                                 self.running_var, self.batch_weight())
+        else:
+            pooling, slot = iteration >= self.burn_in, iteration % (self.window - 1)
+            if state is not None:
+                y, folded = self._train_fused(state, x, u, pooling, slot)
+            else:
+                y, folded = self._train_torch(x, u, pooling, slot)
+        if state is None:
+            self.iteration.add_(1)
+        else:
+            state.iteration[...] += 1  # (the buffer, through its NumPy view)
+        return y, folded
+
+    def _derivatives(self, x: torch.Tensor, u: torch.Tensor):
+        """This batch's d mu/dW ``(G, F)`` and d nu/dW ``(C, F)`` from torch's ops (:mod:`bnlab.functional`)."""
+        producer = self.producer
+        return F.mean_patches(u, producer), F.second_moment_derivative(x, u, producer).reshape(x.shape[1], -1)
+
+    def _kernel_state(self, x: torch.Tensor) -> "_KernelState | None":
+        """The NumPy views the numba kernels take, or None when they cannot take this step (they
+        take float32/64 CPU tensors, x channels-first, with ``backend="auto"``).
+
+        Kept between steps and remade when a tensor behind them moved (``.to()``, ``pair()``,
+        ``load_state_dict(assign=True)``, ``.data =``): the cached views hold the old tensors, so
+        an equal address is the same memory.
+        """
+        if not (self.backend == "auto" and x.is_cpu and x.dtype in FUSED_DTYPES and x.is_contiguous()):
+            return None
+        params, buffers, producer = self._parameters, self._buffers, self.producer
+        tensors = (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
+                   producer._parameters["weight"], producer._parameters["bias"], buffers["iteration"],
+                   *[buffers[name] for name in WINDOW_BUFFERS])
+        key = [t.data_ptr() if t is not None else 0 for t in tensors]
+        cached = self.__dict__.get("_state")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_state"] = (key, self._make_kernel_state(tensors))
+        return cached[1]
+
+    def _make_kernel_state(self, tensors) -> "_KernelState | None":
+        floats = tensors[:6] + tensors[7:8]  # (the rest: the iteration count and the valid flags)
+        if not (all(t is None or t.is_cpu for t in tensors) and all(t is None or t.dtype in FUSED_DTYPES for t in floats)):
+            return None
+        from bnlab.kernels import cpu_cbn
+
+        c, producer = self.num_features, self.producer
+        gamma, beta, mean, var, weight, bias, iteration, *window = (t.detach() if t is not None else None
+                                                                    for t in tensors)
+        if gamma is None:
+            gamma, beta = torch.ones(c, dtype=mean.dtype), torch.zeros(c, dtype=mean.dtype)
+        if bias is None:
+            bias = torch.zeros(c, dtype=weight.dtype)
+        if not self.compensate:  # (P, 0) placeholders, shaped as the kernels index them
+            window[3], window[4] = (t.view(self.window - 1, 1, 0) for t in window[3:5])
+        else:
+            F._check_producer(torch.empty((1,) * (4 if isinstance(producer, nn.Conv2d) else 2)), producer)
+        w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid = (t.numpy() for t in window)
+        weight, bias = weight.reshape(c, -1).numpy(), bias.numpy()
+        return _KernelState(
+            kernels=cpu_cbn,
+            iteration=iteration.numpy(),
+            norm=(cpu_cbn, gamma.numpy(), beta.numpy(),
+                  (weight, bias, w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid, self.compensate)),
+            running=(mean.numpy(), var.numpy()),
+            entry=(bias, w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w, valid, self.compensate),
+            derivatives=(w_dmu, w_dnu),
+        )
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__["_state"] = None  # its views would keep the old tensors alive
+        return super()._apply(fn, *args, **kwargs)
+
+    def _train_fused(self, state: "_KernelState", x, u, pooling: bool, slot: int) -> tuple[torch.Tensor, bool]:
+        """One training step on the numba kernels (:mod:`bnlab.kernels.cpu_cbn`): the pooled
+        normalization (an autograd function), the running statistics and the window's statistics,
+        then (compensated, and the batch finite) the window's derivatives."""
+        kernels = state.kernels
+        y, stats = FusedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, pooling, state.norm)
+        m = x.numel() // x.shape[1]
+        folded = kernels.commit(stats.numpy(), m, *state.running, self.batch_weight(), slot, *state.entry)
+        if folded and self.compensate:
+            producer = self.producer
+            if isinstance(producer, nn.Linear):
+                kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), *state.derivatives)
+            else:  # d nu/dW on torch's weight-gradient kernel, scaled by 2/m in the window
+                dnu = torch.ops.aten.convolution_backward(
+                    x.detach(), u, producer.weight.detach(), None, producer.stride, producer.padding,
+                    producer.dilation, False, (0, 0), producer.groups, (False, True, False))[1]
+                kernels.store_conv(slot, u.contiguous().numpy(), *producer.kernel_size, *producer.stride,
+                                   *producer.padding, *producer.dilation, dnu.view(x.shape[1], -1).numpy(), 2.0 / m,
+                                   *state.derivatives)
+        return y, folded
+
+    def _train_torch(self, x, u, pooling: bool, slot: int) -> tuple[torch.Tensor, bool]:
+        """The same step as torch ops: any device and dtype (and the fused kernels' reference)."""
+        filled = int(self.window_valid.sum()) if pooling else 0
+        if filled > 0:
             past_mu, past_nu, n = self._past_statistics(filled)
             y, mu, var = CrossIterationNormFunction.apply(x, self.weight, self.bias, past_mu.to(x.dtype),
                                                           past_nu.to(x.dtype), n + 1, self.eps)
             with torch.no_grad():
                 folded = F.update_running_stats_(self.running_mean, self.running_var, mu, var,
                                                  F.values_per_channel(x), self.batch_weight())
-        else:  # burn-in: BN, whose kernel folds the batch into the running statistics too
+        else:  # BN, whose kernel folds the batch into the running statistics too
             y, mu, invstd, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend,
                                                        self.running_mean, self.running_var, self.batch_weight())
             var = invstd.detach().reciprocal().square() - self.eps  # the batch's, as BN computed it
-        if self.window > 1 and folded:  # a non-finite batch never enters the window
+        if folded:  # a non-finite batch never enters the window
             with torch.no_grad():
-                slot = iteration % (self.window - 1)
                 self.window_mu[slot] = mu
                 self.window_nu[slot] = var + mu * mu
                 if self.compensate:
-                    self.window_dmu[slot] = F.mean_patches(u, producer)
-                    self.window_dnu[slot] = F.second_moment_derivative(x, u, producer).reshape(self.window_dnu[slot].shape)
+                    producer = self.producer
+                    self.window_dmu[slot], self.window_dnu[slot] = self._derivatives(x, u)
                     entry = slice(slot, slot + 1)  # the stored copies: contiguous, whatever dnu's layout
                     mu_w, nu_w = F.compensation_terms(self.window_dmu[entry], self.window_dnu[entry],
                                                       producer.weight.detach())
                     self.window_dmu_w[slot], self.window_dnu_w[slot] = mu_w[0], nu_w[0]
                     self.window_bias[slot] = producer.bias.detach() if producer.bias is not None else 0.0
                 self.window_valid[slot] = True
-        self.iteration.add_(1)
         return y, folded
 
 

@@ -1,0 +1,264 @@
+"""Cross-Iteration BN's training step on the CPU, as loops compiled by numba.
+
+Yao et al. 2020's layer does little arithmetic per iteration beyond BN's: its cost on a small
+batch is the number of operations, each a few microseconds of dispatch when written as torch ops
+(about 60 per layer). Here the whole per-channel part is one call:
+
+:func:`pooled_forward`, per channel c over its m values (threads split the channels):
+    mu, sigma2 = the batch's moments (float64 sums around a shift, as :mod:`cpu_fused`), nu = sigma2 + mu^2
+    each valid past entry p, compensated to the producer's current weights W_t (eq. 7-8):
+        mu_p' = mu_p + <d mu_p/dW, W_t> - <d mu_p/dW, W_p> + (b_t - b_p)
+        nu_p' = nu_p + <d nu_p/dW, W_t> - <d nu_p/dW, W_p> + 2 mu_p (b_t - b_p)
+    mu_bar = mean of mu and the mu_p'; nu_bar = mean of max(nu, mu^2) and max(nu_p', mu_p'^2) (eq. 9)
+    y = gamma (x - mu_bar) / sqrt(nu_bar - mu_bar^2 + eps) + beta
+then, when the batch's statistics are finite, the running statistics fold it in and it becomes
+the window's entry ``slot`` (its mean, second moment, derivatives and their products with W_t).
+
+The backward (:func:`pooled_backward`) is BN's with the statistics' share 1/k.
+:func:`mean_patches` gives d mu/dW (the mean input patch of each group). d nu/dW is
+the producer's weight-gradient reduction and stays on torch's kernel
+(:func:`bnlab.functional.second_moment_derivative`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from bnlab.kernels.cpu_fused import FASTMATH
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def pooled_forward(x, gamma, beta, eps, pool_past, weight, bias, win_mu, win_nu, win_bias, win_dmu, win_dnu,
+                   win_dmu_w, win_dnu_w, valid, compensate, y, mean, var, mu_bar, invstd):
+    """Channels-first ``x (N, C, S)``: the pooled normalization. Writes ``y``, the batch's ``mean`` and
+    biased ``var``, the pooled ``mu_bar`` and ``invstd``; returns k, the number of iterations pooled
+    (1, which is BN, when not ``pool_past``).
+
+    ``weight`` ``(C, F)`` and ``bias`` ``(C,)`` are the producer's now (zeros without a bias); the
+    window arrays are the layer's buffers (``win_dmu (P, G, F)``, ``win_dnu (P, C, F)``; empty and
+    unused when not ``compensate``).
+    """
+    n_, c_, s_ = x.shape
+    m = n_ * s_
+    past = win_mu.shape[0] if pool_past else 0
+    k = 1
+    for p in range(past):
+        if valid[p]:
+            k += 1
+    per_group = c_ // win_dmu.shape[1] if compensate else 1
+    f_ = weight.shape[1]
+    for c in prange(c_):
+        shift = x[0, c, 0]
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(n_):
+            for s in range(s_):
+                d = np.float64(x[n, c, s]) - shift
+                s1 += d
+                s2 += d * d
+        mu_d = s1 / m
+        v = max(s2 / m - mu_d * mu_d, 0.0)
+        mu = shift + mu_d
+        mean[c] = mu
+        var[c] = v
+        sum_mu = mu
+        sum_nu = v + mu * mu
+        for p in range(past):
+            if not valid[p]:
+                continue
+            mu_p = np.float64(win_mu[p, c])
+            nu_p = np.float64(win_nu[p, c])
+            if compensate:
+                g = c // per_group
+                t_mu = weight.dtype.type(0)  # (float32 sums vectorize; a dot product of F terms)
+                t_nu = weight.dtype.type(0)
+                for f in range(f_):
+                    t_mu += win_dmu[p, g, f] * weight[c, f]
+                    t_nu += win_dnu[p, c, f] * weight[c, f]
+                db = np.float64(bias[c]) - win_bias[p, c]
+                nu_p = nu_p + t_nu - win_dnu_w[p, c] + 2.0 * mu_p * db
+                mu_p = mu_p + t_mu - win_dmu_w[p, c] + db
+            sum_mu += mu_p
+            sum_nu += max(nu_p, mu_p * mu_p)
+        mb = sum_mu / k
+        inv = 1.0 / math.sqrt(max(sum_nu / k - mb * mb, 0.0) + eps)
+        mu_bar[c] = mb
+        invstd[c] = inv
+        scale = x.dtype.type(gamma[c] * inv)
+        offset = x.dtype.type(beta[c] - mb * gamma[c] * inv)
+        for n in range(n_):
+            xr, out = x[n, c], y[n, c]
+            for s in range(s_):
+                out[s] = xr[s] * scale + offset
+    return k
+
+
+@numba.njit(cache=True)
+def commit(stats, m, running_mean, running_var, momentum, slot, bias, win_mu, win_nu, win_bias, win_dmu_w, win_dnu_w,
+           valid, compensate):
+    """Fold the batch (``stats`` rows 0 and 1: its mean and biased variance) into the running
+    statistics (unbiased variance m/(m-1) sigma2) and make it window entry ``slot`` (when >= 0);
+    returns False, changing nothing, when its statistics are not finite in the buffers' dtype.
+
+    The entry's products of the derivatives with the producer's weight W now (``win_dmu_w``,
+    ``win_dnu_w``) need no dot products: x_c = <W_c, patch> + b_c, so
+        <d mu_c/dW_c, W_c> = E[<patch, W_c>] = mu_c - b_c,
+        <d nu_c/dW_c, W_c> = 2 E[x_c <patch, W_c>] = 2 (nu_c - b_c mu_c).
+    """
+    mean, var = stats[0], stats[1]
+    c_ = mean.shape[0]
+    correction = m / (m - 1.0)
+    for c in range(c_):
+        if not (np.isfinite(running_mean.dtype.type(mean[c])) and np.isfinite(running_var.dtype.type(var[c] * correction))):
+            return False
+    for c in range(c_):
+        running_mean[c] += momentum * (mean[c] - running_mean[c])
+        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * correction * var[c]
+    if slot >= 0:
+        for c in range(c_):
+            nu = var[c] + mean[c] * mean[c]
+            win_mu[slot, c] = mean[c]
+            win_nu[slot, c] = nu
+            if compensate:
+                win_bias[slot, c] = bias[c]
+                win_dmu_w[slot, c] = mean[c] - bias[c]
+                win_dnu_w[slot, c] = 2.0 * (nu - bias[c] * mean[c])
+        valid[slot] = True
+    return True
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def store_conv(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dnu, dnu_scale, win_dmu, win_dnu):
+    """Window entry ``slot``'s derivatives for a Conv2d producer: d mu/dW (:func:`mean_patches` of
+    its input ``u``) and d nu/dW = ``dnu_scale * dnu`` (``dnu`` ``(C, F)`` from torch's
+    weight-gradient kernel)."""
+    groups, f_ = win_dmu.shape[1], win_dmu.shape[2]
+    patches = np.empty((groups, f_))
+    mean_patches(u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, patches)
+    for g in range(groups):
+        for f in range(f_):
+            win_dmu[slot, g, f] = patches[g, f]
+    for c in prange(dnu.shape[0]):
+        for f in range(f_):
+            win_dnu[slot, c, f] = dnu[c, f] * dnu_scale
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def store_linear(slot, x, u, win_dmu, win_dnu):
+    """Window entry ``slot``'s derivatives for a Linear producer, ``x (N, C) = u (N, F) W^T + b``:
+    d mu/dW = the mean row of u; d nu_c/dW_c = 2/N sum_n x[n, c] u[n] (outer products accumulated
+    row by row, straight into the window: torch's ``x^T @ u`` at a small N runs several times
+    slower, ``(u^T @ x)^T`` comes out transposed)."""
+    n_, c_ = x.shape
+    f_ = u.shape[1]
+    dmu = win_dmu[slot, 0]
+    dmu[:] = 0
+    for n in range(n_):
+        for f in range(f_):
+            dmu[f] += u[n, f]
+    for f in range(f_):
+        dmu[f] /= n_
+    scale = x.dtype.type(2.0 / n_)
+    for c in prange(c_):
+        row = win_dnu[slot, c]
+        row[:] = 0
+        for n in range(n_):
+            a = x[n, c] * scale
+            un = u[n]
+            for f in range(f_):
+                row[f] += a * un[f]
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _reach(out_size, size, stride, offset):
+    """The output positions a whose input position a * stride + offset lies in [0, size): (first, end)."""
+    first = max(0, (-offset + stride - 1) // stride)
+    end = min(out_size, (size - 1 - offset) // stride + 1) if size - 1 - offset >= 0 else 0
+    return first, max(first, end)
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def mean_patches(u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, out):
+    """d mu/dW of a Conv2d (a Linear is the 1x1 case): the mean over the batch and the output
+    positions of each group's input patch, ``out (G, C_in/G * kh * kw)`` in the weight's order.
+
+    Patches are linear in the input, so the batch is summed first (``u`` contiguous); then each
+    (channel, kernel offset) sums the part of the summed image that the output positions reach
+    (zero padding adds nothing): a rectangle, read off 2-D prefix sums at stride 1.
+    """
+    n_, c_in, h, w = u.shape
+    oh = (h + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
+    ow = (w + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
+    flat = u.reshape(n_, c_in * h * w)
+    summed = np.zeros(c_in * h * w)
+    for n in range(n_):
+        for v in range(c_in * h * w):
+            summed[v] += flat[n, v]
+    image = summed.reshape(c_in, h, w)
+    unit_stride = stride_h == 1 and stride_w == 1
+    prefix = np.zeros((c_in, h + 1, w + 1) if unit_stride else (0, 0, 0))  # prefix[c, r, q] = sum of image[c, :r, :q]
+    if unit_stride:
+        for ci in range(c_in):
+            for r in range(h):
+                run = 0.0
+                for q in range(w):
+                    run += image[ci, r, q]
+                    prefix[ci, r + 1, q + 1] = prefix[ci, r, q + 1] + run
+    per_group = c_in // groups
+    scale = 1.0 / (n_ * oh * ow)
+    for i in range(kh):
+        a0, a1 = _reach(oh, h, stride_h, i * dil_h - pad_h)
+        for j in range(kw):
+            b0, b1 = _reach(ow, w, stride_w, j * dil_w - pad_w)
+            for ci in range(c_in):
+                total = 0.0
+                if a1 > a0 and b1 > b0 and unit_stride:
+                    r0, r1 = a0 + i * dil_h - pad_h, a1 + i * dil_h - pad_h
+                    q0, q1 = b0 + j * dil_w - pad_w, b1 + j * dil_w - pad_w
+                    total = prefix[ci, r1, q1] - prefix[ci, r0, q1] - prefix[ci, r1, q0] + prefix[ci, r0, q0]
+                elif not unit_stride:
+                    for a in range(a0, a1):
+                        row = image[ci, a * stride_h + i * dil_h - pad_h]
+                        for b in range(b0, b1):
+                            total += row[b * stride_w + j * dil_w - pad_w]
+                out[ci // per_group, (ci % per_group * kh + i) * kw + j] = total * scale
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def pooled_backward(dy, x, gamma, mu_bar, invstd, k, dx, dgamma, dbeta):
+    """Channels-first backward of :func:`pooled_forward`: BN's, with the statistics' share 1/k.
+
+        x_hat = (x - mu_bar) invstd,  dbeta = sum dy,  dgamma = sum dy x_hat,
+        dx = gamma invstd (dy - (dbeta + x_hat dgamma) / (k m))
+
+    (:class:`bnlab.autograd.CrossIterationNormFunction` derives it). Each contiguous run of S
+    values is summed in the input's dtype, the runs in float64.
+    """
+    n_, c_, s_ = x.shape
+    km = k * n_ * s_
+    for c in prange(c_):
+        mu, inv = x.dtype.type(mu_bar[c]), x.dtype.type(invstd[c])
+        sum_dy = 0.0
+        sum_dy_xhat = 0.0
+        for n in range(n_):
+            xr, dr = x[n, c], dy[n, c]
+            part = xr[0] * 0
+            part_xhat = xr[0] * 0
+            for s in range(s_):
+                part += dr[s]
+                part_xhat += dr[s] * (xr[s] - mu)
+            sum_dy += part
+            sum_dy_xhat += part_xhat * inv
+        dgamma[c] = sum_dy_xhat
+        dbeta[c] = sum_dy
+        scale = x.dtype.type(gamma[c] * invstd[c])
+        a = x.dtype.type(sum_dy_xhat * invstd[c] / km)  # dx = scale * (dy - a (x - mu_bar) - b)
+        b = x.dtype.type(sum_dy / km)
+        for n in range(n_):
+            xr, dr, out = x[n, c], dy[n, c], dx[n, c]
+            for s in range(s_):
+                out[s] = scale * (dr[s] - a * (xr[s] - mu) - b)
