@@ -2,25 +2,28 @@
 
     python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--parts]
 
-Both networks (bnlab's cross-iteration layers with window 4 past their burn-in, and bnlab's BN)
-train on the same MNIST-sized random batches with SGD + momentum, measured in one run,
-interleaved in blocks; prints the median step times and their ratio (CBN / BN).
+Three networks train on the same MNIST-sized random batches with SGD + momentum, measured in one
+run, interleaved in blocks: bnlab's cross-iteration layers (window 4, past their burn-in), bnlab's
+BN (the experiment's "bn") and torch.nn.BatchNorm1d/2d. Prints the median step times and the
+ratios CBN / BN and CBN / torch's BN.
 
-``--parts`` also prints where CBN's extra time goes: each piece of the layer's training step
-timed inside the CBN network's steps (per step, summed over its four layers), and two isolated
-comparisons behind choices in the code (the batch moments; a Linear producer's d nu/dW product).
+``--parts`` also prints where CBN's time goes: each piece of the layer's training step timed
+inside the CBN network's steps (per step, summed over its four layers), and one isolated
+comparison behind a choice in the code (a Linear producer's d nu/dW).
 """
 
 import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
 from bnlab import autograd, modules
 from bnlab import functional as F
 from bnlab.experiments.small_batch import Config, SmallConvNet
+from bnlab.kernels import cpu_cbn
 
 
 def per_call_us(f, repeats=2000):
@@ -32,13 +35,22 @@ def per_call_us(f, repeats=2000):
     return (time.perf_counter() - start) / repeats * 1e6
 
 
+def network(method: str) -> nn.Module:
+    if method == "torch-bn":
+        net = SmallConvNet("bn", steps=10**6, cfg=Config(burn_in=0.0), classes=10)
+        net.norms = nn.ModuleList(nn.BatchNorm2d(norm.num_features) for norm in net.norms)
+        net.fc_norm = nn.BatchNorm1d(net.fc_norm.num_features)
+        return net
+    return SmallConvNet(method, steps=10**6, cfg=Config(burn_in=0.0), classes=10)
+
+
 def parts(args, x, y) -> None:
     """Time the pieces of CBN's training step by wrapping them, inside real training steps."""
     spent = {}
 
     def timed(name, owner, attr, static=False):
         original = getattr(owner, attr)
-        spent[name] = 0.0
+        spent.setdefault(name, 0.0)  # (a name may sum several functions)
 
         def wrapper(*a, **k):
             start = time.perf_counter()
@@ -49,14 +61,17 @@ def parts(args, x, y) -> None:
 
         setattr(owner, attr, staticmethod(wrapper) if static else wrapper)
 
+    fused = autograd.FusedCrossIterationNormFunction
     timed("whole layer forward (_train)", modules.CrossIterationBatchNorm, "_train")
-    timed("  compensation of the window (_past_statistics)", modules.CrossIterationBatchNorm, "_past_statistics")
-    timed("  pooled normalization, forward", autograd.CrossIterationNormFunction, "forward", static=True)
-    timed("  running statistics update", F, "update_running_stats_")
-    timed("  d mu/dW (mean_patches)", F, "mean_patches")
-    timed("  d nu/dW (second_moment_derivative)", F, "second_moment_derivative")
-    timed("pooled normalization, backward", autograd.CrossIterationNormFunction, "backward", static=True)
-    net = SmallConvNet("cbn", steps=10**6, cfg=Config(burn_in=0.0), classes=10)
+    timed("  pooled normalization, forward (compensation, pooling)", fused, "forward", static=True)
+    timed("    of which the kernel pooled_forward", cpu_cbn, "pooled_forward")
+    timed("  running statistics and window entry (commit)", cpu_cbn, "commit")
+    timed("  d nu/dW of the convs (torch's weight-gradient kernel)", F, "conv_weight_gradient")
+    for kernel in ("store_conv", "store_linear"):
+        timed("  derivatives into the window (store_conv, store_linear)", cpu_cbn, kernel)
+    timed("pooled normalization, backward", fused, "backward", static=True)
+    timed("  of which the kernel pooled_backward", cpu_cbn, "pooled_backward")
+    net = network("cbn")
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     for s in range(args.steps):
         if s == 20:
@@ -67,13 +82,13 @@ def parts(args, x, y) -> None:
         opt.step()
     print("CBN network, per step (four layers):")
     for name, total in spent.items():
-        print(f"  {name:<50} {total / (args.steps - 20) * 1e3:.3f} ms")
-    a = torch.randn(4, 16, 28, 28)
-    print(f"batch moments of a (4, 16, 28, 28) tensor: torch.var_mean {per_call_us(lambda: torch.var_mean(a, (0, 2, 3))):.0f} us,"
-          f" mean and mean of squares {per_call_us(lambda: F.raw_moments(a)):.0f} us")
+        print(f"  {name:<60} {total / (args.steps - 20) * 1e3:.3f} ms")
     u, h = torch.randn(args.batch, 1024), torch.randn(args.batch, 128)
+    dmu, dnu = np.zeros((1, 1, 1024), np.float32), np.zeros((1, 128, 1024), np.float32)
     print(f"Linear(1024, 128) d nu/dW at batch {args.batch}: h^T @ u {per_call_us(lambda: h.t().mm(u)):.0f} us,"
-          f" (u^T @ h)^T {per_call_us(lambda: u.t().mm(h).t()):.0f} us")
+          f" (u^T @ h)^T {per_call_us(lambda: u.t().mm(h).t()):.0f} us (transposed),"
+          f" store_linear {per_call_us(lambda: cpu_cbn.store_linear(0, h.numpy(), u.numpy(), dmu, dnu)):.0f} us"
+          " (with d mu/dW, into the window)")
 
 
 def main() -> None:
@@ -85,7 +100,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.rand(args.steps, args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.steps, args.batch))
-    nets = {m: SmallConvNet(m, steps=10**6, cfg=Config(burn_in=0.0), classes=10) for m in ("bn", "cbn")}
+    nets = {m: network(m) for m in ("bn", "torch-bn", "cbn")}
     opts = {m: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9) for m, n in nets.items()}
     times = {m: [] for m in nets}
     for block in range(0, args.steps, 50):
@@ -97,9 +112,10 @@ def main() -> None:
                 loss.backward()
                 opts[m].step()
                 times[m].append(time.perf_counter() - start)
-    bn, cbn = (statistics.median(times[m][20:]) for m in ("bn", "cbn"))
+    bn, torch_bn, cbn = (statistics.median(times[m][20:]) for m in ("bn", "torch-bn", "cbn"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    print(f"BN step {bn * 1e3:.3f} ms, CBN step {cbn * 1e3:.3f} ms, ratio CBN/BN {cbn / bn:.2f}")
+    print(f"BN step {bn * 1e3:.3f} ms, torch's BN step {torch_bn * 1e3:.3f} ms, CBN step {cbn * 1e3:.3f} ms; "
+          f"ratio CBN/BN {cbn / bn:.2f}, CBN/torch's BN {cbn / torch_bn:.2f}")
     if args.parts:
         parts(args, x, y)
 

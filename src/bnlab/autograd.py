@@ -226,10 +226,12 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         kernels, xa, gamma, stats = ctx.arrays
         dx = torch.empty_like(x)
-        grads = np.empty((2, xa.shape[1]), dtype=xa.dtype)
+        dgamma, dbeta = np.empty(xa.shape[1], xa.dtype), np.empty(xa.shape[1], xa.dtype)
         kernels.pooled_backward(dy.numpy().reshape(xa.shape), xa, gamma, stats[2], stats[3], ctx.k,
-                                dx.numpy().reshape(xa.shape), grads[0], grads[1])
+                                dx.numpy().reshape(xa.shape), dgamma, dbeta)
         if weight is None:
             return dx, None, None, None, None, None
-        grads = torch.from_numpy(grads).to(weight.dtype)
-        return dx, grads[0], grads[1], None, None, None
+        dgamma, dbeta = torch.from_numpy(dgamma), torch.from_numpy(dbeta)
+        if weight.dtype != dgamma.dtype:
+            dgamma, dbeta = dgamma.to(weight.dtype), dbeta.to(weight.dtype)
+        return dx, dgamma, dbeta, None, None, None

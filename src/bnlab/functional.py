@@ -492,9 +492,15 @@ def second_moment_derivative(x: torch.Tensor, u: torch.Tensor, producer: torch.n
         # (C, in) = 2/m x^T u, computed as (u^T x)^T: with few rows, MKL's (C, N) @ (N, in) product
         # measured 9x slower than (in, N) @ (N, C) on our CPU (bench_cbn.py --parts).
         return u.t().mm(x.detach() * (2.0 / m)).t()
+    return conv_weight_gradient(x, u, producer).mul_(2.0 / m)
+
+
+def conv_weight_gradient(g: torch.Tensor, u: torch.Tensor, producer: torch.nn.Conv2d) -> torch.Tensor:
+    """sum over the batch and the output positions of g_j * patch, weight-shaped: the gradient a
+    Conv2d's weight gets from ``g`` at its output, on torch's weight-gradient kernel alone."""
     return torch.ops.aten.convolution_backward(
-        x.detach(), u, w, None, producer.stride, producer.padding, producer.dilation, False, (0, 0), producer.groups,
-        (False, True, False))[1].mul_(2.0 / m)
+        g.detach(), u, producer.weight.detach(), None, producer.stride, producer.padding, producer.dilation, False,
+        (0, 0), producer.groups, (False, True, False))[1]
 
 
 def compensation_terms(dmu: torch.Tensor, dnu: torch.Tensor, weight: torch.Tensor):

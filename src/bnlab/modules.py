@@ -499,7 +499,7 @@ class CrossIterationBatchNorm(BatchNorm):
         if state is None:
             self.iteration.add_(1)
         else:
-            state.iteration[...] += 1  # (the buffer, through its NumPy view)
+            state.iteration[()] = iteration + 1  # (the buffer, through its NumPy view)
         return y, folded
 
     def _derivatives(self, x: torch.Tensor, u: torch.Tensor):
@@ -573,9 +573,7 @@ class CrossIterationBatchNorm(BatchNorm):
             if isinstance(producer, nn.Linear):
                 kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), *state.derivatives)
             else:  # d nu/dW on torch's weight-gradient kernel, scaled by 2/m in the window
-                dnu = torch.ops.aten.convolution_backward(
-                    x.detach(), u, producer.weight.detach(), None, producer.stride, producer.padding,
-                    producer.dilation, False, (0, 0), producer.groups, (False, True, False))[1]
+                dnu = F.conv_weight_gradient(x, u, producer)
                 kernels.store_conv(slot, u.contiguous().numpy(), *producer.kernel_size, *producer.stride,
                                    *producer.padding, *producer.dilation, dnu.view(x.shape[1], -1).numpy(), 2.0 / m,
                                    *state.derivatives)
