@@ -5,6 +5,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load, save
 from torch import nn
 
@@ -25,11 +27,15 @@ def inputs(kind, batch=3, seed=0):
     return torch.randn(shape, generator=g, dtype=torch.float64) + 0.5
 
 
-def pair(kind, window, **kw):
+# "auto" takes the numba kernels on CPU float tensors (bnlab.kernels.cpu_cbn), "native" torch's ops.
+PATHS = ("auto", "native")
+
+
+def pair(kind, window, dtype=torch.float64, **kw):
     torch.manual_seed(0)
-    producer = PRODUCERS[kind]().double()
+    producer = PRODUCERS[kind]().to(dtype)
     cls = bnlab.CrossIterationBatchNorm1d if kind == "linear" else bnlab.CrossIterationBatchNorm2d
-    layer = cls(producer.weight.shape[0], window=window, dtype=torch.float64, **kw).pair(producer)
+    layer = cls(producer.weight.shape[0], window=window, dtype=dtype, **kw).pair(producer)
     return producer, layer
 
 
@@ -44,9 +50,10 @@ def test_weight_derivatives_equal_autograd(kind):
     torch.testing.assert_close(dnu, torch.autograd.grad(nu.sum(), producer.weight)[0])
 
 
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("kind", list(PRODUCERS))
-def test_window_1_is_bn(kind):
-    producer, cbn = pair(kind, 1)
+def test_window_1_is_bn(kind, backend):
+    producer, cbn = pair(kind, 1, backend=backend)
     bn = (bnlab.BatchNorm1d if kind == "linear" else bnlab.BatchNorm2d)(cbn.num_features, dtype=torch.float64)
     for step in range(3):
         u = inputs(kind, seed=step)
@@ -84,15 +91,17 @@ def run(producer, layer, steps, lr=0.0, seed=0, history=None):
     return outs
 
 
-def test_frozen_producer_makes_compensation_change_nothing():
-    pa, a = pair("conv", 4, compensate=True)
-    pb, b = pair("conv", 4, compensate=False)
+@pytest.mark.parametrize("backend", PATHS)
+def test_frozen_producer_makes_compensation_change_nothing(backend):
+    pa, a = pair("conv", 4, compensate=True, backend=backend)
+    pb, b = pair("conv", 4, compensate=False, backend=backend)
     for ya, yb in zip(run(pa, a, 6), run(pb, b, 6)):
         torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
 
 
-def test_compensation_beats_naive_on_a_slowly_changing_producer():
-    producer, layer = pair("conv", 4)
+@pytest.mark.parametrize("backend", PATHS)
+def test_compensation_beats_naive_on_a_slowly_changing_producer(backend):
+    producer, layer = pair("conv", 4, backend=backend)
     run(producer, layer, 4, lr=1e-4)  # slow: the weights move by about 1% a step
     valid = layer.window_valid
     w_now, b_now = producer.weight.detach(), producer.bias.detach()
@@ -113,8 +122,9 @@ def test_compensation_beats_naive_on_a_slowly_changing_producer():
     assert err(nu_c, nu_true) < 0.2 * err(naive_nu, nu_true)  # the second moment: first order
 
 
-def test_pooled_statistics_match_the_reference():
-    producer, layer = pair("conv", 3)
+@pytest.mark.parametrize("backend", PATHS)
+def test_pooled_statistics_match_the_reference(backend):
+    producer, layer = pair("conv", 3, backend=backend)
     history = []
     run(producer, layer, 3, lr=0.05, history=history)  # the window holds the last two steps
     u = inputs("conv", seed=10)
@@ -146,13 +156,14 @@ def test_gradcheck_through_the_current_statistics():
     assert torch.autograd.gradcheck(f, (x,))
 
 
-def test_checkpoint_resumes_cbn_exactly_and_to_moves_the_window():
-    pa, a = pair("conv", 4)
+@pytest.mark.parametrize("backend", PATHS)
+def test_checkpoint_resumes_cbn_exactly_and_to_moves_the_window(backend):
+    pa, a = pair("conv", 4, backend=backend)
     first = run(pa, a, 3, lr=0.05)
     state = save({**{f"p.{k}": v.contiguous() for k, v in pa.state_dict().items()},
                   **{f"n.{k}": v.contiguous() for k, v in a.state_dict().items()}})
     later = run(pa, a, 3, lr=0.05, seed=3)
-    pb, b = pair("conv", 4)
+    pb, b = pair("conv", 4, backend=backend)
     loaded = load(state)
     pb.load_state_dict({k[2:]: v for k, v in loaded.items() if k.startswith("p.")})
     b.load_state_dict({k[2:]: v for k, v in loaded.items() if k.startswith("n.")})
@@ -164,11 +175,18 @@ def test_checkpoint_resumes_cbn_exactly_and_to_moves_the_window():
     assert b.window_dnu.dtype == torch.float32 and b.window_dnu_w.dtype == torch.float32
 
 
-def test_burn_in_is_bn():
-    pa, a = pair("conv", 4, burn_in=3)
-    pb, b = pair("conv", 1)
-    for ya, yb in zip(run(pa, a, 3, lr=0.05), run(pb, b, 3, lr=0.05)):
+@pytest.mark.parametrize("backend", PATHS)
+def test_burn_in_is_bn(backend):
+    pa, a = pair("conv", 4, burn_in=5, backend=backend)
+    pb, b = pair("conv", 1, backend=backend)
+    valid = []
+    for step in range(5):
+        ya, yb = run(pa, a, 1, lr=0.05, seed=step)[0], run(pb, b, 1, lr=0.05, seed=step)[0]
         torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)
+        valid.append(a.window_valid.tolist())
+    # Only the window - 1 = 3 steps before pooling starts are stored: steps 2, 3, 4 in slots 2, 0, 1.
+    assert valid == [[False] * 3, [False] * 3, [False, False, True], [True, False, True], [True] * 3]
+    torch.testing.assert_close(a.running_var, b.running_var)
 
 
 def test_cross_iteration_converts_pairs_and_refuses_others():
@@ -220,3 +238,109 @@ def test_gradcheck_cross_iteration_norm_function(affine):
     if affine:
         expected = expected * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
     torch.testing.assert_close(f(x, *((w, b) if affine else ())), expected)
+
+
+WINDOW_STATE = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
+                "window_valid", "running_mean", "running_var", "num_batches_tracked", "iteration")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("compensate", [True, False])
+@pytest.mark.parametrize("kind", list(PRODUCERS))
+def test_the_cpu_kernels_take_the_same_steps_as_torch_ops(kind, compensate, dtype):
+    """The fused path (numba) against the torch-op path over a training run with a moving
+    producer, a non-finite batch in the middle, and the window wrapping around."""
+    layers = [pair(kind, 3, dtype=dtype, compensate=compensate, backend=b) for b in PATHS]
+    fused, plain = (layer for _, layer in layers)
+    tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-5}
+    g = torch.Generator().manual_seed(1)
+    for step in range(7):
+        u = inputs(kind, batch=4, seed=step).to(dtype)
+        if step == 3:
+            u[0].fill_(float("nan"))
+        outs = []
+        for producer, layer in layers:
+            x = producer(u)
+            if step == 3:
+                with pytest.warns(RuntimeWarning, match="non-finite"):
+                    y = layer(x)
+            else:
+                y = layer(x)
+            assert (layer._kernel_state(x) is not None) == (layer.backend == "auto")
+            producer.zero_grad(), layer.zero_grad()
+            weights = torch.randn(y.shape, generator=g, dtype=dtype) if not outs else outs[0][1]
+            torch.nan_to_num(y * weights).sum().backward()
+            with torch.no_grad():
+                for p in (*producer.parameters(), *layer.parameters()):
+                    p -= 0.05 * torch.nan_to_num(p.grad)
+            outs.append((y.detach(), weights, producer.weight.grad.clone(), layer.weight.grad.clone()))
+        if step != 3:
+            for a, b in zip(outs[0][2:], outs[1][2:]):
+                torch.testing.assert_close(a, b, **tol)
+            torch.testing.assert_close(outs[0][0], outs[1][0], **tol)
+        for name in WINDOW_STATE:
+            torch.testing.assert_close(getattr(fused, name), getattr(plain, name), **tol, msg=f"{name} at step {step}")
+    assert int(fused.num_batches_tracked) == 6 and bool(fused.window_valid.all())
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_fused_cross_iteration_norm_function(affine):
+    from bnlab.autograd import FusedCrossIterationNormFunction
+
+    producer, layer = pair("conv", 3, affine=affine)
+    run(producer, layer, 3, lr=0.05)  # a full window, compensated to weights that moved
+    x = producer(inputs("conv", batch=2, seed=9)).detach().requires_grad_()
+    state = layer._kernel_state(x)
+    params = (layer.weight, layer.bias) if affine else ()
+
+    def f(x, *wb):
+        return FusedCrossIterationNormFunction.apply(x, *(wb or (None, None)), layer.eps, True, state.norm)[0]
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+    # The forward is the pooled normalization of the torch path, whose statistics the reference checks.
+    past_mu, past_nu, n = layer._past_statistics(3)
+    from bnlab.autograd import CrossIterationNormFunction
+
+    expected = CrossIterationNormFunction.apply(x, *(params or (None, None)), past_mu, past_nu, n + 1, layer.eps)[0]
+    torch.testing.assert_close(f(x, *params), expected, rtol=1e-10, atol=1e-12)
+    y = f(x, *params)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # no double backward on the kernels
+        g.sum().backward()
+
+
+def test_the_kernels_follow_tensors_that_moved():
+    """The cached NumPy views are remade when a tensor behind them is replaced, not written to stale memory."""
+    pa, a = pair("conv", 3)
+    pb, b = pair("conv", 3)
+    run(pa, a, 4, lr=0.05)
+    run(pb, b, 2, lr=0.05, seed=20)
+    copies = lambda m: {k: v.clone() for k, v in m.state_dict().items()}  # noqa: E731
+    b.load_state_dict(copies(a), assign=True)  # new tensors in b, not copies into its old ones
+    pb.load_state_dict(copies(pa), assign=True)
+    for ya, yb in zip(run(pa, a, 3, lr=0.05, seed=4), run(pb, b, 3, lr=0.05, seed=4)):
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    for name in WINDOW_STATE:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    x = torch.zeros(1, 6, 2, 2, dtype=torch.float64)
+    old = b._kernel_state(x)
+    assert b._kernel_state(x) is old  # kept while nothing moved
+    pb.weight.data = pb.weight.data.clone() * 2  # new storage under the same Parameter
+    new = b._kernel_state(x)
+    assert new is not old and np.shares_memory(new.norm[3][0], pb.weight.detach().numpy())
+    assert not np.shares_memory(old.norm[3][0], pb.weight.detach().numpy())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2), st.integers(1, 2),
+       st.sampled_from([1, 2]), st.integers(3, 7), st.integers(3, 7))
+def test_kernel_mean_patches_equal_unfold(kh, kw, stride, padding, dilation, groups, h, w):
+    from bnlab.kernels import cpu_cbn
+
+    conv = nn.Conv2d(4, 2, (kh, kw), stride=stride, padding=padding, dilation=dilation, groups=groups)
+    u = torch.randn(3, 4, h, w, dtype=torch.float64)
+    if (h + 2 * padding - dilation * (kh - 1)) < 1 or (w + 2 * padding - dilation * (kw - 1)) < 1:
+        return  # no output position
+    out = np.empty((groups, 4 // groups * kh * kw))
+    cpu_cbn.mean_patches(u.numpy(), kh, kw, stride, stride, padding, padding, dilation, dilation, groups, out)
+    np.testing.assert_allclose(out, F.mean_patches(u, conv).numpy(), rtol=1e-12, atol=1e-12)

@@ -219,10 +219,8 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
         return y, stats
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dstats):
-        if torch.is_grad_enabled():
-            raise RuntimeError("cross-iteration BN's CPU kernels have no double backward; build the layer with "
-                               "backend='native' for torch ops")
         x, weight = ctx.saved_tensors
         kernels, xa, gamma, stats = ctx.arrays
         dx = torch.empty_like(x)

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from bnlab.kernels.cpu_fused import FASTMATH
+from bnlab.kernels.cpu_fused import FASTMATH, channel_moments
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -43,7 +43,6 @@ def pooled_forward(x, gamma, beta, eps, pool_past, weight, bias, win_mu, win_nu,
     unused when not ``compensate``).
     """
     n_, c_, s_ = x.shape
-    m = n_ * s_
     past = win_mu.shape[0] if pool_past else 0
     k = 1
     for p in range(past):
@@ -52,17 +51,7 @@ def pooled_forward(x, gamma, beta, eps, pool_past, weight, bias, win_mu, win_nu,
     per_group = c_ // win_dmu.shape[1] if compensate else 1
     f_ = weight.shape[1]
     for c in prange(c_):
-        shift = x[0, c, 0]
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(n_):
-            for s in range(s_):
-                d = np.float64(x[n, c, s]) - shift
-                s1 += d
-                s2 += d * d
-        mu_d = s1 / m
-        v = max(s2 / m - mu_d * mu_d, 0.0)
-        mu = shift + mu_d
+        mu, v = channel_moments(x, c)
         mean[c] = mu
         var[c] = v
         sum_mu = mu

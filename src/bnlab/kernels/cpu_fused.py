@@ -60,23 +60,30 @@ def _act_grad(u, act, slope):
     return one
 
 
+@numba.njit(inline="always", fastmath=FASTMATH)
+def channel_moments(x, c):
+    """The mean and biased variance of channel ``c`` of a channels-first ``x (N, C, S)``, summed
+    in float64 around a shift (the channel's first value)."""
+    n_, _, s_ = x.shape
+    m = n_ * s_
+    shift = x[0, c, 0]
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(n_):
+        for s in range(s_):
+            d = np.float64(x[n, c, s]) - shift
+            s1 += d
+            s2 += d * d
+    mu_d = s1 / m
+    return shift + mu_d, max(s2 / m - mu_d * mu_d, 0.0)
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def forward_cfirst(x, weight, bias, eps, act, slope, y, mean, invstd):
     """Channels-first ``x (N, C, S)``: writes ``y``, the batch ``mean`` and ``invstd`` per channel."""
     n_, c_, s_ = x.shape
-    m = n_ * s_
     for c in prange(c_):
-        shift = x[0, c, 0]
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(n_):
-            for s in range(s_):
-                d = np.float64(x[n, c, s]) - shift
-                s1 += d
-                s2 += d * d
-        mu_d = s1 / m
-        var = max(s2 / m - mu_d * mu_d, 0.0)
-        mu = shift + mu_d
+        mu, var = channel_moments(x, c)
         inv = 1.0 / math.sqrt(var + eps)
         mean[c] = mu
         invstd[c] = inv
