@@ -344,3 +344,11 @@ def test_kernel_mean_patches_equal_unfold(kh, kw, stride, padding, dilation, gro
     out = np.empty((groups, 4 // groups * kh * kw))
     cpu_cbn.mean_patches(u.numpy(), kh, kw, stride, stride, padding, padding, dilation, dilation, groups, out)
     np.testing.assert_allclose(out, F.mean_patches(u, conv).numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_unsupported_padding_is_a_clear_error_on_both_paths():
+    for backend in PATHS:
+        conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        layer = bnlab.CrossIterationBatchNorm2d(4, window=2, backend=backend).pair(conv)
+        with pytest.raises(ValueError, match="numeric zero padding"):
+            layer(conv(torch.randn(2, 3, 5, 5)))

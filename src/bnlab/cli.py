@@ -48,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = sub.add_parser("reproduce", help="run a paper's experiment")
     which = reproduce.add_subparsers(dest="experiment", required=True)
     for name, module in EXPERIMENTS.items():
-        p = which.add_parser(name, help=module.__doc__.strip().splitlines()[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = which.add_parser(name, help=module.__doc__.strip().splitlines()[0])  # (the flags' help states defaults)
         _field_flags(p, module.Config)
         p.add_argument("--quick", action="store_true", help="a short run (a few thousand steps) for demos and CI")
         p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoints")

@@ -402,6 +402,14 @@ class CrossIterationBatchNorm(BatchNorm):
     training forward or ``load_state_dict``: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)``
     for a whole model.
 
+    Speed: d mu/dW is the mean input patch and d nu/dW one weight-gradient reduction (torch's
+    kernel for a conv), never extra autograd passes. With ``backend="auto"`` a training step on
+    float32/64 CPU tensors runs on the numba kernels of :mod:`bnlab.kernels.cpu_cbn` (moments,
+    compensation, pooling and normalization in one call; the running statistics and the window in
+    two more); elsewhere, or with ``backend="native"``, on torch ops (any device; the tests hold
+    the two paths to the same steps). The burn-in's iterations before the last ``window - 1`` are
+    plain BN and store nothing.
+
     Example:
         >>> conv, cbn = nn.Conv2d(3, 16, 3, bias=False), CrossIterationBatchNorm2d(16, window=4, burn_in=100)
         >>> cbn.pair(conv)
@@ -531,9 +539,12 @@ class CrossIterationBatchNorm(BatchNorm):
         floats = tensors[:6] + tensors[7:8]  # (the rest: the iteration count and the valid flags)
         if not (all(t is None or t.is_cpu for t in tensors) and all(t is None or t.dtype in FUSED_DTYPES for t in floats)):
             return None
+        producer = self.producer
+        if isinstance(producer, nn.Conv2d) and (producer.padding_mode != "zeros" or isinstance(producer.padding, str)):
+            return None  # the torch path says what it does not support
         from bnlab.kernels import cpu_cbn
 
-        c, producer = self.num_features, self.producer
+        c = self.num_features
         gamma, beta, mean, var, weight, bias, iteration, *window = (t.detach() if t is not None else None
                                                                     for t in tensors)
         if gamma is None:
@@ -542,8 +553,6 @@ class CrossIterationBatchNorm(BatchNorm):
             bias = torch.zeros(c, dtype=weight.dtype)
         if not self.compensate:  # (P, 0) placeholders, shaped as the kernels index them
             window[3], window[4] = (t.view(self.window - 1, 1, 0) for t in window[3:5])
-        else:
-            F._check_producer(torch.empty((1,) * (4 if isinstance(producer, nn.Conv2d) else 2)), producer)
         w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid = (t.numpy() for t in window)
         weight, bias = weight.reshape(c, -1).numpy(), bias.numpy()
         return _KernelState(
