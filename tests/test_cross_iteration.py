@@ -352,3 +352,17 @@ def test_unsupported_padding_is_a_clear_error_on_both_paths():
         layer = bnlab.CrossIterationBatchNorm2d(4, window=2, backend=backend).pair(conv)
         with pytest.raises(ValueError, match="numeric zero padding"):
             layer(conv(torch.randn(2, 3, 5, 5)))
+
+
+def test_kernels_take_gradients_in_any_layout():
+    grads = []
+    for backend in PATHS:
+        producer, layer = pair("conv", 2, backend=backend)
+        run(producer, layer, 2, lr=0.05)
+        x = producer(inputs("conv", seed=5)).detach().requires_grad_()
+        y = layer(x)
+        dy = torch.randn(y.shape[::-1], dtype=y.dtype, generator=torch.Generator().manual_seed(2)).permute(3, 2, 1, 0)
+        y.backward(dy)  # a transposed gradient, not contiguous
+        grads.append((x.grad, layer.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -225,7 +225,7 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
         kernels, xa, gamma, stats = ctx.arrays
         dx = torch.empty_like(x)
         dgamma, dbeta = np.empty(xa.shape[1], xa.dtype), np.empty(xa.shape[1], xa.dtype)
-        kernels.pooled_backward(dy.numpy().reshape(xa.shape), xa, gamma, stats[2], stats[3], ctx.k,
+        kernels.pooled_backward(dy.detach().numpy().reshape(xa.shape), xa, gamma, stats[2], stats[3], ctx.k,
                                 dx.numpy().reshape(xa.shape), dgamma, dbeta)
         if weight is None:
             return dx, None, None, None, None, None
