@@ -366,3 +366,21 @@ def test_kernels_take_gradients_in_any_layout():
         grads.append((x.grad, layer.weight.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_recalibrate_gives_cbn_the_population_statistics_of_bn_and_leaves_its_window():
+    pa, a = pair("conv", 3)
+    pb, b = pair("conv", 1)  # window 1: BN
+    run(pa, a, 4, lr=0.05)
+    pb.load_state_dict(pa.state_dict())
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith("window")}, strict=False)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    batches = [inputs("conv", seed=30 + i) for i in range(3)]
+    for producer, layer in ((pa, a), (pb, b)):
+        bnlab.recalibrate(nn.Sequential(producer, layer), batches)
+    torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(a.running_var, before["running_var"])
+    for k, v in a.state_dict().items():
+        if not k.startswith("running"):
+            assert torch.equal(v, before[k]), k

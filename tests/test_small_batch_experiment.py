@@ -23,14 +23,28 @@ def test_quick_run_writes_table_metrics_figure_and_resumes(tmp_path, no_mnist, c
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "cbn-naive" in printed
     assert set(summary["accuracy"]) == set(small_batch.METHODS)
-    for method, by_batch in summary["accuracy"].items():
-        for batch, accuracy in by_batch.items():
-            assert 0.1 < accuracy <= 1.0, (method, batch)  # trained past chance on 10 classes
+    for key in ("accuracy", "accuracy_population"):
+        for method, by_batch in summary[key].items():
+            for batch, accuracy in by_batch.items():
+                assert 0.1 < accuracy <= 1.0, (key, method, batch)  # trained past chance on 10 classes
+    assert "population statistics" in printed
+    # Group Norm has no statistics to recompute, Batch Renorm keeps its moving averages.
+    assert summary["accuracy_population"]["gn"] == summary["accuracy"]["gn"]
+    assert summary["accuracy_population"]["brn"] == summary["accuracy"]["brn"]
+    assert summary["accuracy_population"]["bn"] != summary["accuracy"]["bn"]
     assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "metrics.json").read_text()) == summary
     (out / "figure.png").unlink()
     assert cli.main(["plot", str(out)]) == 0 and (out / "figure.png").exists()
     # Every run finished: resuming recomputes nothing and reports the same table.
+    assert small_batch.run(small_batch.load_config(out), resume=True) == summary
+    # A run finished before the population metric existed gets it from its checkpoint.
+    from bnlab.train import load_checkpoint, save_checkpoint
+
+    path = out / "cbn-b4" / "checkpoint.safetensors"
+    tensors, step, rows = load_checkpoint(path)
+    del rows[-1]["test_accuracy_population"]
+    save_checkpoint(path, tensors, step, rows)
     assert small_batch.run(small_batch.load_config(out), resume=True) == summary
     with pytest.raises(FileExistsError):
         small_batch.run(cfg)

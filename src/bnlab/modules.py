@@ -491,6 +491,10 @@ class CrossIterationBatchNorm(BatchNorm):
         if u is None or u.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self._label()}: its producer did not run on this batch just before it; the "
                                "input must be the paired layer's output")
+        if self.__dict__.get("_batch_statistics"):  # recalibrate(): BN, storing nothing in the window
+            y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
+                                                 self.running_var, self.batch_weight())
+            return y, folded
         state = self._kernel_state(x)
         iteration = int(self.iteration if state is None else state.iteration)
         # The window is read from iteration burn_in on, so only the window - 1 iterations before
@@ -694,8 +698,8 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
     """Ioffe & Szegedy 2015, Algorithm 2: population statistics for every BN layer of ``model``.
 
     Runs the batches through the training-mode network (every BN layer normalizing with its batch
-    statistics; every other module in eval mode, so dropout is off) and sets each layer's
-    running statistics to
+    statistics, cross-iteration BN too, whose window and iteration count are left alone; every
+    other module in eval mode, so dropout is off) and sets each layer's running statistics to
 
         E[x] = mean over batches of mu_B,   Var[x] = mean over batches of m/(m-1) * sigma2_B,
 
@@ -732,10 +736,13 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
         acc[2] += 1
 
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    pooled = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm)]
     try:
         model.eval()
         for layer in layers:
             layer.train()
+        for layer in pooled:  # batch statistics, as Algorithm 2 has them; the window stays as it is
+            layer.__dict__["_batch_statistics"] = True
         for batch in batches:
             if forward is not None:
                 forward(model, batch)
@@ -744,6 +751,8 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
     finally:
         for h in hooks:
             h.remove()
+        for layer in pooled:
+            layer.__dict__["_batch_statistics"] = False
         for module, mode in modes.items():
             module.train(mode)
         for layer, (mean, var, count) in saved.items():

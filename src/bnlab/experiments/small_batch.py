@@ -6,7 +6,12 @@ small convolutional network learns MNIST (or any IDX dataset in MNIST's layout, 
 digits) with each method at batch sizes 32, 16, 8, 4 and 2. Every run sees the same number of
 training examples (so smaller batches take more steps), with plain SGD with momentum at a learning
 rate scaled linearly with the batch size (base_lr at batch 32). Each run is evaluated once at its
-end on the whole test set, in inference mode (running statistics for the batch-based methods).
+end on the whole test set in inference mode, twice: with the running statistics the layers kept
+(an exponential average, momentum 0.1, of the last batches' statistics, taken at older weights),
+and with population statistics at the final weights (Ioffe & Szegedy's Algorithm 2,
+:func:`bnlab.recalibrate`, over training batches of the run's size drawn by a generator of their
+own). Batch Renorm keeps its moving averages in both (they are part of its training); Group Norm
+has none.
 
 Network (:class:`SmallConvNet`): three conv3x3 - norm - ReLU - maxpool2 stages (16, 32, 64 channels),
 then linear(64*4*4 -> 128) - norm - ReLU - linear(128 -> classes); adaptive pooling to 4x4 makes
@@ -34,6 +39,7 @@ from bnlab.experiments.bn_mnist import code_version
 from bnlab.train import LoopConfig, fit
 
 METHODS = ("bn", "gn", "brn", "cbn-naive", "cbn")
+POPULATION_EXAMPLES = 4096  # training examples (at least 50 batches) behind the population statistics
 
 
 @dataclass(frozen=True)
@@ -140,13 +146,28 @@ class RunTask:
     def evaluate(self, step: int) -> dict[str, float]:
         if step == 0:
             return {}
+        result = {"test_accuracy": self._test_accuracy()}
+        if step == self.steps:  # the end of the run: also with Algorithm 2's population statistics
+            kept = {k: v.clone() for k, v in self.module.state_dict().items()}
+            draw = torch.Generator().manual_seed(12345)
+            n = max(50, -(-POPULATION_EXAMPLES // self.batch))
+            batches = (self.x_train[torch.randint(0, len(self.x_train), (self.batch,), generator=draw)]
+                       for _ in range(n))
+            try:
+                bnlab.recalibrate(self.module, batches)
+                result["test_accuracy_population"] = self._test_accuracy()
+            finally:
+                self.module.load_state_dict(kept)  # training (or a resume) goes on from the kept statistics
+        return result
+
+    def _test_accuracy(self) -> float:
         self.model.eval()
         try:
             correct = sum(int((self.model(x).argmax(1) == y).sum())
                           for x, y in zip(self.x_test.split(1000), self.y_test.split(1000)))
         finally:
             self.model.train()
-        return {"test_accuracy": correct / len(self.x_test)}
+        return correct / len(self.x_test)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state = {f"model.{k}": v for k, v in self.module.state_dict().items()}
@@ -192,15 +213,18 @@ def run(cfg: Config, resume: bool = False) -> dict:
                 rows = json.loads((out / f"syncbn-b{batch}" / "rows.json").read_text())
             else:
                 rows = _train(cfg, method, batch, data, resume)
-            results[f"{method}-b{batch}"] = rows[-1]["test_accuracy"]
+            results[f"{method}-b{batch}"] = rows[-1]
     summary = {"batch_sizes": batches, "methods": methods,
-               "accuracy": {m: {str(b): results[f"{m}-b{b}"] for b in batches} for m in methods}}
+               **{key: {m: {str(b): results[f"{m}-b{b}"].get(metric) for b in batches} for m in methods}
+                  for key, metric in (("accuracy", "test_accuracy"),
+                                      ("accuracy_population", "test_accuracy_population"))}}
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", *[f"batch {b}" for b in batches]])
-        for m in methods:
-            writer.writerow([m, *[summary["accuracy"][m][str(b)] for b in batches]])
+        writer.writerow(["method", "statistics", *[f"batch {b}" for b in batches]])
+        for key, label in (("accuracy", "running"), ("accuracy_population", "population")):
+            for m in methods:
+                writer.writerow([m, label, *[summary[key][m][str(b)] for b in batches]])
     figure = plot(out)
     print(table(summary))
     print(f"figure: {figure}\nmetrics: {out / 'metrics.csv'}")
@@ -212,7 +236,10 @@ def _train(cfg: Config, method: str, batch: int, data: Dataset, resume: bool, ra
     folder = Path(cfg.out) / f"{method}-b{batch}" / (f"rank{rank}" if world > 1 else "")
     loop = LoopConfig(task.steps, task.steps, cfg.checkpoint_every, folder, desc=f"{method} batch {batch}")
     resuming = resume and (loop.out / "checkpoint.safetensors").exists()
-    return fit(task, loop, resume=resuming, progress=None if rank == 0 else (lambda n: None))
+    rows = fit(task, loop, resume=resuming, progress=None if rank == 0 else (lambda n: None))
+    if "test_accuracy_population" not in rows[-1]:  # finished before this metric existed: from its checkpoint
+        rows[-1].update(task.evaluate(task.steps))
+    return rows
 
 
 def _sync_worker(rank: int, cfg: Config, batch: int, data: Dataset, resume: bool) -> None:
@@ -232,10 +259,14 @@ def _sync_worker(rank: int, cfg: Config, batch: int, data: Dataset, resume: bool
 
 
 def table(summary: dict) -> str:
-    head = f"{'test accuracy':<14}" + "".join(f"{'batch ' + str(b):>10}" for b in summary["batch_sizes"])
-    rows = [f"{m:<14}" + "".join(f"{summary['accuracy'][m][str(b)]:>10.4f}" for b in summary["batch_sizes"])
-            for m in summary["methods"]]
-    return "\n".join([head, *rows])
+    lines = []
+    for key, title in (("accuracy", "test accuracy, running statistics"),
+                       ("accuracy_population", "test accuracy, population statistics (Algorithm 2)")):
+        lines += [title, f"{'':<14}" + "".join(f"{'batch ' + str(b):>10}" for b in summary["batch_sizes"])]
+        for m in summary["methods"]:
+            cells = (summary[key][m][str(b)] for b in summary["batch_sizes"])
+            lines.append(f"{m:<14}" + "".join(f"{c:>10.4f}" if c is not None else f"{'-':>10}" for c in cells))
+    return "\n".join(lines)
 
 
 def load_config(run_dir) -> Config:
@@ -253,17 +284,24 @@ def plot(run_dir) -> Path:
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "metrics.json").read_text())
     batches = summary["batch_sizes"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    panels = [("accuracy", "running statistics")]
+    if any(v is not None for by_batch in summary.get("accuracy_population", {}).values() for v in by_batch.values()):
+        panels.append(("accuracy_population", "population statistics (Algorithm 2)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), sharey=True, squeeze=False)
     styles = {"bn": "o-", "gn": "s--", "brn": "^-.", "cbn-naive": "v:", "cbn": "D-"}
-    for m in summary["methods"]:
-        ax.plot(batches, [100 * summary["accuracy"][m][str(b)] for b in batches], styles.get(m, "o-"), label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.invert_xaxis()
-    ax.set(xlabel="batch size per step", ylabel="test accuracy (%)",
-           title="Normalizers at small batch sizes (same examples seen)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, (key, name) in zip(axes[0], panels):
+        for m in summary["methods"]:
+            values = [summary[key][m][str(b)] for b in batches]
+            ax.plot(batches, [100 * v if v is not None else float("nan") for v in values], styles.get(m, "o-"),
+                    label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.invert_xaxis()
+        ax.set(xlabel="batch size per step", title=f"inference with {name}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend()
+    fig.suptitle("Normalizers at small batch sizes (same examples seen)")
     fig.tight_layout()
     path = run_dir / "figure.png"
     fig.savefig(path, dpi=120)

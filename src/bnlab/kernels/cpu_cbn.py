@@ -11,13 +11,15 @@ batch is the number of operations, each a few microseconds of dispatch when writ
         nu_p' = nu_p + <d nu_p/dW, W_t> - <d nu_p/dW, W_p> + 2 mu_p (b_t - b_p)
     mu_bar = mean of mu and the mu_p'; nu_bar = mean of max(nu, mu^2) and max(nu_p', mu_p'^2) (eq. 9)
     y = gamma (x - mu_bar) / sqrt(nu_bar - mu_bar^2 + eps) + beta
-then, when the batch's statistics are finite, the running statistics fold it in and it becomes
-the window's entry ``slot`` (its mean, second moment, derivatives and their products with W_t).
+Then :func:`commit` folds the batch into the running statistics and makes it the window's entry
+``slot`` when its statistics are finite, and :func:`store_conv` or :func:`store_linear` write the
+entry's derivatives: d mu/dW, the mean input patch of each group (:func:`mean_patches`), and
+d nu/dW, the producer's weight-gradient reduction (for a conv on torch's kernel,
+:func:`bnlab.functional.conv_weight_gradient`; for a Linear here). The backward
+(:func:`pooled_backward`) is BN's with the statistics' share 1/k.
 
-The backward (:func:`pooled_backward`) is BN's with the statistics' share 1/k.
-:func:`mean_patches` gives d mu/dW (the mean input patch of each group). d nu/dW is
-the producer's weight-gradient reduction and stays on torch's kernel
-(:func:`bnlab.functional.second_moment_derivative`).
+:meth:`bnlab.CrossIterationBatchNorm._train_torch` is the same step in torch ops; the tests hold
+the two to the same results.
 """
 
 from __future__ import annotations
