@@ -384,3 +384,23 @@ def test_recalibrate_gives_cbn_the_population_statistics_of_bn_and_leaves_its_wi
     for k, v in a.state_dict().items():
         if not k.startswith("running"):
             assert torch.equal(v, before[k]), k
+
+
+def test_a_trained_layer_deep_copies_and_pickles():
+    """copy.deepcopy (EMA models, model selection) and pickling work after steps on the kernels,
+    and the copy trains on its own tensors, exactly as the original does."""
+    import copy
+    import pickle
+
+    producer, layer = pair("conv", 3)
+    run(producer, layer, 3, lr=0.05)
+    model = nn.Sequential(producer, layer)
+    twin = copy.deepcopy(model)
+    assert twin[1].producer is twin[0]
+    for ya, yb in zip(run(producer, layer, 2, lr=0.05, seed=7), run(twin[0], twin[1], 2, lr=0.05, seed=7)):
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    for name in WINDOW_STATE:
+        assert torch.equal(getattr(layer, name), getattr(twin[1], name)), name
+        assert getattr(layer, name).data_ptr() != getattr(twin[1], name).data_ptr() or getattr(layer, name).numel() == 0
+    restored = pickle.loads(pickle.dumps(model))
+    assert torch.equal(restored[1].window_dnu, layer.window_dnu)

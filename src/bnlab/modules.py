@@ -573,6 +573,10 @@ class CrossIterationBatchNorm(BatchNorm):
         self.__dict__["_state"] = None  # its views would keep the old tensors alive
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        # copy.deepcopy and pickle: the kernels' views belong to this layer's tensors, not the copy's
+        return {**super().__getstate__(), "_state": None, "_input": None}
+
     def _train_fused(self, state: "_KernelState", x, u, pooling: bool, slot: int) -> tuple[torch.Tensor, bool]:
         """One training step on the numba kernels (:mod:`bnlab.kernels.cpu_cbn`): the pooled
         normalization (an autograd function), the running statistics and the window's statistics,
