@@ -16,7 +16,7 @@ Then :func:`commit` folds the batch into the running statistics and makes it the
 entry's derivatives: d mu/dW, the mean input patch of each group (:func:`mean_patches`), and
 d nu/dW, the producer's weight-gradient reduction (for a conv on torch's kernel,
 :func:`bnlab.functional.conv_weight_gradient`; for a Linear here). The backward
-(:func:`pooled_backward`) is BN's with the statistics' share 1/k.
+(:func:`bnlab.kernels.cpu_fused.pooled_backward`) is BN's with the statistics' share 1/k.
 
 :meth:`bnlab.CrossIterationBatchNorm._train_torch` is the same step in torch ops; the tests hold
 the two to the same results.
@@ -30,7 +30,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from bnlab.kernels.cpu_fused import FASTMATH, channel_moments
+from bnlab.kernels.cpu_fused import FASTMATH, channel_moments, pooled_backward  # noqa: F401 (this module's backward)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -219,37 +219,3 @@ def mean_patches(u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, grou
                 out[ci // per_group, (ci % per_group * kh + i) * kw + j] = total * scale
 
 
-@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def pooled_backward(dy, x, gamma, mu_bar, invstd, k, dx, dgamma, dbeta):
-    """Channels-first backward of :func:`pooled_forward`: BN's, with the statistics' share 1/k.
-
-        x_hat = (x - mu_bar) invstd,  dbeta = sum dy,  dgamma = sum dy x_hat,
-        dx = gamma invstd (dy - (dbeta + x_hat dgamma) / (k m))
-
-    (:class:`bnlab.autograd.CrossIterationNormFunction` derives it). Each contiguous run of S
-    values is summed in the input's dtype, the runs in float64.
-    """
-    n_, c_, s_ = x.shape
-    km = k * n_ * s_
-    for c in prange(c_):
-        mu, inv = x.dtype.type(mu_bar[c]), x.dtype.type(invstd[c])
-        sum_dy = 0.0
-        sum_dy_xhat = 0.0
-        for n in range(n_):
-            xr, dr = x[n, c], dy[n, c]
-            part = xr[0] * 0
-            part_xhat = xr[0] * 0
-            for s in range(s_):
-                part += dr[s]
-                part_xhat += dr[s] * (xr[s] - mu)
-            sum_dy += part
-            sum_dy_xhat += part_xhat * inv
-        dgamma[c] = sum_dy_xhat
-        dbeta[c] = sum_dy
-        scale = x.dtype.type(gamma[c] * invstd[c])
-        a = x.dtype.type(sum_dy_xhat * invstd[c] / km)  # dx = scale * (dy - a (x - mu_bar) - b)
-        b = x.dtype.type(sum_dy / km)
-        for n in range(n_):
-            xr, dr, out = x[n, c], dy[n, c], dx[n, c]
-            for s in range(s_):
-                out[s] = scale * (dr[s] - a * (xr[s] - mu) - b)

@@ -129,6 +129,44 @@ def backward_cfirst(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, 
                 out[s] = k * (mm * g - sg - x_hat * sgx)
 
 
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def pooled_backward(dy, x, gamma, mu_bar, invstd, k, dx, dgamma, dbeta):
+    """Channels-first BN backward without an activation, the statistics' share 1/k: k = 1 for BN,
+    the iterations pooled for Cross-Iteration BN (:func:`bnlab.kernels.cpu_cbn.pooled_forward`).
+
+        x_hat = (x - mu_bar) invstd,  dbeta = sum dy,  dgamma = sum dy x_hat,
+        dx = gamma invstd (dy - (dbeta + x_hat dgamma) / (k m))
+
+    (:class:`bnlab.autograd.CrossIterationNormFunction` derives it): Cross-Iteration BN's
+    backward, whose statistics pool k iterations, and BN's with k = 1. Each contiguous run of S
+    values is summed in the input's dtype, the runs in float64.
+    """
+    n_, c_, s_ = x.shape
+    km = k * n_ * s_
+    for c in prange(c_):
+        mu, inv = x.dtype.type(mu_bar[c]), x.dtype.type(invstd[c])
+        sum_dy = 0.0
+        sum_dy_xhat = 0.0
+        for n in range(n_):
+            xr, dr = x[n, c], dy[n, c]
+            part = xr[0] * 0
+            part_xhat = xr[0] * 0
+            for s in range(s_):
+                part += dr[s]
+                part_xhat += dr[s] * (xr[s] - mu)
+            sum_dy += part
+            sum_dy_xhat += part_xhat * inv
+        dgamma[c] = sum_dy_xhat
+        dbeta[c] = sum_dy
+        scale = x.dtype.type(gamma[c] * invstd[c])
+        a = x.dtype.type(sum_dy_xhat * invstd[c] / km)  # dx = scale * (dy - a (x - mu_bar) - b)
+        b = x.dtype.type(sum_dy / km)
+        for n in range(n_):
+            xr, dr, out = x[n, c], dy[n, c], dx[n, c]
+            for s in range(s_):
+                out[s] = scale * (dr[s] - a * (xr[s] - mu) - b)
+
+
 def _blocks(c_: int) -> int:
     return max(1, min(numba.get_num_threads() * 4, c_ // 16))
 
@@ -258,6 +296,8 @@ def backward(dy, x, weight, bias, mean, invstd, act: str, slope: float, channels
     if channels_last:
         backward_rows(dy, x, weight, bias, mean, invstd, ACTIVATIONS[act], x.dtype.type(slope), dx, dweight, dbias,
                       _blocks(c_))
+    elif act == "identity":  # (the activation's dispatch compiles poorly for identity: 5-9x slower)
+        pooled_backward(dy, x, weight, mean, invstd, 1, dx, dweight, dbias)
     else:
         backward_cfirst(dy, x, weight, bias, mean, invstd, ACTIVATIONS[act], x.dtype.type(slope), dx, dweight, dbias)
     return dx, dweight, dbias
