@@ -1,6 +1,7 @@
 """BN + activation, forward + backward: bnlab's fused layer against torch.nn.BatchNorm2d + ReLU.
 
     python benchmarks/bench_bn_act.py [--act relu] [--repeats 10] [--device cpu|cuda] [--dtype float32]
+                                      [--channels-last] [--shapes 256x1024,64x64x14x14]
 
 For each shape, in one run, interleaved: the median time of bnlab.BatchNormAct (training mode,
 forward + backward) and of torch.nn.BatchNorm followed by the activation; their ratio (torch /
@@ -55,17 +56,24 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="bnlab's backend: auto, fused, native, triton")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--channels-last", action="store_true", help="4-D inputs in channels_last memory")
+    parser.add_argument("--shapes", help="comma-separated shapes such as 256x1024,64x64x14x14 (default: the five above)")
     args = parser.parse_args()
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     dtype = getattr(torch, args.dtype)
     copy = copy_bandwidth(args.device, dtype)
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
-          f"{args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, act {args.act}")
+          f"{args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, act {args.act}"
+          f"{', channels_last' if args.channels_last else ''}")
     print(f"copy bandwidth: {copy / 1e9:.1f} GB/s (read + write)")
     print(f"{'shape':>22} {'bnlab ms':>9} {'torch ms':>9} {'speed-up':>9} {'GB/s':>7} {'of copy':>8}")
     ratios = []
-    for shape in SHAPES:
+    for shape in shapes:
         c = shape[1]
-        x = torch.randn(shape, device=args.device, dtype=dtype, requires_grad=True)
+        x = torch.randn(shape, device=args.device, dtype=dtype)
+        if args.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
         dy = torch.randn(shape, device=args.device, dtype=dtype)
         kind = bnlab.BatchNormAct2d if len(shape) == 4 else bnlab.BatchNormAct1d
         ours = kind(c, act=args.act, backend=args.backend)

@@ -65,3 +65,18 @@ def test_half_precision_falls_back_to_the_unfused_path():
     assert y.dtype == torch.bfloat16
     expected = torch.nn.functional.silu(torch.nn.functional.batch_norm(x.float(), None, None, training=True))
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_auto_fuses_only_where_the_kernels_won():
+    """backend="auto" takes the fused kernels for ReLU / leaky ReLU on channels-first inputs with a
+    spatial extent, and torch's for the row layouts, SiLU and sigmoid, and small tensors."""
+    from bnlab import functional as F
+
+    big = torch.randn(8, 16, 32, 32)
+    assert F.use_fused(big, "relu") and F.use_fused(big, "leaky_relu")
+    assert not F.use_fused(big, "silu") and not F.use_fused(big, "sigmoid") and not F.use_fused(big, "identity")
+    assert not F.use_fused(big.contiguous(memory_format=torch.channels_last), "relu")
+    assert not F.use_fused(torch.randn(4096, 64), "relu")  # (N, C)
+    assert not F.use_fused(torch.randn(4096, 64, 1, 1), "relu")  # (N, C, 1, 1): rows too
+    assert not F.use_fused(torch.randn(2, 2, 2, 2), "relu")  # too small to pay for a kernel call
+    assert not F.use_fused(big.half(), "relu")
