@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--channels-last", action="store_true", help="4-D inputs in channels_last memory")
-    parser.add_argument("--shapes", help="comma-separated shapes such as 256x1024,64x64x14x14 (default: the five above)")
+    parser.add_argument("--shapes", help="comma-separated shapes such as 256x1024,64x64x14x14 (default: SHAPES)")
     args = parser.parse_args()
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     dtype = getattr(torch, args.dtype)

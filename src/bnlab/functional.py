@@ -490,7 +490,7 @@ def second_moment_derivative(x: torch.Tensor, u: torch.Tensor, producer: torch.n
     """d nu_j / d W_j = 2 E[x_j * patch], weight-shaped: one weight-gradient-shaped reduction, the
     kernel that computes the producer's own weight gradient."""
     _check_producer(x, producer)
-    w, m = producer.weight, values_per_channel(x)
+    m = values_per_channel(x)
     if isinstance(producer, torch.nn.Linear):
         # (C, in) = 2/m x^T u, computed as (u^T x)^T: with few rows, MKL's (C, N) @ (N, in) product
         # measured 9x slower than (in, N) @ (N, C) on our CPU (bench_cbn.py --parts).

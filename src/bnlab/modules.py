@@ -541,7 +541,9 @@ class CrossIterationBatchNorm(BatchNorm):
 
     def _make_kernel_state(self, tensors) -> "_KernelState | None":
         floats = tensors[:6] + tensors[7:8]  # (the rest: the iteration count and the valid flags)
-        if not (all(t is None or t.is_cpu for t in tensors) and all(t is None or t.dtype in FUSED_DTYPES for t in floats)):
+        if not all(t is None or t.is_cpu for t in tensors):
+            return None
+        if not all(t is None or t.dtype in FUSED_DTYPES for t in floats):
             return None
         producer = self.producer
         if isinstance(producer, nn.Conv2d) and (producer.padding_mode != "zeros" or isinstance(producer.padding, str)):

@@ -30,7 +30,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from bnlab.kernels.cpu_fused import FASTMATH, channel_moments, pooled_backward  # noqa: F401 (this module's backward)
+from bnlab.kernels.cpu_fused import FASTMATH, channel_moments
+from bnlab.kernels.cpu_fused import pooled_backward as pooled_backward  # this module's backward: BN's, k iterations
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -104,7 +105,8 @@ def commit(stats, m, running_mean, running_var, momentum, slot, bias, win_mu, wi
     c_ = mean.shape[0]
     correction = m / (m - 1.0)
     for c in range(c_):
-        if not (np.isfinite(running_mean.dtype.type(mean[c])) and np.isfinite(running_var.dtype.type(var[c] * correction))):
+        unbiased = var[c] * correction
+        if not (np.isfinite(running_mean.dtype.type(mean[c])) and np.isfinite(running_var.dtype.type(unbiased))):
             return False
     for c in range(c_):
         running_mean[c] += momentum * (mean[c] - running_mean[c])
