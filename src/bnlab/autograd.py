@@ -52,11 +52,11 @@ class BatchNormFunction(torch.autograd.Function):
 def _layout(x: torch.Tensor):
     """How the fused CPU kernels see ``x``: (kernel view as a tensor, rows?, to restore the shape)."""
     c = x.shape[1]
-    if x.dim() == 2 or x[0, 0].numel() == 1:
+    if not F.row_layout(x):
+        return x.contiguous().view(x.shape[0], c, -1), False  # (N, C, *S) -> (N, C, prod(S))
+    if x.dim() == 2 or x.numel() == x.shape[0] * c:
         return x.reshape(x.shape[0], c).contiguous(), True  # (N, C, 1, ...) is (N, C) rows
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return x.permute(0, 2, 3, 1).reshape(-1, c), True  # NHWC memory: (N*H*W, C) rows, no copy
-    return x.contiguous().view(x.shape[0], c, -1), False  # (N, C, *S) -> (N, C, prod(S))
+    return x.permute(0, 2, 3, 1).reshape(-1, c), True  # NHWC memory: (N*H*W, C) rows, no copy
 
 
 def _restore(view: torch.Tensor, like: torch.Tensor, rows: bool) -> torch.Tensor:

@@ -308,13 +308,23 @@ def use_fused(x: torch.Tensor, act: str) -> bool:
     """``backend="auto"``'s choice of the fused CPU kernels for act(BN(x)): channels-first inputs
     with a spatial extent only. The row kernels ((N, C) inputs, channels_last memory) measured
     0.3-0.8x torch's speed (``bench_bn_act.py --channels-last``, ``--shapes 256x1024``)."""
-    return (act in FUSED_AUTO_ACTS and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL and x.dim() > 2
-            and x.numel() > x.shape[0] * x.shape[1] and x.is_contiguous())
+    return (act in FUSED_AUTO_ACTS and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL
+            and not row_layout(x) and x.is_contiguous())
+
+
+FUSED_DTYPES = (torch.float32, torch.float64)  # what bnlab's numba kernels take
 
 
 def fused_act_supported(x: torch.Tensor) -> bool:
     """Whether bnlab's fused CPU kernels take ``x``: float32/float64 CPU tensors of rank 2 to 5."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and 2 <= x.dim() <= 5
+    return x.device.type == "cpu" and x.dtype in FUSED_DTYPES and 2 <= x.dim() <= 5
+
+
+def row_layout(x: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels see ``x`` as rows ``(M, C)``: ``(N, C)`` (or ``(N, C, 1, ...)``)
+    inputs and channels_last memory; otherwise channels-first ``(N, C, S)``."""
+    return (x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1]
+            or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
 
 
 def batch_norm_act_train(

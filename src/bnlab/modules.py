@@ -19,7 +19,6 @@ from bnlab import functional as F
 from bnlab.autograd import CrossIterationNormFunction, FusedCrossIterationNormFunction
 
 STATS = ("ema", "cumulative")
-FUSED_DTYPES = (torch.float32, torch.float64)  # what the numba kernels take
 # Cross-iteration BN's window, in the order the kernels of bnlab.kernels.cpu_cbn take it
 WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
                   "window_valid")
@@ -370,7 +369,6 @@ class _KernelState(NamedTuple):
     """What :mod:`bnlab.kernels.cpu_cbn` takes besides the batch, as NumPy views of a layer's tensors."""
 
     kernels: object  # the module, imported when first needed
-    iteration: object  # the iteration count (a 0-d array)
     norm: tuple  # FusedCrossIterationNormFunction's: the kernels, gamma, beta, the window as pooled_forward reads it
     running: tuple  # running_mean, running_var
     entry: tuple  # commit's window arrays
@@ -491,27 +489,22 @@ class CrossIterationBatchNorm(BatchNorm):
         if u is None or u.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self._label()}: its producer did not run on this batch just before it; the "
                                "input must be the paired layer's output")
-        if self.__dict__.get("_batch_statistics"):  # recalibrate(): BN, storing nothing in the window
-            y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
-                                                 self.running_var, self.batch_weight())
-            return y, folded
-        state = self._kernel_state(x)
-        iteration = int(self.iteration if state is None else state.iteration)
+        recalibrating = self.__dict__.get("_batch_statistics", False)  # recalibrate(): BN, counting nothing
+        iteration = int(self.iteration)
         # The window is read from iteration burn_in on, so only the window - 1 iterations before
         # it need storing: the burn-in's earlier iterations are plain BN at BN's cost.
-        if self.window == 1 or iteration < self.burn_in - (self.window - 1):
+        if recalibrating or self.window == 1 or iteration < self.burn_in - (self.window - 1):
             y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
                                                  self.running_var, self.batch_weight())
         else:
             pooling, slot = iteration >= self.burn_in, iteration % (self.window - 1)
+            state = self._kernel_state(x)
             if state is not None:
                 y, folded = self._train_fused(state, x, u, pooling, slot)
             else:
                 y, folded = self._train_torch(x, u, pooling, slot)
-        if state is None:
+        if not recalibrating:
             self.iteration.add_(1)
-        else:
-            state.iteration[()] = iteration + 1  # (the buffer, through its NumPy view)
         return y, folded
 
     def _derivatives(self, x: torch.Tensor, u: torch.Tensor):
@@ -527,11 +520,11 @@ class CrossIterationBatchNorm(BatchNorm):
         ``load_state_dict(assign=True)``, ``.data =``): the cached views hold the old tensors, so
         an equal address is the same memory.
         """
-        if not (self.backend == "auto" and x.is_cpu and x.dtype in FUSED_DTYPES and x.is_contiguous()):
+        if not (self.backend == "auto" and F.fused_act_supported(x) and x.is_contiguous()):
             return None
         params, buffers, producer = self._parameters, self._buffers, self.producer
         tensors = (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
-                   producer._parameters["weight"], producer._parameters["bias"], buffers["iteration"],
+                   producer._parameters["weight"], producer._parameters["bias"],
                    *[buffers[name] for name in WINDOW_BUFFERS])
         key = [t.data_ptr() if t is not None else 0 for t in tensors]
         cached = self.__dict__.get("_state")
@@ -540,10 +533,9 @@ class CrossIterationBatchNorm(BatchNorm):
         return cached[1]
 
     def _make_kernel_state(self, tensors) -> "_KernelState | None":
-        floats = tensors[:6] + tensors[7:8]  # (the rest: the iteration count and the valid flags)
         if not all(t is None or t.is_cpu for t in tensors):
             return None
-        if not all(t is None or t.dtype in FUSED_DTYPES for t in floats):
+        if not all(t is None or t.dtype in F.FUSED_DTYPES for t in tensors[:7]):  # (not the valid flags)
             return None
         producer = self.producer
         if isinstance(producer, nn.Conv2d) and (producer.padding_mode != "zeros" or isinstance(producer.padding, str)):
@@ -551,8 +543,7 @@ class CrossIterationBatchNorm(BatchNorm):
         from bnlab.kernels import cpu_cbn
 
         c = self.num_features
-        gamma, beta, mean, var, weight, bias, iteration, *window = (t.detach() if t is not None else None
-                                                                    for t in tensors)
+        gamma, beta, mean, var, weight, bias, *window = (t.detach() if t is not None else None for t in tensors)
         if gamma is None:
             gamma, beta = torch.ones(c, dtype=mean.dtype), torch.zeros(c, dtype=mean.dtype)
         if bias is None:
@@ -563,7 +554,6 @@ class CrossIterationBatchNorm(BatchNorm):
         weight, bias = weight.reshape(c, -1).numpy(), bias.numpy()
         return _KernelState(
             kernels=cpu_cbn,
-            iteration=iteration.numpy(),
             norm=(cpu_cbn, gamma.numpy(), beta.numpy(),
                   (weight, bias, w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid, self.compensate)),
             running=(mean.numpy(), var.numpy()),
