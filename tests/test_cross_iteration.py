@@ -283,6 +283,37 @@ def test_the_cpu_kernels_take_the_same_steps_as_torch_ops(kind, compensate, dtyp
     assert int(fused.num_batches_tracked) == 6 and bool(fused.window_valid.all())
 
 
+@pytest.mark.parametrize("backend", PATHS)
+def test_weight_gradient_from_the_producer_hook_is_the_one_from_the_layer_input(backend):
+    """The conv's weight gradient taken in the producer's hook (right after the conv) gives the
+    same window as one taken from the layer's input; a layer whose input is not the producer's
+    output object (an identity op between them) takes its own."""
+    (pa, a), (pb, b) = pair("conv", 3, backend=backend), pair("conv", 3, backend=backend)
+    taken = []
+    a_hook = a._capture
+
+    def spy(module, args, output):
+        a_hook(module, args, output)
+        taken.append(a.__dict__["_input"][2] is not None)
+
+    a._hook.remove()
+    a.__dict__["_hook"] = pa.register_forward_hook(spy)
+    for step in range(5):
+        u = inputs("conv", seed=step)
+        ya, yb = a(pa(u)), b(pb(u).clone())  # b: the hook's output is not the layer's input
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+        for layer, y in ((a, ya), (b, yb)):
+            y.square().sum().backward()
+        with torch.no_grad():
+            for p, q in zip(pa.parameters(), pb.parameters()):
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad
+                p.grad, q.grad = None, None
+    assert all(taken)  # (every step stores: window 3, no burn-in)
+    for name in WINDOW_STATE:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-13, atol=1e-14, msg=name)
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_gradcheck_fused_cross_iteration_norm_function(affine):
     from bnlab.autograd import FusedCrossIterationNormFunction
@@ -293,16 +324,25 @@ def test_gradcheck_fused_cross_iteration_norm_function(affine):
     state = layer._kernel_state(x)
     params = (layer.weight, layer.bias) if affine else ()
 
+    stats = np.empty((4, x.shape[1]))
+
     def f(x, *wb):
-        return FusedCrossIterationNormFunction.apply(x, *(wb or (None, None)), layer.eps, True, state.norm)[0]
+        return FusedCrossIterationNormFunction.apply(x, *(wb or (None, None)), layer.eps, True, state.norm, stats)
 
     assert torch.autograd.gradcheck(f, (x, *params))
     # The forward is the pooled normalization of the torch path, whose statistics the reference checks.
     past_mu, past_nu, n = layer._past_statistics(3)
     from bnlab.autograd import CrossIterationNormFunction
 
-    expected = CrossIterationNormFunction.apply(x, *(params or (None, None)), past_mu, past_nu, n + 1, layer.eps)[0]
+    expected, mu, var = CrossIterationNormFunction.apply(x, *(params or (None, None)), past_mu, past_nu, n + 1,
+                                                         layer.eps)
     torch.testing.assert_close(f(x, *params), expected, rtol=1e-10, atol=1e-12)
+    # stats: the batch's mean and biased variance, then the pooled mean and 1/sqrt(sigma2 + eps)
+    torch.testing.assert_close(torch.from_numpy(stats[:2]), torch.stack([mu, var]).detach(), rtol=1e-10, atol=1e-12)
+    pooled_mu = (past_mu + mu.detach()) / (n + 1)
+    pooled_var = (past_nu + var.detach() + mu.detach() ** 2) / (n + 1) - pooled_mu**2
+    torch.testing.assert_close(torch.from_numpy(stats[2:]), torch.stack([pooled_mu, (pooled_var + layer.eps).rsqrt()]),
+                               rtol=1e-10, atol=1e-12)
     y = f(x, *params)
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):  # no double backward on the kernels

@@ -199,28 +199,27 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
     :func:`bnlab.kernels.cpu_cbn.pooled_backward`. Float32 and float64 channels-first CPU tensors;
     no double backward.
 
-    Returns ``(y, stats)``: ``stats`` ``(4, C)`` float64 holds the batch's mean and biased variance
-    (what the running statistics and the window take), then the pooled mean and 1/sqrt(sigma2 + eps).
+    Returns y, and fills ``stats``, a NumPy ``(4, C)`` float64 array: the batch's mean and biased
+    variance (what the running statistics and the window take), then the pooled mean and
+    1/sqrt(sigma2 + eps). (An array, not a second output: autograd's bookkeeping of an output costs
+    more than the kernel on a small batch.)
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, pool_past, arrays):
+    def forward(ctx, x, weight, bias, eps, pool_past, arrays, stats):
         kernels, gamma, beta, window = arrays
         n, c = x.shape[0], x.shape[1]
-        xa = x.detach().numpy().reshape(n, c, -1)
+        xa = x.detach().numpy().reshape(n, c, -1)  # (N, C, *) -> (N, C, S)
         y = torch.empty_like(x)
-        stats = np.empty((4, c))
         ctx.k = kernels.pooled_forward(xa, gamma, beta, eps, pool_past, *window, y.numpy().reshape(n, c, -1),
                                        stats[0], stats[1], stats[2], stats[3])
         ctx.save_for_backward(x, weight)  # (for autograd's check that neither was modified in place)
         ctx.arrays = (kernels, xa, gamma, stats)
-        stats = torch.from_numpy(stats)
-        ctx.mark_non_differentiable(stats)
-        return y, stats
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, _dstats):
+    def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         kernels, xa, gamma, stats = ctx.arrays
         dx = torch.empty_like(x)
@@ -228,8 +227,8 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
         kernels.pooled_backward(dy.detach().numpy().reshape(xa.shape), xa, gamma, stats[2], stats[3], ctx.k,
                                 dx.numpy().reshape(xa.shape), dgamma, dbeta)
         if weight is None:
-            return dx, None, None, None, None, None
+            return dx, None, None, None, None, None, None
         dgamma, dbeta = torch.from_numpy(dgamma), torch.from_numpy(dbeta)
         if weight.dtype != dgamma.dtype:
             dgamma, dbeta = dgamma.to(weight.dtype), dbeta.to(weight.dtype)
-        return dx, dgamma, dbeta, None, None, None
+        return dx, dgamma, dbeta, None, None, None, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from typing import Iterable, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -373,6 +374,7 @@ class _KernelState(NamedTuple):
     running: tuple  # running_mean, running_var
     entry: tuple  # commit's window arrays
     derivatives: tuple  # store_conv's and store_linear's
+    geometry: tuple  # a conv producer's kernel size, stride, padding, dilation, as store_conv takes them
 
 
 class CrossIterationBatchNorm(BatchNorm):
@@ -401,7 +403,7 @@ class CrossIterationBatchNorm(BatchNorm):
     for a whole model.
 
     Speed: d mu/dW is the mean input patch and d nu/dW one weight-gradient reduction (torch's
-    kernel for a conv), never extra autograd passes. With ``backend="auto"`` a training step on
+    kernel for a conv, called from the producer's forward hook), never extra autograd passes. With ``backend="auto"`` a training step on
     float32/64 CPU tensors runs on the numba kernels of :mod:`bnlab.kernels.cpu_cbn` (moments,
     compensation, pooling and normalization in one call; the running statistics and the window in
     two more); elsewhere, or with ``backend="native"``, on torch ops (any device; the tests hold
@@ -460,8 +462,18 @@ class CrossIterationBatchNorm(BatchNorm):
         return self
 
     def _capture(self, module, args, output):
-        # The producer's input, for the derivatives of this iteration's statistics.
-        self.__dict__["_input"] = args[0].detach() if self.training else None
+        """The producer's forward hook: keep its input for the derivatives of this iteration's
+        statistics. A conv's weight gradient from its output (d nu/dW up to 2/m) is taken here,
+        straight after the conv, while its input and output are still in cache: the call costs
+        less than after the normalization (``benchmarks/RESULTS.md``)."""
+        if not self.training:
+            self.__dict__["_input"] = None
+            return
+        u = args[0].detach()
+        gradient = None
+        if self.compensate and isinstance(module, nn.Conv2d) and self._stores(int(self.iteration)):
+            gradient = F.conv_weight_gradient(output, u, module)
+        self.__dict__["_input"] = (u, output, gradient)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, window={self.window}, burn_in={self.burn_in}, compensate={self.compensate}"
@@ -480,37 +492,53 @@ class CrossIterationBatchNorm(BatchNorm):
                 producer.bias.detach() if producer.bias is not None else None)
         return mu.sum(0), torch.maximum(nu, mu * mu).sum(0), mu.shape[0]
 
+    def _stores(self, iteration: int) -> bool:
+        """Whether this training step stores a window entry; else it is plain BN.
+
+        The window is read from iteration ``burn_in`` on, so only the ``window - 1`` iterations
+        before it need storing: the burn-in's earlier iterations are plain BN at BN's cost, and so
+        is recalibration (:func:`bnlab.recalibrate`).
+        """
+        recalibrating = self.__dict__.get("_batch_statistics", False)
+        return not recalibrating and self.window > 1 and iteration >= self.burn_in - (self.window - 1)
+
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
-        producer, u = self.producer, self.__dict__["_input"]
+        producer, captured = self.producer, self.__dict__["_input"]
         self.__dict__["_input"] = None
         if producer is None:
             raise RuntimeError(f"{self._label()}: not paired with its producer; call layer.pair(conv_or_linear) "
                                "or bnlab.cross_iteration(model) first")
-        if u is None or u.shape[0] != x.shape[0]:
+        if captured is None or captured[0].shape[0] != x.shape[0]:
             raise RuntimeError(f"{self._label()}: its producer did not run on this batch just before it; the "
                                "input must be the paired layer's output")
+        u, output, gradient = captured
+        if output is not x:  # (something between the producer and this layer: take x's own)
+            gradient = None
         recalibrating = self.__dict__.get("_batch_statistics", False)  # recalibrate(): BN, counting nothing
         iteration = int(self.iteration)
-        # The window is read from iteration burn_in on, so only the window - 1 iterations before
-        # it need storing: the burn-in's earlier iterations are plain BN at BN's cost.
-        if recalibrating or self.window == 1 or iteration < self.burn_in - (self.window - 1):
+        if not self._stores(iteration):
             y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
                                                  self.running_var, self.batch_weight())
         else:
             pooling, slot = iteration >= self.burn_in, iteration % (self.window - 1)
             state = self._kernel_state(x)
             if state is not None:
-                y, folded = self._train_fused(state, x, u, pooling, slot)
+                y, folded = self._train_fused(state, x, u, gradient, pooling, slot)
             else:
-                y, folded = self._train_torch(x, u, pooling, slot)
+                y, folded = self._train_torch(x, u, gradient, pooling, slot)
         if not recalibrating:
             self.iteration.add_(1)
         return y, folded
 
-    def _derivatives(self, x: torch.Tensor, u: torch.Tensor):
-        """This batch's d mu/dW ``(G, F)`` and d nu/dW ``(C, F)`` from torch's ops (:mod:`bnlab.functional`)."""
+    def _derivatives(self, x: torch.Tensor, u: torch.Tensor, gradient: torch.Tensor | None):
+        """This batch's d mu/dW ``(G, F)`` and d nu/dW ``(C, F)`` from torch's ops (:mod:`bnlab.functional`);
+        ``gradient``: a conv's weight gradient from x, when the producer's hook took it."""
         producer = self.producer
-        return F.mean_patches(u, producer), F.second_moment_derivative(x, u, producer).reshape(x.shape[1], -1)
+        if gradient is None:
+            dnu = F.second_moment_derivative(x, u, producer)
+        else:
+            dnu = gradient * (2.0 / F.values_per_channel(x))
+        return F.mean_patches(u, producer), dnu.reshape(x.shape[1], -1)
 
     def _kernel_state(self, x: torch.Tensor) -> "_KernelState | None":
         """The NumPy views the numba kernels take, or None when they cannot take this step (they
@@ -559,6 +587,8 @@ class CrossIterationBatchNorm(BatchNorm):
             running=(mean.numpy(), var.numpy()),
             entry=(bias, w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w, valid, self.compensate),
             derivatives=(w_dmu, w_dnu),
+            geometry=(*producer.kernel_size, *producer.stride, *producer.padding, *producer.dilation)
+            if isinstance(producer, nn.Conv2d) else (),
         )
 
     def _apply(self, fn, *args, **kwargs):
@@ -569,26 +599,28 @@ class CrossIterationBatchNorm(BatchNorm):
         # copy.deepcopy and pickle: the kernels' views belong to this layer's tensors, not the copy's
         return {**super().__getstate__(), "_state": None, "_input": None}
 
-    def _train_fused(self, state: "_KernelState", x, u, pooling: bool, slot: int) -> tuple[torch.Tensor, bool]:
+    def _train_fused(self, state: "_KernelState", x, u, gradient, pooling: bool,
+                     slot: int) -> tuple[torch.Tensor, bool]:
         """One training step on the numba kernels (:mod:`bnlab.kernels.cpu_cbn`): the pooled
         normalization (an autograd function), the running statistics and the window's statistics,
-        then (compensated, and the batch finite) the window's derivatives."""
+        then (compensated, and the batch finite) the window's derivatives. ``gradient``: a conv's
+        weight gradient from x, when the producer's hook took it (:meth:`_capture`)."""
         kernels = state.kernels
-        y, stats = FusedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, pooling, state.norm)
+        stats = np.empty((4, x.shape[1]))  # (filled by the forward; its own per call: backward reads it)
+        y = FusedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, pooling, state.norm, stats)
         m = x.numel() // x.shape[1]
-        folded = kernels.commit(stats.numpy(), m, *state.running, self.batch_weight(), slot, *state.entry)
+        folded = kernels.commit(stats, m, *state.running, self.batch_weight(), slot, *state.entry)
         if folded and self.compensate:
             producer = self.producer
             if isinstance(producer, nn.Linear):
                 kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), *state.derivatives)
             else:  # d nu/dW on torch's weight-gradient kernel, scaled by 2/m in the window
-                dnu = F.conv_weight_gradient(x, u, producer)
-                kernels.store_conv(slot, u.contiguous().numpy(), *producer.kernel_size, *producer.stride,
-                                   *producer.padding, *producer.dilation, dnu.view(x.shape[1], -1).numpy(), 2.0 / m,
-                                   *state.derivatives)
+                dnu = gradient if gradient is not None else F.conv_weight_gradient(x, u, producer)
+                kernels.store_conv(slot, u.contiguous().numpy(), *state.geometry, dnu.view(x.shape[1], -1).numpy(),
+                                   2.0 / m, *state.derivatives)
         return y, folded
 
-    def _train_torch(self, x, u, pooling: bool, slot: int) -> tuple[torch.Tensor, bool]:
+    def _train_torch(self, x, u, gradient, pooling: bool, slot: int) -> tuple[torch.Tensor, bool]:
         """The same step as torch ops: any device and dtype (and the fused kernels' reference)."""
         filled = int(self.window_valid.sum()) if pooling else 0
         if filled > 0:
@@ -608,7 +640,7 @@ class CrossIterationBatchNorm(BatchNorm):
                 self.window_nu[slot] = var + mu * mu
                 if self.compensate:
                     producer = self.producer
-                    self.window_dmu[slot], self.window_dnu[slot] = self._derivatives(x, u)
+                    self.window_dmu[slot], self.window_dnu[slot] = self._derivatives(x, u, gradient)
                     entry = slice(slot, slot + 1)  # the stored copies: contiguous, whatever dnu's layout
                     mu_w, nu_w = F.compensation_terms(self.window_dmu[entry], self.window_dnu[entry],
                                                       producer.weight.detach())
