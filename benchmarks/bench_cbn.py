@@ -8,11 +8,13 @@ BN (the experiment's "bn") and torch.nn.BatchNorm1d/2d. Prints the median step t
 ratios CBN / BN and CBN / torch's BN.
 
 ``--parts`` also prints where CBN's time goes: each piece of the layer's training step timed
-inside the CBN network's steps (per step, summed over its four layers), and one isolated
-comparison behind a choice in the code (a Linear producer's d nu/dW).
+inside the CBN network's steps (per step, summed over its four layers), each numba kernel call
+inside the steps against the same call repeated alone, the OpenMP runtimes loaded, and one
+isolated comparison behind a choice in the code (a Linear producer's d nu/dW).
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -24,6 +26,10 @@ from bnlab import autograd, modules
 from bnlab import functional as F
 from bnlab.experiments.small_batch import Config, SmallConvNet
 from bnlab.kernels import cpu_cbn
+
+
+KERNELS = {name: getattr(cpu_cbn, name) for name in ("pooled_forward", "commit", "store_conv", "store_linear",
+                                                       "pooled_backward")}  # (before --parts wraps them)
 
 
 def per_call_us(f, repeats=2000):
@@ -61,14 +67,34 @@ def parts(args, x, y) -> None:
 
         setattr(owner, attr, staticmethod(wrapper) if static else wrapper)
 
+    calls = {}  # (kernel, its first array's shape) -> [seconds in the steps, calls, the last call's arguments]
+
+    def per_layer(kernel):
+        original = getattr(cpu_cbn, kernel)
+
+        def wrapper(*a):
+            start = time.perf_counter()
+            result = original(*a)
+            seconds = time.perf_counter() - start
+            record = calls.setdefault((kernel, next(t.shape for t in a if hasattr(t, "shape"))), [0.0, 0, a])
+            record[0] += seconds
+            record[1] += 1
+            record[2] = a
+            return result
+
+        setattr(cpu_cbn, kernel, wrapper)
+
+    for kernel in ("pooled_forward", "commit", "store_conv", "store_linear", "pooled_backward"):
+        per_layer(kernel)
     fused = autograd.FusedCrossIterationNormFunction
     timed("whole layer forward (_train)", modules.CrossIterationBatchNorm, "_train")
     timed("  pooled normalization, forward (compensation, pooling)", fused, "forward", static=True)
     timed("    of which the kernel pooled_forward", cpu_cbn, "pooled_forward")
     timed("  running statistics and window entry (commit)", cpu_cbn, "commit")
-    timed("  d nu/dW of the convs (torch's weight-gradient kernel)", F, "conv_weight_gradient")
     for kernel in ("store_conv", "store_linear"):
         timed("  derivatives into the window (store_conv, store_linear)", cpu_cbn, kernel)
+    timed("d nu/dW of the convs, in the producers' hooks (torch's weight-gradient kernel)", F,
+          "conv_weight_gradient")
     timed("pooled normalization, backward", fused, "backward", static=True)
     timed("  of which the kernel pooled_backward", cpu_cbn, "pooled_backward")
     net = network("cbn")
@@ -76,13 +102,25 @@ def parts(args, x, y) -> None:
     for s in range(args.steps):
         if s == 20:
             spent.update(dict.fromkeys(spent, 0.0))
+            calls.clear()
         loss = nn.functional.cross_entropy(net(x[s]), y[s])
         opt.zero_grad()
         loss.backward()
         opt.step()
     print("CBN network, per step (four layers):")
     for name, total in spent.items():
-        print(f"  {name:<60} {total / (args.steps - 20) * 1e3:.3f} ms")
+        print(f"  {name:<80} {total / (args.steps - 20) * 1e3:.3f} ms")
+    # Inside a step, torch's ops run between two kernel calls: caches are cold and the second thread
+    # of numba's OpenMP pool (its own runtime, beside torch's) has to be woken, or finds the core
+    # taken by torch's spinning thread.
+    print("Each kernel call inside the steps against the same call repeated alone (the last step's arguments):")
+    for (kernel, shape), (total, count, a) in calls.items():
+        alone = per_call_us(lambda: KERNELS[kernel](*a), repeats=500)
+        print(f"  {kernel:<16} {str(shape):<18} in the steps {total / count * 1e6:6.1f} us, alone {alone:6.1f} us")
+    if os.path.exists("/proc/self/maps"):  # torch's OpenMP runtime, and numba's when it brought its own
+        with open("/proc/self/maps") as maps:
+            runtimes = sorted({line.split()[-1] for line in maps if "libgomp" in line})
+        print("OpenMP runtimes loaded:", ", ".join(runtimes))
     u, h = torch.randn(args.batch, 1024), torch.randn(args.batch, 128)
     dmu, dnu = np.zeros((1, 1, 1024), np.float32), np.zeros((1, 128, 1024), np.float32)
     print(f"Linear(1024, 128) d nu/dW at batch {args.batch}: h^T @ u {per_call_us(lambda: h.t().mm(u)):.0f} us,"

@@ -403,10 +403,10 @@ class CrossIterationBatchNorm(BatchNorm):
     for a whole model.
 
     Speed: d mu/dW is the mean input patch and d nu/dW one weight-gradient reduction (torch's
-    kernel for a conv, called from the producer's forward hook), never extra autograd passes. With ``backend="auto"`` a training step on
-    float32/64 CPU tensors runs on the numba kernels of :mod:`bnlab.kernels.cpu_cbn` (moments,
-    compensation, pooling and normalization in one call; the running statistics and the window in
-    two more); elsewhere, or with ``backend="native"``, on torch ops (any device; the tests hold
+    kernel for a conv, called from the producer's forward hook), never extra autograd passes.
+    With ``backend="auto"`` a training step on float32/64 CPU tensors runs on the numba kernels
+    of :mod:`bnlab.kernels.cpu_cbn` (moments, compensation, pooling and normalization in one call;
+    the running statistics and the window in two more); elsewhere, or with ``backend="native"``, on torch ops (any device; the tests hold
     the two paths to the same steps). The burn-in's iterations before the last ``window - 1`` are
     plain BN and store nothing.
 
