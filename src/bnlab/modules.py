@@ -406,9 +406,9 @@ class CrossIterationBatchNorm(BatchNorm):
     kernel for a conv, called from the producer's forward hook), never extra autograd passes.
     With ``backend="auto"`` a training step on float32/64 CPU tensors runs on the numba kernels
     of :mod:`bnlab.kernels.cpu_cbn` (moments, compensation, pooling and normalization in one call;
-    the running statistics and the window in two more); elsewhere, or with ``backend="native"``, on torch ops (any device; the tests hold
-    the two paths to the same steps). The burn-in's iterations before the last ``window - 1`` are
-    plain BN and store nothing.
+    the running statistics and the window in two more); elsewhere, or with ``backend="native"``,
+    on torch ops (any device; the tests hold the two paths to the same steps). The burn-in's
+    iterations before the last ``window - 1`` are plain BN and store nothing.
 
     Example:
         >>> conv, cbn = nn.Conv2d(3, 16, 3, bias=False), CrossIterationBatchNorm2d(16, window=4, burn_in=100)
