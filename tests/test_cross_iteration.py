@@ -388,10 +388,11 @@ def test_kernel_mean_patches_equal_unfold(kh, kw, stride, padding, dilation, gro
 
 def test_unsupported_padding_is_a_clear_error_on_both_paths():
     for backend in PATHS:
-        conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
-        layer = bnlab.CrossIterationBatchNorm2d(4, window=2, backend=backend).pair(conv)
-        with pytest.raises(ValueError, match="numeric zero padding"):
-            layer(conv(torch.randn(2, 3, 5, 5)))
+        for padding in ({"padding": 1, "padding_mode": "reflect"}, {"padding": "same"}):
+            conv = nn.Conv2d(3, 4, 3, **padding)
+            layer = bnlab.CrossIterationBatchNorm2d(4, window=2, backend=backend).pair(conv)
+            with pytest.raises(ValueError, match="numeric zero padding"):
+                layer(conv(torch.randn(2, 3, 5, 5)))
 
 
 def test_kernels_take_gradients_in_any_layout():

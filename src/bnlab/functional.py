@@ -496,21 +496,26 @@ def mean_patches(u: torch.Tensor, producer: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def second_moment_derivative(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Module) -> torch.Tensor:
+def second_moment_derivative(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Module,
+                             weight_gradient: torch.Tensor | None = None) -> torch.Tensor:
     """d nu_j / d W_j = 2 E[x_j * patch], weight-shaped: one weight-gradient-shaped reduction, the
-    kernel that computes the producer's own weight gradient."""
+    kernel that computes the producer's own weight gradient. ``weight_gradient``: a Conv2d's
+    :func:`conv_weight_gradient` from x, when the caller took it already."""
     _check_producer(x, producer)
     m = values_per_channel(x)
     if isinstance(producer, torch.nn.Linear):
         # (C, in) = 2/m x^T u, computed as (u^T x)^T: with few rows, MKL's (C, N) @ (N, in) product
         # measured 9x slower than (in, N) @ (N, C) on our CPU (bench_cbn.py --parts).
         return u.t().mm(x.detach() * (2.0 / m)).t()
-    return conv_weight_gradient(x, u, producer).mul_(2.0 / m)
+    if weight_gradient is None:
+        weight_gradient = conv_weight_gradient(x, u, producer)
+    return weight_gradient * (2.0 / m)
 
 
 def conv_weight_gradient(g: torch.Tensor, u: torch.Tensor, producer: torch.nn.Conv2d) -> torch.Tensor:
     """sum over the batch and the output positions of g_j * patch, weight-shaped: the gradient a
     Conv2d's weight gets from ``g`` at its output, on torch's weight-gradient kernel alone."""
+    _check_producer(g, producer)  # (an unsupported padding is named here, whoever calls first)
     return torch.ops.aten.convolution_backward(
         g.detach(), u, producer.weight.detach(), None, producer.stride, producer.padding, producer.dilation, False,
         (0, 0), producer.groups, (False, True, False))[1]

@@ -534,10 +534,7 @@ class CrossIterationBatchNorm(BatchNorm):
         """This batch's d mu/dW ``(G, F)`` and d nu/dW ``(C, F)`` from torch's ops (:mod:`bnlab.functional`);
         ``gradient``: a conv's weight gradient from x, when the producer's hook took it."""
         producer = self.producer
-        if gradient is None:
-            dnu = F.second_moment_derivative(x, u, producer)
-        else:
-            dnu = gradient * (2.0 / F.values_per_channel(x))
+        dnu = F.second_moment_derivative(x, u, producer, gradient)
         return F.mean_patches(u, producer), dnu.reshape(x.shape[1], -1)
 
     def _kernel_state(self, x: torch.Tensor) -> "_KernelState | None":
