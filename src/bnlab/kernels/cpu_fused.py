@@ -171,6 +171,14 @@ def _blocks(c_: int) -> int:
     return max(1, min(numba.get_num_threads() * 4, c_ // 16))
 
 
+@numba.njit(inline="always")
+def _channel_block(blk, blocks, c_):
+    """Channels [c0, c1) of block ``blk`` when ``blocks`` threads split C channels (empty past the end)."""
+    step = (c_ + blocks - 1) // blocks
+    c0 = blk * step
+    return c0, min(c_, c0 + step)
+
+
 PARTIAL_ROWS = 64  # rows summed in the input's dtype before joining the float64 totals
 
 
@@ -182,10 +190,8 @@ def forward_rows(x, weight, bias, eps, act, slope, y, mean, invstd, blocks):
     Sums run in the input's dtype over ``PARTIAL_ROWS`` rows at a time, then join float64 totals.
     """
     m, c_ = x.shape
-    step = (c_ + blocks - 1) // blocks
     for blk in prange(blocks):
-        c0 = blk * step
-        c1 = min(c_, c0 + step)
+        c0, c1 = _channel_block(blk, blocks, c_)
         cb = c1 - c0
         if cb <= 0:
             continue
@@ -229,10 +235,8 @@ def forward_rows(x, weight, bias, eps, act, slope, y, mean, invstd, blocks):
 def backward_rows(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, blocks):
     """Rows backward: the same as :func:`backward_cfirst`, organized as :func:`forward_rows`."""
     m, c_ = x.shape
-    step = (c_ + blocks - 1) // blocks
     for blk in prange(blocks):
-        c0 = blk * step
-        c1 = min(c_, c0 + step)
+        c0, c1 = _channel_block(blk, blocks, c_)
         cb = c1 - c0
         if cb <= 0:
             continue
