@@ -1,6 +1,6 @@
 """Training-step time of the small-batch experiment's network with CBN against BN, at batch 4.
 
-    python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--parts]
+    python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--parts] [--variants]
 
 Three networks train on the same MNIST-sized random batches with SGD + momentum, measured in one
 run, interleaved in blocks: bnlab's cross-iteration layers (window 4, past their burn-in), bnlab's
@@ -11,6 +11,12 @@ ratios CBN / BN and CBN / torch's BN.
 inside the CBN network's steps (per step, summed over its four layers), each numba kernel call
 inside the steps against the same call repeated alone, the OpenMP runtimes loaded, and one
 isolated comparison behind a choice in the code (a Linear producer's d nu/dW).
+
+``--variants`` adds three CBN networks to the same run, to say where CBN's cost lies: the layer
+on torch ops (``backend="native"``); the same with the derivatives taken as the official code takes
+them, two autograd passes per layer through the producer; and the fused layer with its convs' d nu/dW
+taken once and reused (stale derivatives: a timing of everything but that reduction, not a layer
+to train with).
 """
 
 import argparse
@@ -39,6 +45,60 @@ def per_call_us(f, repeats=2000):
     for _ in range(repeats):
         f()
     return (time.perf_counter() - start) / repeats * 1e6
+
+
+class AutogradDerivatives:
+    """The official implementation's derivatives: d mu/dW and d nu/dW by two autograd passes per
+    layer through the producer (torch.autograd.grad of sum_j mu_j and of sum_j nu_j w.r.t. its
+    weight: channel j's statistics depend on row j only), instead of the mean patch and one
+    weight-gradient reduction. For the benchmark only."""
+
+    def _capture(self, module, args, output):
+        self.__dict__["_input"] = (args[0].detach(), output, None) if self.training else None
+
+    def _derivatives(self, x, u, gradient):
+        weight, groups = self.producer.weight, getattr(self.producer, "groups", 1)
+        dims = [d for d in range(x.dim()) if d != 1]
+        with torch.enable_grad():
+            dmu, = torch.autograd.grad(x.mean(dims).sum(), weight, retain_graph=True)
+            dnu, = torch.autograd.grad((x * x).mean(dims).sum(), weight, retain_graph=True)
+        c = x.shape[1]
+        return dmu.reshape(c, -1)[:: c // groups], dnu.reshape(c, -1)
+
+
+class StaleSecondMoment:
+    """The fused layer with each conv's d nu/dW taken once and reused: what CBN's step costs
+    without that reduction (a timing, not a layer to train with)."""
+
+    def _capture(self, module, args, output):
+        if self.training:
+            gradient = self.__dict__.get("_stale")
+            if gradient is None and isinstance(module, nn.Conv2d):
+                gradient = self.__dict__["_stale"] = F.conv_weight_gradient(output, args[0].detach(), module)
+            self.__dict__["_input"] = (args[0].detach(), output, gradient)
+        else:
+            self.__dict__["_input"] = None
+
+
+def cbn_variant(mixin, backend: str) -> nn.Module:
+    """The experiment's network with bnlab's BN layers swapped for CBN layers (window 4, past
+    their burn-in) made of ``mixin`` (or plain, None) on ``backend``."""
+    net = network("bn")
+    for name, producer, dims in (*((f"norms.{i}", conv, 2) for i, conv in enumerate(net.convs)),
+                                 ("fc_norm", net.fc, 1)):
+        base = (modules.CrossIterationBatchNorm1d, modules.CrossIterationBatchNorm2d)[dims - 1]
+        cls = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {}) if mixin else base
+        layer = cls(producer.out_channels if dims == 2 else producer.out_features, window=4, backend=backend)
+        net.set_submodule(name, layer.pair(producer))
+    return net
+
+
+VARIANTS = {
+    "CBN on torch ops": lambda: cbn_variant(None, "native"),
+    "CBN on torch ops, derivatives by two autograd passes (the official code's way)":
+        lambda: cbn_variant(AutogradDerivatives, "native"),
+    "CBN, d nu/dW stale (timing only)": lambda: cbn_variant(StaleSecondMoment, "auto"),
+}
 
 
 def network(method: str) -> nn.Module:
@@ -134,11 +194,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--parts", action="store_true", help="also time the pieces of CBN's step")
+    parser.add_argument("--variants", action="store_true", help="also time three CBN variants in the same run")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.rand(args.steps, args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.steps, args.batch))
     nets = {m: network(m) for m in ("bn", "torch-bn", "cbn")}
+    if args.variants:
+        nets.update((name, make()) for name, make in VARIANTS.items())
     opts = {m: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9) for m, n in nets.items()}
     times = {m: [] for m in nets}
     for block in range(0, args.steps, 50):
@@ -154,6 +217,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     print(f"BN step {bn * 1e3:.3f} ms, torch's BN step {torch_bn * 1e3:.3f} ms, CBN step {cbn * 1e3:.3f} ms; "
           f"ratio CBN/BN {cbn / bn:.2f}, CBN/torch's BN {cbn / torch_bn:.2f}")
+    for name in VARIANTS if args.variants else ():
+        step = statistics.median(times[name][20:])
+        print(f"  {name}: {step * 1e3:.3f} ms, {step / bn:.2f}x BN")
     if args.parts:
         parts(args, x, y)
 

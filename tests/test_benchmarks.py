@@ -1,15 +1,26 @@
 """The benchmark that RESULTS.md quotes for CBN still runs and prints what the README reads."""
 
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_bench_cbn():
+    spec = importlib.util.spec_from_file_location("bench_cbn", ROOT / "benchmarks" / "bench_cbn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_cbn_runs_and_reports_ratios_and_parts():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cbn.py"), "--steps", "60", "--parts"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cbn.py"), "--steps", "60", "--parts",
+                          "--variants"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     ratios = re.search(r"ratio CBN/BN ([\d.]+), CBN/torch's BN ([\d.]+)", out)
     assert ratios and all(float(r) > 0 for r in ratios.groups()), out
@@ -21,3 +32,30 @@ def test_bench_cbn_runs_and_reports_ratios_and_parts():
                            flags=re.M)
     assert {shape for shape, *_ in per_layer} == {"4, 128, 1", "4, 64, 49", "4, 32, 196", "4, 16, 784"}, out
     assert all(float(a) > 0 and float(b) > 0 for _, a, b in per_layer), out
+    variants = dict(re.findall(r"^  (CBN.*?): [\d.]+ ms, ([\d.]+)x BN$", out, flags=re.M))
+    assert set(variants) == set(load_bench_cbn().VARIANTS) and all(float(r) > 0 for r in variants.values()), out
+
+
+def test_official_style_derivatives_equal_the_layers():
+    """The benchmark's two-autograd-pass derivatives (the official code's way) are the same numbers
+    as the layer's mean patches and weight-gradient reduction: the variants time the same method."""
+    bench = load_bench_cbn()
+    torch.manual_seed(0)
+    ours, official = bench.cbn_variant(None, "native"), bench.cbn_variant(bench.AutogradDerivatives, "native")
+    official.load_state_dict(ours.state_dict())
+    x, y = torch.rand(3, 4, 1, 28, 28), torch.randint(0, 10, (3, 4))
+    for net in (ours, official):
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        for s in range(3):
+            loss = torch.nn.functional.cross_entropy(net(x[s]), y[s])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    theirs = official.state_dict()
+    checked = 0
+    for name, value in ours.state_dict().items():
+        if "window_d" in name:
+            assert value.abs().max() > 0, name  # (filled: three steps stored three entries)
+            torch.testing.assert_close(theirs[name], value, rtol=1e-4, atol=1e-6 * value.abs().max().item())
+            checked += 1
+    assert checked == 16  # four layers: d mu/dW, d nu/dW and their products with the weights
