@@ -9,7 +9,7 @@ from bnlab import functional as F
 ACTS = [("identity", lambda u: u), ("relu", torch.relu),
         ("leaky_relu", lambda u: torch.nn.functional.leaky_relu(u, 0.2)), ("silu", torch.nn.functional.silu),
         ("sigmoid", torch.sigmoid)]
-SHAPES = [(5, 7), (4, 3, 9), (3, 5, 4, 6), (2, 3, 1, 1), (1, 4, 3, 3), (2, 2, 2, 3, 2)]
+SHAPES = [(5, 7), (130, 40), (4, 3, 9), (3, 5, 4, 6), (2, 3, 1, 1), (1, 4, 3, 3), (2, 2, 2, 3, 2)]
 FLOAT32_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -68,14 +68,15 @@ def test_half_precision_falls_back_to_the_unfused_path():
 
 
 def test_auto_fuses_only_where_the_kernels_won():
-    """backend="auto" takes the fused kernels for ReLU / leaky ReLU on channels-first inputs with a
-    spatial extent, and torch's for the row layouts, SiLU and sigmoid, and small tensors."""
+    """backend="auto" takes the fused kernels for ReLU / leaky ReLU on inputs with a spatial extent
+    (channels-first or channels_last), and torch's for (N, C) inputs, SiLU and sigmoid, and small tensors."""
     from bnlab import functional as F
 
     big = torch.randn(8, 16, 32, 32)
     assert F.use_fused(big, "relu") and F.use_fused(big, "leaky_relu")
     assert not F.use_fused(big, "silu") and not F.use_fused(big, "sigmoid") and not F.use_fused(big, "identity")
-    assert not F.use_fused(big.contiguous(memory_format=torch.channels_last), "relu")
+    assert F.use_fused(big.contiguous(memory_format=torch.channels_last), "relu")
+    assert not F.use_fused(big.transpose(2, 3), "relu")  # (neither layout: torch's kernels take it)
     assert not F.use_fused(torch.randn(4096, 64), "relu")  # (N, C)
     assert not F.use_fused(torch.randn(4096, 64, 1, 1), "relu")  # (N, C, 1, 1): rows too
     assert not F.use_fused(torch.randn(2, 2, 2, 2), "relu")  # too small to pay for a kernel call

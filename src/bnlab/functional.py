@@ -305,11 +305,14 @@ FUSED_AUTO_ACTS = ("relu", "leaky_relu")
 
 
 def use_fused(x: torch.Tensor, act: str) -> bool:
-    """``backend="auto"``'s choice of the fused CPU kernels for act(BN(x)): channels-first inputs
-    with a spatial extent only. The row kernels ((N, C) inputs, channels_last memory) measured
-    0.3-0.8x torch's speed (``bench_bn_act.py --channels-last``, ``--shapes 256x1024``)."""
-    return (act in FUSED_AUTO_ACTS and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL
-            and not row_layout(x) and x.is_contiguous())
+    """``backend="auto"``'s choice of the fused CPU kernels for act(BN(x)): inputs with a spatial
+    extent, channels-first or channels_last. On (N, C) inputs (and (N, C, 1, 1)) the layer around
+    the row kernels measured 0.3-0.8x torch's speed (``bench_bn_act.py --shapes 256x1024``)."""
+    if not (act in FUSED_AUTO_ACTS and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL):
+        return False
+    if x.numel() == x.shape[0] * x.shape[1]:
+        return False
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
 
 FUSED_DTYPES = (torch.float32, torch.float64)  # what bnlab's numba kernels take

@@ -188,7 +188,21 @@ def forward_rows(x, weight, bias, eps, act, slope, y, mean, invstd, blocks):
 
     Threads take blocks of channels; each sweeps the rows with its block's values contiguous.
     Sums run in the input's dtype over ``PARTIAL_ROWS`` rows at a time, then join float64 totals.
+    The loops are compiled once per activation (``act`` a constant in each copy): with ``act``
+    read at run time in the inner loop, identity and leaky ReLU ran 6-9x slower than ReLU.
     """
+    if act == 0:
+        _forward_rows(x, weight, bias, eps, 0, slope, y, mean, invstd, blocks)
+    elif act == 1:
+        _forward_rows(x, weight, bias, eps, 1, slope, y, mean, invstd, blocks)
+    elif act == 2:
+        _forward_rows(x, weight, bias, eps, 2, slope, y, mean, invstd, blocks)
+    else:  # (SiLU, sigmoid: exp one value at a time dominates either way)
+        _forward_rows(x, weight, bias, eps, act, slope, y, mean, invstd, blocks)
+
+
+@numba.njit(inline="always")
+def _forward_rows(x, weight, bias, eps, act, slope, y, mean, invstd, blocks):
     m, c_ = x.shape
     for blk in prange(blocks):
         c0, c1 = _channel_block(blk, blocks, c_)
@@ -233,7 +247,20 @@ def forward_rows(x, weight, bias, eps, act, slope, y, mean, invstd, blocks):
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def backward_rows(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, blocks):
-    """Rows backward: the same as :func:`backward_cfirst`, organized as :func:`forward_rows`."""
+    """Rows backward: the same as :func:`backward_cfirst`, organized (and compiled per
+    activation) as :func:`forward_rows`."""
+    if act == 0:
+        _backward_rows(dy, x, weight, bias, mean, invstd, 0, slope, dx, dweight, dbias, blocks)
+    elif act == 1:
+        _backward_rows(dy, x, weight, bias, mean, invstd, 1, slope, dx, dweight, dbias, blocks)
+    elif act == 2:
+        _backward_rows(dy, x, weight, bias, mean, invstd, 2, slope, dx, dweight, dbias, blocks)
+    else:
+        _backward_rows(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, blocks)
+
+
+@numba.njit(inline="always")
+def _backward_rows(dy, x, weight, bias, mean, invstd, act, slope, dx, dweight, dbias, blocks):
     m, c_ = x.shape
     for blk in prange(blocks):
         c0, c1 = _channel_block(blk, blocks, c_)
