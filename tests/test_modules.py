@@ -91,8 +91,9 @@ def test_cumulative_stats_is_the_equal_weight_average():
     np.testing.assert_allclose(layer.running_var.numpy(), Var_x, rtol=1e-12)
 
 
-def test_non_finite_batch_does_not_poison_running_stats_and_warns_with_layer_name():
-    net = bnlab.name_layers(nn.Sequential(nn.Linear(3, 4), bnlab.BatchNorm1d(4)))
+@pytest.mark.parametrize("backend", ["auto", "autograd", "fused"])
+def test_non_finite_batch_does_not_poison_running_stats_and_warns_with_layer_name(backend):
+    net = bnlab.name_layers(nn.Sequential(nn.Linear(3, 4), bnlab.BatchNorm1d(4, backend=backend)))
     net(torch.randn(8, 3))
     before = {k: v.clone() for k, v in net[1].state_dict().items()}
     bad = torch.randn(8, 3)

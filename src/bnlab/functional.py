@@ -340,7 +340,8 @@ def batch_norm_act_train(
     float32/float64 CPU tensors): the fused kernels on the CPU
     (:class:`bnlab.autograd.BatchNormActFunction`); otherwise :func:`batch_norm_train` with that
     backend followed by the activation as a torch op. The running update is
-    :func:`update_running_stats_`'s in every case.
+    :func:`update_running_stats_`'s in every case (on the fused path, the same update in one numba
+    call: :func:`bnlab.kernels.cpu_fused.fold_running`).
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
@@ -363,9 +364,15 @@ def batch_norm_act_train(
         folded = False
         if running_mean is not None and running_var is not None:
             var_biased = invstd.reciprocal().square() - eps
-            folded = update_running_stats_(
-                running_mean, running_var, mean, var_biased, values_per_channel(x), momentum
-            )
+            if running_mean.is_cpu and running_var.is_cpu:  # one numba call, not a dozen torch ops
+                from bnlab.kernels import cpu_fused
+
+                folded = cpu_fused.fold_running(mean.numpy(), var_biased.numpy(), values_per_channel(x),
+                                                running_mean.numpy(), running_var.numpy(), momentum)
+            else:
+                folded = update_running_stats_(
+                    running_mean, running_var, mean, var_biased, values_per_channel(x), momentum
+                )
         return y, mean.to(running_mean.dtype if running_mean is not None else x.dtype), invstd, folded
     y, mean, invstd, folded = batch_norm_train(
         x, weight, bias, eps, backend, running_mean, running_var, momentum

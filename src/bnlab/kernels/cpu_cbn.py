@@ -30,7 +30,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from bnlab.kernels.cpu_fused import FASTMATH, channel_moments
+from bnlab.kernels.cpu_fused import FASTMATH, channel_moments, fold_running
 from bnlab.kernels.cpu_fused import pooled_backward as pooled_backward  # this module's backward: BN's, k iterations
 
 
@@ -103,14 +103,8 @@ def commit(stats, m, running_mean, running_var, momentum, slot, bias, win_mu, wi
     """
     mean, var = stats[0], stats[1]
     c_ = mean.shape[0]
-    correction = m / (m - 1.0)
-    for c in range(c_):
-        unbiased = var[c] * correction
-        if not (np.isfinite(running_mean.dtype.type(mean[c])) and np.isfinite(running_var.dtype.type(unbiased))):
-            return False
-    for c in range(c_):
-        running_mean[c] += momentum * (mean[c] - running_mean[c])
-        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * correction * var[c]
+    if not fold_running(mean, var, m, running_mean, running_var, momentum):
+        return False
     if slot >= 0:
         for c in range(c_):
             nu = var[c] + mean[c] * mean[c]

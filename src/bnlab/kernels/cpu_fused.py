@@ -179,6 +179,29 @@ def _channel_block(blk, blocks, c_):
     return c0, min(c_, c0 + step)
 
 
+@numba.njit(cache=True)
+def fold_running(mean, var, m, running_mean, running_var, momentum):
+    """Fold one batch into the running statistics, in place (the update of
+    :func:`bnlab.functional.update_running_stats_`, in one call instead of a dozen small torch ops):
+
+        running_mean <- (1 - momentum) running_mean + momentum mu_B
+        running_var  <- (1 - momentum) running_var  + momentum m / (m - 1) sigma2_B
+
+    ``mean`` and ``var`` (biased) per channel. Returns False, changing nothing, when a channel's
+    mean or unbiased variance is not finite in the buffers' dtype.
+    """
+    c_ = mean.shape[0]
+    correction = m / (m - 1.0)
+    for c in range(c_):
+        unbiased = var[c] * correction
+        if not (np.isfinite(running_mean.dtype.type(mean[c])) and np.isfinite(running_var.dtype.type(unbiased))):
+            return False
+    for c in range(c_):
+        running_mean[c] += momentum * (mean[c] - running_mean[c])
+        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * correction * var[c]
+    return True
+
+
 PARTIAL_ROWS = 64  # rows summed in the input's dtype before joining the float64 totals
 
 
