@@ -364,7 +364,8 @@ def batch_norm_act_train(
         folded = False
         if running_mean is not None and running_var is not None:
             var_biased = invstd.reciprocal().square() - eps
-            if running_mean.is_cpu and running_var.is_cpu:  # one numba call, not a dozen torch ops
+            buffers = (running_mean, running_var)
+            if all(t.is_cpu and t.dtype in FUSED_DTYPES for t in buffers):  # one numba call, not a dozen torch ops
                 from bnlab.kernels import cpu_fused
 
                 folded = cpu_fused.fold_running(mean.numpy(), var_biased.numpy(), values_per_channel(x),
