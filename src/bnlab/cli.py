@@ -3,6 +3,7 @@
     bnlab reproduce bn-mnist [--quick] [--steps N] [--data-dir DIR] [--out RUN_DIR] [--seed S] ...
     bnlab reproduce bn-mnist --resume RUN_DIR
     bnlab reproduce small-batch [--quick] [--batch-sizes 32,16,8,4,2] [--methods bn,gn,brn,cbn-naive,cbn] ...
+    bnlab reproduce init-sweep [--quick] [--stds 16] [--epochs 20] ...
     bnlab plot RUN_DIR
     bnlab download-mnist [--dir DIR]
 """
@@ -17,6 +18,7 @@ import typing
 from pathlib import Path
 
 from bnlab.data import DataError
+from bnlab.experiments import ConfigError
 from bnlab.train import CheckpointError
 
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
             kwargs = {"dest": Path(args.dir)} if args.dir else {}
             print(f"MNIST is in {download_mnist(**kwargs)}")
-    except (DataError, CheckpointError, FileExistsError) as err:
+    except (DataError, CheckpointError, ConfigError, FileExistsError) as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -35,6 +35,7 @@ from torch import nn
 
 import bnlab
 from bnlab.data import Dataset, load_dataset
+from bnlab.experiments import ConfigError
 from bnlab.experiments.bn_mnist import code_version
 from bnlab.train import LoopConfig, fit
 
@@ -78,7 +79,7 @@ def norm_layer(method: str, channels: int, steps: int, cfg: Config, dims: int = 
     if method in ("cbn", "cbn-naive"):
         return (bnlab.CrossIterationBatchNorm1d, bnlab.CrossIterationBatchNorm2d)[dims - 1](
             channels, window=cfg.window, burn_in=int(cfg.burn_in * steps), compensate=method == "cbn")
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    raise ConfigError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 class SmallConvNet(nn.Module):
@@ -207,7 +208,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
         for method in methods:
             if method == "syncbn":
                 if batch % cfg.nproc:
-                    raise ValueError(f"--nproc {cfg.nproc} must divide every batch size (got {batch})")
+                    raise ConfigError(f"--nproc {cfg.nproc} must divide every batch size (got {batch})")
                 (out / f"syncbn-b{batch}" / "store").unlink(missing_ok=True)  # a store left by an earlier run
                 torch.multiprocessing.spawn(_sync_worker, args=(cfg, batch, data, resume), nprocs=cfg.nproc)
                 rows = json.loads((out / f"syncbn-b{batch}" / "rows.json").read_text())
