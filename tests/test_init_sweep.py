@@ -30,7 +30,7 @@ def test_bn_learns_at_scales_where_the_plain_network_cannot(tmp_path, digits):
     summary = init_sweep.sweep(cfg, digits)
     assert summary["stds"] == pytest.approx([1e-2, 1e-3])
     for plain, bn in zip(summary["final"]["plain"], summary["final"]["bn"]):
-        assert plain < 0.2 and bn > 0.75, summary["final"]
+        assert plain < 0.2 and bn > 0.6, summary["final"]
     for name in ("plain", "bn"):  # step 0 and one row per epoch
         assert all(len(curve) == cfg.epochs + 1 for curve in summary["train_accuracy"][name])
 

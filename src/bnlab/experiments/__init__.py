@@ -1,11 +1,7 @@
 """One module per paper figure or table: a frozen ``Config``, ``run(cfg)``, ``plot(run_dir)``."""
 
-
-class ConfigError(ValueError):
-    """An experiment's settings that cannot run (the command line says so without a traceback)."""
-
-
-from bnlab.experiments import bn_mnist, init_sweep, small_batch  # noqa: E402 (they import ConfigError)
+from bnlab.experiments import bn_mnist, init_sweep, small_batch
+from bnlab.experiments.runs import ConfigError as ConfigError
 
 EXPERIMENTS = {"bn-mnist": bn_mnist, "small-batch": small_batch, "init-sweep": init_sweep}
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 import csv
 import json
 import queue as queue_lib
-import subprocess
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 
 import bnlab
 from bnlab.data import Dataset, load_dataset
+from bnlab.experiments import runs
 from bnlab.modules import recalibrate
 from bnlab.kernels.binary_linear import active_lists, warm_up
 from bnlab.nets import BinaryInputSGD, SigmoidMLP, flat_active_inputs
@@ -183,10 +183,7 @@ def train_both(cfg: Config, resume: bool, data: Tensors) -> dict[str, list[dict]
     for p in procs:
         p.start()
     problems = []
-    import matplotlib  # the figure needs it later, and this process is idle now
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    runs.pyplot()  # the figure needs it later, and this process is idle now
 
     with tqdm(total=2 * cfg.steps, desc="baseline + bn", unit="step", dynamic_ncols=True) as bar:
         while len(results) + len(problems) < len(NETS):
@@ -216,17 +213,6 @@ def train_both(cfg: Config, resume: bool, data: Tensors) -> dict[str, list[dict]
             raise KeyboardInterrupt(payload)
         raise RuntimeError(f"training {name} failed:\n{payload}")
     return results
-
-
-def code_version() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return f"bnlab {bnlab.__version__}" + (f" ({rev})" if rev else "")
 
 
 def drift(rows: list[dict]) -> float:
@@ -297,14 +283,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
     """Train both networks, write metrics, the summary and the figure into ``cfg.out``."""
     if cfg.out is None:
         cfg = replace(cfg, out=time.strftime("runs/bn-mnist-%Y%m%d-%H%M%S"))
-    out = Path(cfg.out)
-    if not resume and any((out / name / CHECKPOINT).exists() for name in NETS):
-        raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = runs.claim(cfg.out, resume)
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} ({len(data.x_train)} train, {len(data.x_test)} test, {data.image_shape} pixels)")
-    record = {"experiment": "bn-mnist", "config": asdict(cfg), "seed": cfg.seed, "code_version": code_version(), "data": data.source}
-    (out / "config.json").write_text(json.dumps(record, indent=1))
+    runs.record(out, "bn-mnist", cfg, data.source)
     tensors = Tensors.build(data, cfg.threshold)
     metrics = train_both(cfg, resume, tensors)
     summary = summarize(cfg, metrics, final_population_accuracy(cfg, tensors))
@@ -316,18 +298,12 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
 
 def load_config(run_dir) -> Config:
-    record = json.loads((Path(run_dir) / "config.json").read_text())
-    known = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in record["config"].items() if k in known})
+    return runs.load_config(run_dir, Config)
 
 
 def plot(run_dir) -> Path:
     """Draw Figure 1 (a: test accuracy vs steps; b, c: percentiles without and with BN) from metrics.json."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runs.pyplot()
     run_dir = Path(run_dir)
     data = json.loads((run_dir / "metrics.json").read_text())
     nets = data["nets"]

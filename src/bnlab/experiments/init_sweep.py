@@ -22,7 +22,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,8 @@ from torch import nn
 
 import bnlab
 from bnlab.data import Dataset, load_dataset
-from bnlab.experiments import ConfigError
-from bnlab.experiments.bn_mnist import code_version
+from bnlab.experiments import runs
+from bnlab.experiments.runs import ConfigError
 from bnlab.train import LoopConfig, fit
 
 
@@ -134,12 +134,8 @@ def sweep(cfg: Config, data: Dataset, resume: bool = False) -> dict:
         cfg = replace(cfg, out=time.strftime("runs/init-sweep-%Y%m%d-%H%M%S"))
     if not 0 < cfg.train_examples <= len(data.x_train):
         raise ConfigError(f"--train-examples must be 1..{len(data.x_train)} for {data.name}, got {cfg.train_examples}")
-    out = Path(cfg.out)
-    if not resume and any(out.glob("*/checkpoint.safetensors")):
-        raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"experiment": "init-sweep", "config": asdict(cfg), "seed": cfg.seed,
-                                                "code_version": code_version(), "data": data.source}, indent=1))
+    out = runs.claim(cfg.out, resume)
+    runs.record(out, "init-sweep", cfg, data.source)
     x = torch.from_numpy(data.x_train[: cfg.train_examples].astype(np.float32) / 255.0)
     y = torch.from_numpy(data.y_train[: cfg.train_examples])
     steps_per_epoch = max(1, cfg.train_examples // cfg.batch)
@@ -185,17 +181,12 @@ def table(summary: dict) -> str:
 
 
 def load_config(run_dir) -> Config:
-    record = json.loads((Path(run_dir) / "config.json").read_text())
-    return Config(**record["config"])
+    return runs.load_config(run_dir, Config)
 
 
 def plot(run_dir) -> Path:
     """The textbook's grid: training accuracy per epoch, one panel per init std, with and without BN."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runs.pyplot()
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "metrics.json").read_text())
     stds, epochs = summary["stds"], summary["epochs"]

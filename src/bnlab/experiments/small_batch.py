@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,8 @@ from torch import nn
 
 import bnlab
 from bnlab.data import Dataset, load_dataset
-from bnlab.experiments import ConfigError
-from bnlab.experiments.bn_mnist import code_version
+from bnlab.experiments import runs
+from bnlab.experiments.runs import ConfigError
 from bnlab.train import LoopConfig, fit
 
 METHODS = ("bn", "gn", "brn", "cbn-naive", "cbn")
@@ -190,15 +190,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
     """Train every (method, batch size) run; write the table, metrics and figure into ``cfg.out``."""
     if cfg.out is None:
         cfg = replace(cfg, out=time.strftime("runs/small-batch-%Y%m%d-%H%M%S"))
-    out = Path(cfg.out)
-    if not resume and any(out.glob("*/checkpoint.safetensors")):
-        raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = runs.claim(cfg.out, resume)
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} ({len(data.x_train)} train, {len(data.x_test)} test)")
-    (out / "config.json").write_text(json.dumps({"experiment": "small-batch", "config": asdict(cfg), "seed": cfg.seed,
-                                                "code_version": code_version(), "data": data.source},
-                                                indent=1))
+    runs.record(out, "small-batch", cfg, data.source)
     batches = [int(b) for b in cfg.batch_sizes.split(",")]
     methods = [m.strip() for m in cfg.methods.split(",")]
     if cfg.nproc > 1:
@@ -271,17 +266,12 @@ def table(summary: dict) -> str:
 
 
 def load_config(run_dir) -> Config:
-    record = json.loads((Path(run_dir) / "config.json").read_text())
-    return Config(**record["config"])
+    return runs.load_config(run_dir, Config)
 
 
 def plot(run_dir) -> Path:
     """Test accuracy against batch size, one line per method (the CBN paper's comparison)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runs.pyplot()
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "metrics.json").read_text())
     batches = summary["batch_sizes"]

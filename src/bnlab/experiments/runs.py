@@ -1,0 +1,62 @@
+"""What every experiment does with its run folder: refuse to overwrite one, record the config
+(with the code version and the data source), read it back for ``--resume``, and draw figures
+without a screen."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+
+import bnlab
+from bnlab.train import CHECKPOINT
+
+
+class ConfigError(ValueError):
+    """An experiment's settings that cannot run (the command line says so without a traceback)."""
+
+
+def code_version() -> str:
+    """bnlab's version, and the git revision when run from a checkout."""
+    try:
+        rev = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"bnlab {bnlab.__version__}" + (f" ({rev})" if rev else "")
+
+
+def claim(out: Path, resume: bool) -> Path:
+    """Make the run folder ``out``; a folder that holds a run's checkpoints is only ever resumed."""
+    out = Path(out)
+    if not resume and any(out.glob(f"**/{CHECKPOINT}")):
+        raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def record(out: Path, experiment: str, cfg, data_source: str) -> None:
+    """``config.json``: what ran, with which settings, code and data (``bnlab plot`` and ``--resume`` read it)."""
+    entry = {"experiment": experiment, "config": dataclasses.asdict(cfg), "seed": cfg.seed,
+             "code_version": code_version(), "data": data_source}
+    (Path(out) / "config.json").write_text(json.dumps(entry, indent=1))
+
+
+def load_config(run_dir, config_cls):
+    """The config a run recorded; settings this version no longer has are dropped."""
+    entry = json.loads((Path(run_dir) / "config.json").read_text())
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in entry["config"].items() if k in known})
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no screen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
