@@ -4,6 +4,7 @@
     bnlab reproduce bn-mnist --resume RUN_DIR
     bnlab reproduce small-batch [--quick] [--batch-sizes 32,16,8,4,2] [--methods bn,gn,brn,cbn-naive,cbn] ...
     bnlab reproduce init-sweep [--quick] [--stds 16] [--epochs 20] ...
+    bnlab reproduce lr-sweep [--quick] [--lrs 7] ...
     bnlab plot RUN_DIR
     bnlab download-mnist [--dir DIR]
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 import typing
 from pathlib import Path
 
@@ -27,10 +27,11 @@ def _field_flags(parser: argparse.ArgumentParser, config_cls) -> None:
     import inspect
 
     comments = {}
-    for line in inspect.getsource(config_cls).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest:
-            comments[name] = rest.split("#", 1)[1].strip()
+    for klass in reversed([k for k in config_cls.__mro__ if dataclasses.is_dataclass(k)]):  # (inherited fields too)
+        for line in inspect.getsource(klass).splitlines():
+            name, _, rest = line.strip().partition(":")
+            if "#" in rest:
+                comments[name] = rest.split("#", 1)[1].strip()
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
@@ -72,7 +73,9 @@ def _config(module, args):
         cfg = cfg.quick()
     cfg = dataclasses.replace(cfg, **overrides)
     if cfg.out is None:  # a new folder each run: nothing earlier is overwritten
-        cfg = dataclasses.replace(cfg, out=time.strftime(f"runs/{args.experiment}-%Y%m%d-%H%M%S"))
+        from bnlab.experiments.runs import default_out
+
+        cfg = dataclasses.replace(cfg, out=default_out(args.experiment))
     return cfg
 
 

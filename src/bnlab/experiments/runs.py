@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import bnlab
@@ -27,6 +28,11 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         rev = ""
     return f"bnlab {bnlab.__version__}" + (f" ({rev})" if rev else "")
+
+
+def default_out(experiment: str) -> str:
+    """A new folder each run, so nothing earlier is overwritten: ``runs/<experiment>-<time>``."""
+    return time.strftime(f"runs/{experiment}-%Y%m%d-%H%M%S")
 
 
 def claim(out: Path, resume: bool) -> Path:
