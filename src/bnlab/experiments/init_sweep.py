@@ -18,13 +18,15 @@ The figure is the textbook's 4x4 grid, one panel per std.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
-from bnlab.data import Dataset, load_dataset
-from bnlab.experiments import runs, sweeps
+from bnlab.experiments import sweeps
 
 
 @dataclass(frozen=True)
 class Config(sweeps.SweepConfig):
+    EXPERIMENT: ClassVar[str] = "init-sweep"
+    AXIS: ClassVar[str] = "init std"
     stds: int = 16  # init stds, log-spaced from 10^std_log10_max down to 10^std_log10_min
     std_log10_max: float = 0.0  # largest std: 10^this
     std_log10_min: float = -4.0  # smallest std: 10^this
@@ -34,27 +36,12 @@ class Config(sweeps.SweepConfig):
         """Four stds for a few epochs: the demo and CI."""
         return replace(self, stds=4, epochs=4)
 
-    def std_values(self) -> list[float]:
+    def values(self) -> list[float]:
         return sweeps.log_values(self.std_log10_max, self.std_log10_min, self.stds)
 
-
-def run(cfg: Config, resume: bool = False) -> dict:
-    """Load the data and run the sweep (:func:`sweep`)."""
-    data = load_dataset(cfg.data_dir, cfg.download)
-    print(f"data: {data.source} ({len(data.x_train)} train images, the first {cfg.train_examples} used)")
-    return sweep(cfg, data, resume)
+    def settings(self) -> list[tuple[float, float]]:
+        return [(std, self.lr) for std in self.values()]
 
 
-def sweep(cfg: Config, data: Dataset, resume: bool = False) -> dict:
-    """Both networks at every std; metrics, the table and the figure in ``cfg.out``."""
-    if cfg.out is None:
-        cfg = replace(cfg, out=runs.default_out("init-sweep"))
-    stds = cfg.std_values()
-    return sweeps.grid(cfg, data, resume, "init-sweep", "init std", stds, [(std, cfg.lr) for std in stds])
-
-
-def load_config(run_dir) -> Config:
-    return runs.load_config(run_dir, Config)
-
-
+run, sweep, load_config = sweeps.experiment(Config)
 plot = sweeps.plot

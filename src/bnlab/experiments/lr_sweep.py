@@ -13,13 +13,15 @@ plain SGD, mini-batches of 100 drawn with replacement, 20 epochs of 10 steps) fr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
-from bnlab.data import Dataset, load_dataset
-from bnlab.experiments import runs, sweeps
+from bnlab.experiments import sweeps
 
 
 @dataclass(frozen=True)
 class Config(sweeps.SweepConfig):
+    EXPERIMENT: ClassVar[str] = "lr-sweep"
+    AXIS: ClassVar[str] = "learning rate"
     lrs: int = 7  # learning rates, log-spaced from 10^lr_log10_max down to 10^lr_log10_min
     lr_log10_max: float = 1.0  # largest learning rate: 10^this
     lr_log10_min: float = -2.0  # smallest learning rate: 10^this
@@ -28,27 +30,12 @@ class Config(sweeps.SweepConfig):
         """Three learning rates for a few epochs: the demo and CI."""
         return replace(self, lrs=3, epochs=4)
 
-    def lr_values(self) -> list[float]:
+    def values(self) -> list[float]:
         return sweeps.log_values(self.lr_log10_max, self.lr_log10_min, self.lrs)
 
-
-def run(cfg: Config, resume: bool = False) -> dict:
-    """Load the data and run the sweep (:func:`sweep`)."""
-    data = load_dataset(cfg.data_dir, cfg.download)
-    print(f"data: {data.source} ({len(data.x_train)} train images, the first {cfg.train_examples} used)")
-    return sweep(cfg, data, resume)
+    def settings(self) -> list[tuple[None, float]]:
+        return [(None, lr) for lr in self.values()]  # He's init
 
 
-def sweep(cfg: Config, data: Dataset, resume: bool = False) -> dict:
-    """Both networks at every learning rate (He's init); metrics, the table and the figure in ``cfg.out``."""
-    if cfg.out is None:
-        cfg = replace(cfg, out=runs.default_out("lr-sweep"))
-    lrs = cfg.lr_values()
-    return sweeps.grid(cfg, data, resume, "lr-sweep", "learning rate", lrs, [(None, lr) for lr in lrs])
-
-
-def load_config(run_dir) -> Config:
-    return runs.load_config(run_dir, Config)
-
-
+run, sweep, load_config = sweeps.experiment(Config)
 plot = sweeps.plot

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import bnlab
-from bnlab.data import Dataset
+from bnlab.data import Dataset, load_dataset
 from bnlab.experiments import runs
 from bnlab.experiments.runs import ConfigError
 from bnlab.train import LoopConfig, fit
@@ -112,6 +112,29 @@ class SweepTask:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.sampler.set_state(tensors["rng.sampler"])
+
+
+def experiment(config_cls):
+    """An experiment module's ``run``, ``sweep``, ``load_config`` for a sweep whose config class
+    names its experiment and axis (``EXPERIMENT``, ``AXIS``) and gives its ``values()`` and
+    ``settings()`` (:func:`grid`'s)."""
+
+    def sweep(cfg, data: Dataset, resume: bool = False) -> dict:
+        """Both networks at every value; metrics, the table and the figure in ``cfg.out``."""
+        if cfg.out is None:
+            cfg = replace(cfg, out=runs.default_out(config_cls.EXPERIMENT))
+        return grid(cfg, data, resume, config_cls.EXPERIMENT, config_cls.AXIS, cfg.values(), cfg.settings())
+
+    def run(cfg, resume: bool = False) -> dict:
+        """Load the data and run the sweep."""
+        data = load_dataset(cfg.data_dir, cfg.download)
+        print(f"data: {data.source} ({len(data.x_train)} train images, the first {cfg.train_examples} used)")
+        return sweep(cfg, data, resume)
+
+    def load_config(run_dir):
+        return runs.load_config(run_dir, config_cls)
+
+    return run, sweep, load_config
 
 
 def grid(cfg: SweepConfig, data: Dataset, resume: bool, experiment: str, axis: str, values: list[float],
