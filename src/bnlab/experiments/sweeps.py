@@ -12,6 +12,7 @@ every (value, with/without BN) pair and writes ``metrics.json``, ``metrics.csv``
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -51,13 +52,14 @@ def log_values(top: float, bottom: float, count: int) -> list[float]:
     return [float(v) for v in np.logspace(top, bottom, count)]
 
 
-def mlp(inputs: int, classes: int, cfg: SweepConfig, batch_norm: bool) -> nn.Sequential:
-    """Affine -> (BN) -> ReLU, ``cfg.hidden_layers`` times, then Affine (softmax in the loss)."""
+def mlp(inputs: int, classes: int, cfg: SweepConfig, batch_norm: bool, dropout: float = 0.0) -> nn.Sequential:
+    """Affine -> (BN) -> ReLU (-> Dropout), ``cfg.hidden_layers`` times, then Affine (softmax in the loss)."""
     layers, width = [], inputs
     for _ in range(cfg.hidden_layers):
         layers += [nn.Linear(width, cfg.width, bias=not batch_norm)]
         layers += [bnlab.BatchNorm1d(cfg.width, eps=cfg.eps)] if batch_norm else []
         layers += [nn.ReLU()]
+        layers += [nn.Dropout(dropout)] if dropout > 0 else []
         width = cfg.width
     return nn.Sequential(*layers, nn.Linear(width, classes))
 
@@ -77,19 +79,29 @@ def init_weights_(model: nn.Module, std: float | None, seed: int) -> None:
 
 
 class SweepTask:
-    """One (init std, learning rate, with or without BN) run for :func:`bnlab.train.fit`."""
+    """One (init std, learning rate, with or without BN) run for :func:`bnlab.train.fit`;
+    optionally with dropout, L2 weight decay on the Affine weights (the textbook's
+    0.5 lambda sum W^2: lambda W in the gradient, biases and BN's gamma/beta left alone), and a
+    test set measured beside the training set."""
 
     def __init__(self, cfg: SweepConfig, std: float | None, lr: float, batch_norm: bool, x: torch.Tensor,
-                 y: torch.Tensor, classes: int):
-        self.cfg, self.x, self.y = cfg, x, y
-        self.model = bnlab.name_layers(mlp(x.shape[1], classes, cfg, batch_norm))
+                 y: torch.Tensor, classes: int, dropout: float = 0.0, weight_decay: float = 0.0, test=None):
+        self.cfg, self.x, self.y, self.test = cfg, x, y, test
+        self.model = bnlab.name_layers(mlp(x.shape[1], classes, cfg, batch_norm, dropout))
         init_weights_(self.model, std, cfg.seed)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
+        weights = [m.weight for m in self.model if isinstance(m, nn.Linear)]
+        others = [p for p in self.model.parameters() if all(p is not w for w in weights)]
+        self.opt = torch.optim.SGD([{"params": weights, "weight_decay": weight_decay}, {"params": others}], lr=lr)
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)
+        self.dropout_rng = torch.Generator().manual_seed(cfg.seed + 2) if dropout > 0 else None
 
     def train_step(self, step: int) -> None:
         i = torch.randint(0, len(self.x), (self.cfg.batch,), generator=self.sampler)  # with replacement
-        loss = nn.functional.cross_entropy(self.model(self.x[i]), self.y[i])
+        own_masks = self.dropout_rng is not None  # dropout's masks from this run's generator, not the global one
+        with torch.random.fork_rng(devices=[]) if own_masks else contextlib.nullcontext():
+            if own_masks:
+                torch.manual_seed(int(torch.randint(0, 2**62, (), generator=self.dropout_rng)))
+            loss = nn.functional.cross_entropy(self.model(self.x[i]), self.y[i])
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -99,19 +111,28 @@ class SweepTask:
         self.model.eval()
         try:
             logits = self.model(self.x)
+            result = {"train_accuracy": (logits.argmax(1) == self.y).double().mean().item()}
+            if self.test is not None:
+                x_test, y_test = self.test
+                correct = sum(int((self.model(xb).argmax(1) == yb).sum())
+                              for xb, yb in zip(x_test.split(2000), y_test.split(2000)))
+                result["test_accuracy"] = correct / len(x_test)
         finally:
             self.model.train()
         loss = nn.functional.cross_entropy(logits, self.y).item()
-        return {"train_accuracy": (logits.argmax(1) == self.y).double().mean().item(),
-                "train_loss": loss if math.isfinite(loss) else None}
+        return {**result, "train_loss": loss if math.isfinite(loss) else None}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.dropout_rng is not None:
+            state["rng.dropout"] = self.dropout_rng.get_state()
         return {**state, "rng.sampler": self.sampler.get_state()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.sampler.set_state(tensors["rng.sampler"])
+        if self.dropout_rng is not None:
+            self.dropout_rng.set_state(tensors["rng.dropout"])
 
 
 def experiment(config_cls):
