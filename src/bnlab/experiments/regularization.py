@@ -54,7 +54,7 @@ def task(cfg: Config, variant: str, data, x, y) -> sweeps.SweepTask:
     return sweeps.SweepTask(cfg, None, cfg.lr, variant == "bn", x, y, data.num_classes,
                             dropout=cfg.dropout if variant == "dropout" else 0.0,
                             weight_decay=cfg.weight_decay if variant == "weight-decay" else 0.0,
-                            test=(x_test, torch.from_numpy(data.y_test)))
+                            held_out={"test": (x_test, torch.from_numpy(data.y_test))})
 
 
 def run(cfg: Config, resume: bool = False) -> dict:

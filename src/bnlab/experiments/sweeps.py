@@ -81,12 +81,14 @@ def init_weights_(model: nn.Module, std: float | None, seed: int) -> None:
 class SweepTask:
     """One (init std, learning rate, with or without BN) run for :func:`bnlab.train.fit`;
     optionally with dropout, L2 weight decay on the Affine weights (the textbook's
-    0.5 lambda sum W^2: lambda W in the gradient, biases and BN's gamma/beta left alone), and a
-    test set measured beside the training set."""
+    0.5 lambda sum W^2: lambda W in the gradient, biases and BN's gamma/beta left alone), and
+    held-out sets measured beside the training set (``held_out={"test": (x, y)}`` reports
+    ``test_accuracy``)."""
 
     def __init__(self, cfg: SweepConfig, std: float | None, lr: float, batch_norm: bool, x: torch.Tensor,
-                 y: torch.Tensor, classes: int, dropout: float = 0.0, weight_decay: float = 0.0, test=None):
-        self.cfg, self.x, self.y, self.test = cfg, x, y, test
+                 y: torch.Tensor, classes: int, dropout: float = 0.0, weight_decay: float = 0.0,
+                 held_out: dict | None = None):
+        self.cfg, self.x, self.y, self.held_out = cfg, x, y, held_out or {}
         self.model = bnlab.name_layers(mlp(x.shape[1], classes, cfg, batch_norm, dropout))
         init_weights_(self.model, std, cfg.seed)
         weights = [m.weight for m in self.model if isinstance(m, nn.Linear)]
@@ -112,11 +114,10 @@ class SweepTask:
         try:
             logits = self.model(self.x)
             result = {"train_accuracy": (logits.argmax(1) == self.y).double().mean().item()}
-            if self.test is not None:
-                x_test, y_test = self.test
-                correct = sum(int((self.model(xb).argmax(1) == yb).sum())
-                              for xb, yb in zip(x_test.split(2000), y_test.split(2000)))
-                result["test_accuracy"] = correct / len(x_test)
+            for name, (xs, ys) in self.held_out.items():
+                chunks = zip(xs.split(2000), ys.split(2000))
+                correct = sum(int((self.model(xb).argmax(1) == yb).sum()) for xb, yb in chunks)
+                result[f"{name}_accuracy"] = correct / len(xs)
         finally:
             self.model.train()
         loss = nn.functional.cross_entropy(logits, self.y).item()
