@@ -35,10 +35,11 @@ def default_out(experiment: str) -> str:
     return time.strftime(f"runs/{experiment}-%Y%m%d-%H%M%S")
 
 
-def claim(out: Path, resume: bool) -> Path:
-    """Make the run folder ``out``; a folder that holds a run's checkpoints is only ever resumed."""
+def claim(out: Path, resume: bool, records: tuple[str, ...] = ()) -> Path:
+    """Make the run folder ``out``; a folder that holds a run's checkpoints (or one of the files
+    named in ``records``) is only ever resumed."""
     out = Path(out)
-    if not resume and any(out.glob(f"**/{CHECKPOINT}")):
+    if not resume and (any(out.glob(f"**/{CHECKPOINT}")) or any((out / name).exists() for name in records)):
         raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
