@@ -1,5 +1,4 @@
-"""Overfitting and regularization: train against test accuracy without and with weight decay,
-dropout and BN.
+"""Overfitting and regularization: train against test accuracy, plain and with weight decay, dropout or BN.
 
 The textbook (Saito, Deep Learning from Scratch, chapter 6) makes a network overfit on purpose:
 300 MNIST training images, Affine -> ReLU six times with 100 units then a softmax layer, He's init,
