@@ -54,7 +54,7 @@ def _layout(x: torch.Tensor):
     c = x.shape[1]
     if not F.row_layout(x):
         return x.contiguous().view(x.shape[0], c, -1), False  # (N, C, *S) -> (N, C, prod(S))
-    if x.dim() == 2 or x.numel() == x.shape[0] * c:
+    if F.flat_rows(x):
         return x.reshape(x.shape[0], c).contiguous(), True  # (N, C, 1, ...) is (N, C) rows
     return x.permute(0, 2, 3, 1).reshape(-1, c), True  # NHWC memory: (N*H*W, C) rows, no copy
 

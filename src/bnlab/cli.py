@@ -74,11 +74,9 @@ def _config(module, args):
     if args.quick:
         cfg = cfg.quick()
     cfg = dataclasses.replace(cfg, **overrides)
-    if cfg.out is None:  # a new folder each run: nothing earlier is overwritten
-        from bnlab.experiments.runs import default_out
+    from bnlab.experiments.runs import with_out
 
-        cfg = dataclasses.replace(cfg, out=default_out(args.experiment))
-    return cfg
+    return with_out(cfg, args.experiment)  # a new folder each run: nothing earlier is overwritten
 
 
 def main(argv: list[str] | None = None) -> int:

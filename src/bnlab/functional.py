@@ -308,9 +308,7 @@ def use_fused(x: torch.Tensor, act: str) -> bool:
     """``backend="auto"``'s choice of the fused CPU kernels for act(BN(x)): inputs with a spatial
     extent, channels-first or channels_last. On (N, C) inputs (and (N, C, 1, 1)) the layer around
     the row kernels measured 0.3-0.8x torch's speed (``bench_bn_act.py --shapes 256x1024``)."""
-    if not (act in FUSED_AUTO_ACTS and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL):
-        return False
-    if x.numel() == x.shape[0] * x.shape[1]:
+    if not (act in FUSED_AUTO_ACTS and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL) or flat_rows(x):
         return False
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
@@ -323,11 +321,16 @@ def fused_act_supported(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in FUSED_DTYPES and 2 <= x.dim() <= 5
 
 
+def flat_rows(x: torch.Tensor) -> bool:
+    """One value per example and channel: ``(N, C)``, or ``(N, C, 1, ...)``."""
+    return x.numel() == x.shape[0] * x.shape[1]
+
+
 def row_layout(x: torch.Tensor) -> bool:
-    """Whether the fused CPU kernels see ``x`` as rows ``(M, C)``: ``(N, C)`` (or ``(N, C, 1, ...)``)
-    inputs and channels_last memory; otherwise channels-first ``(N, C, S)``."""
-    return (x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1]
-            or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
+    """Whether the fused CPU kernels see ``x`` as rows ``(M, C)``: :func:`flat_rows` inputs and
+    channels_last memory; otherwise channels-first ``(N, C, S)``."""
+    return flat_rows(x) or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                            and not x.is_contiguous())
 
 
 def batch_norm_act_train(

@@ -499,8 +499,12 @@ class CrossIterationBatchNorm(BatchNorm):
         before it need storing: the burn-in's earlier iterations are plain BN at BN's cost, and so
         is recalibration (:func:`bnlab.recalibrate`).
         """
-        recalibrating = self.__dict__.get("_batch_statistics", False)
-        return not recalibrating and self.window > 1 and iteration >= self.burn_in - (self.window - 1)
+        return not self._recalibrating and self.window > 1 and iteration >= self.burn_in - (self.window - 1)
+
+    @property
+    def _recalibrating(self) -> bool:
+        """Inside :func:`bnlab.recalibrate`: batch statistics as BN's, nothing stored or counted."""
+        return self.__dict__.get("_batch_statistics", False)
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         producer, captured = self.producer, self.__dict__["_input"]
@@ -514,7 +518,6 @@ class CrossIterationBatchNorm(BatchNorm):
         u, output, gradient = captured
         if output is not x:  # (something between the producer and this layer: take x's own)
             gradient = None
-        recalibrating = self.__dict__.get("_batch_statistics", False)  # recalibrate(): BN, counting nothing
         iteration = int(self.iteration)
         if not self._stores(iteration):
             y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
@@ -526,7 +529,7 @@ class CrossIterationBatchNorm(BatchNorm):
                 y, folded = self._train_fused(state, x, u, gradient, pooling, slot)
             else:
                 y, folded = self._train_torch(x, u, gradient, pooling, slot)
-        if not recalibrating:
+        if not self._recalibrating:
             self.iteration.add_(1)
         return y, folded
 
@@ -605,7 +608,7 @@ class CrossIterationBatchNorm(BatchNorm):
         kernels = state.kernels
         stats = np.empty((4, x.shape[1]))  # (filled by the forward; its own per call: backward reads it)
         y = FusedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, pooling, state.norm, stats)
-        m = x.numel() // x.shape[1]
+        m = F.values_per_channel(x)
         folded = kernels.commit(stats, m, *state.running, self.batch_weight(), slot, *state.entry)
         if folded and self.compensate:
             producer = self.producer

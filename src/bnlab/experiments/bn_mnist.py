@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import queue as queue_lib
-import time
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -281,8 +280,7 @@ def summary_table(summary: dict) -> str:
 
 def run(cfg: Config, resume: bool = False) -> dict:
     """Train both networks, write metrics, the summary and the figure into ``cfg.out``."""
-    if cfg.out is None:
-        cfg = replace(cfg, out=time.strftime("runs/bn-mnist-%Y%m%d-%H%M%S"))
+    cfg = runs.with_out(cfg, "bn-mnist")
     out = runs.claim(cfg.out, resume)
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} ({len(data.x_train)} train, {len(data.x_test)} test, {data.image_shape} pixels)")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from bnlab.data import load_dataset
 from bnlab.experiments import runs, sweeps
@@ -58,21 +57,17 @@ class Config(sweeps.SweepConfig):
 
 def split(cfg: Config, data):
     """Shuffle the first ``train_examples`` images (seeded) and hold out ``validation_fraction``."""
-    if not 0 < cfg.train_examples <= len(data.x_train):
-        raise ConfigError(f"--train-examples must be 1..{len(data.x_train)} for {data.name}, got {cfg.train_examples}")
     n_val = int(round(cfg.train_examples * cfg.validation_fraction))
     if not 0 < n_val < cfg.train_examples:
         raise ConfigError(f"--validation-fraction {cfg.validation_fraction} leaves no training or no validation images")
     order = np.random.default_rng(cfg.seed).permutation(cfg.train_examples)
-    x = torch.from_numpy(data.x_train[order].astype(np.float32) / 255.0)
-    y = torch.from_numpy(data.y_train[order])
+    x, y = sweeps.training_images(cfg, data, order)
     return (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val]), order[n_val:], order[:n_val]
 
 
 def run(cfg: Config, resume: bool = False) -> dict:
     """The search; trials, the best, the narrowed ranges and the figure in ``cfg.out``."""
-    if cfg.out is None:
-        cfg = replace(cfg, out=runs.default_out(Config.EXPERIMENT))
+    cfg = runs.with_out(cfg, Config.EXPERIMENT)
     data = load_dataset(cfg.data_dir, cfg.download)
     (x, y), (x_val, y_val), _, _ = split(cfg, data)
     draws = cfg.draws()
@@ -113,15 +108,14 @@ def run(cfg: Config, resume: bool = False) -> dict:
                 else:
                     bar.update(steps)
                 trials.append(row)
-        best = {}
+        best, test = {}, sweeps.test_set(data)
         for network in sweeps.NETWORKS:
             ranked = sorted((t for t in trials if t["network"] == network), key=lambda t: -t["validation_accuracy"])
             top = ranked[: cfg.best]
             winner = top[0]  # trained again, the same run, and measured once on the test set
             bar.total += steps
-            x_test = torch.from_numpy(data.x_test.astype(np.float32) / 255.0)
             rows = train(winner["lr"], winner["weight_decay"], network, out / f"best-{network}",
-                         {"validation": (x_val, y_val), "test": (x_test, torch.from_numpy(data.y_test))})
+                         {"validation": (x_val, y_val), "test": test})
             best[network] = {
                 "top": top, "test_accuracy": rows[-1]["test_accuracy"],
                 "validation_accuracy_retrained": rows[-1]["validation_accuracy"],

@@ -19,8 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
-import torch
 
 from bnlab.data import load_dataset
 from bnlab.experiments import runs, sweeps
@@ -46,29 +44,25 @@ class Config(sweeps.SweepConfig):
         return replace(self, epochs=10)
 
 
-def task(cfg: Config, variant: str, data, x, y) -> sweeps.SweepTask:
+def task(cfg: Config, variant: str, data, x, y, test=None) -> sweeps.SweepTask:
+    """The run of one variant on the training images ``x, y``, measured on ``test`` (the data's test set)."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    x_test = torch.from_numpy(data.x_test.astype(np.float32) / 255.0)
     return sweeps.SweepTask(cfg, None, cfg.lr, variant == "bn", x, y, data.num_classes,
                             dropout=cfg.dropout if variant == "dropout" else 0.0,
                             weight_decay=cfg.weight_decay if variant == "weight-decay" else 0.0,
-                            held_out={"test": (x_test, torch.from_numpy(data.y_test))})
+                            held_out={"test": test if test is not None else sweeps.test_set(data)})
 
 
 def run(cfg: Config, resume: bool = False) -> dict:
     """Every variant; train and test accuracy per epoch, the table and the figure in ``cfg.out``."""
-    if cfg.out is None:
-        cfg = replace(cfg, out=runs.default_out(Config.EXPERIMENT))
+    cfg = runs.with_out(cfg, Config.EXPERIMENT)
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} (the first {cfg.train_examples} of {len(data.x_train)} train images; "
           f"{len(data.x_test)} test)")
     variants = [v.strip() for v in cfg.variants.split(",")]
-    if not 0 < cfg.train_examples <= len(data.x_train):
-        raise ConfigError(f"--train-examples must be 1..{len(data.x_train)} for {data.name}, got {cfg.train_examples}")
-    x = torch.from_numpy(data.x_train[: cfg.train_examples].astype(np.float32) / 255.0)
-    y = torch.from_numpy(data.y_train[: cfg.train_examples])
-    tasks = {v: task(cfg, v, data, x, y) for v in variants}  # (an unknown variant is refused before any file)
+    (x, y), test = sweeps.training_images(cfg, data), sweeps.test_set(data)
+    tasks = {v: task(cfg, v, data, x, y, test) for v in variants}  # (an unknown variant is refused before any file)
     out = runs.claim(cfg.out, resume)
     runs.record(out, Config.EXPERIMENT, cfg, data.source)
     steps_per_epoch = max(1, cfg.train_examples // cfg.batch)

@@ -35,6 +35,11 @@ def default_out(experiment: str) -> str:
     return time.strftime(f"runs/{experiment}-%Y%m%d-%H%M%S")
 
 
+def with_out(cfg, experiment: str):
+    """``cfg``, with :func:`default_out` for its run folder when it names none."""
+    return cfg if cfg.out is not None else dataclasses.replace(cfg, out=default_out(experiment))
+
+
 def claim(out: Path, resume: bool, records: tuple[str, ...] = ()) -> Path:
     """Make the run folder ``out``; a folder that holds a run's checkpoints (or one of the files
     named in ``records``) is only ever resumed."""

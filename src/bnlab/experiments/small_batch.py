@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -188,8 +187,7 @@ class RunTask:
 
 def run(cfg: Config, resume: bool = False) -> dict:
     """Train every (method, batch size) run; write the table, metrics and figure into ``cfg.out``."""
-    if cfg.out is None:
-        cfg = replace(cfg, out=time.strftime("runs/small-batch-%Y%m%d-%H%M%S"))
+    cfg = runs.with_out(cfg, "small-batch")
     out = runs.claim(cfg.out, resume)
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} ({len(data.x_train)} train, {len(data.x_test)} test)")

@@ -16,7 +16,7 @@ import contextlib
 import csv
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +136,24 @@ class SweepTask:
             self.dropout_rng.set_state(tensors["rng.dropout"])
 
 
+def images(pixels: np.ndarray) -> torch.Tensor:
+    """Flattened uint8 images as float32 in [0, 1] (the textbook's normalization)."""
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0)
+
+
+def training_images(cfg: SweepConfig, data: Dataset, order: np.ndarray | None = None):
+    """The first ``cfg.train_examples`` training images and labels (in ``order``, a permutation of
+    them, when given); a count the data does not hold is refused."""
+    if not 0 < cfg.train_examples <= len(data.x_train):
+        raise ConfigError(f"--train-examples must be 1..{len(data.x_train)} for {data.name}, got {cfg.train_examples}")
+    rows = order if order is not None else slice(0, cfg.train_examples)
+    return images(data.x_train[rows]), torch.from_numpy(data.y_train[rows])
+
+
+def test_set(data: Dataset):
+    return images(data.x_test), torch.from_numpy(data.y_test)
+
+
 def experiment(config_cls):
     """An experiment module's ``run``, ``sweep``, ``load_config`` for a sweep whose config class
     names its experiment and axis (``EXPERIMENT``, ``AXIS``) and gives its ``values()`` and
@@ -143,8 +161,7 @@ def experiment(config_cls):
 
     def sweep(cfg, data: Dataset, resume: bool = False) -> dict:
         """Both networks at every value; metrics, the table and the figure in ``cfg.out``."""
-        if cfg.out is None:
-            cfg = replace(cfg, out=runs.default_out(config_cls.EXPERIMENT))
+        cfg = runs.with_out(cfg, config_cls.EXPERIMENT)
         return grid(cfg, data, resume, config_cls.EXPERIMENT, config_cls.AXIS, cfg.values(), cfg.settings())
 
     def run(cfg, resume: bool = False) -> dict:
@@ -163,12 +180,9 @@ def grid(cfg: SweepConfig, data: Dataset, resume: bool, experiment: str, axis: s
          settings: list[tuple[float | None, float]]) -> dict:
     """Train both networks at every ``settings[k] = (init std or None for He's, learning rate)``,
     labelled ``values[k]`` on ``axis``; write metrics, the table and the figure into ``cfg.out``."""
-    if not 0 < cfg.train_examples <= len(data.x_train):
-        raise ConfigError(f"--train-examples must be 1..{len(data.x_train)} for {data.name}, got {cfg.train_examples}")
+    x, y = training_images(cfg, data)
     out = runs.claim(cfg.out, resume)
     runs.record(out, experiment, cfg, data.source)
-    x = torch.from_numpy(data.x_train[: cfg.train_examples].astype(np.float32) / 255.0)
-    y = torch.from_numpy(data.y_train[: cfg.train_examples])
     steps_per_epoch = max(1, cfg.train_examples // cfg.batch)
     steps = cfg.epochs * steps_per_epoch
     from tqdm.auto import tqdm
