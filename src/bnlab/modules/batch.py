@@ -1,0 +1,267 @@
+"""Batch Normalization's layers: :class:`BatchNorm` (1d/2d/3d) and BN fused with its activation.
+
+``BatchNorm1d/2d/3d`` are one class, :class:`BatchNorm`, with a rank check. They take
+``torch.nn.BatchNorm*``'s constructor arguments and state_dict keys (a torch checkpoint loads into
+bnlab and back) and add what users of torch's layers ask for: the running-statistics convention as
+an explicit argument, a guard against non-finite batches, and errors that say what to do. Every
+other normalizer of the package derives from :class:`BatchNorm`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from bnlab import functional as F
+
+STATS = ("ema", "cumulative")
+
+
+class BatchNorm(nn.Module):
+    """Batch Normalization (Ioffe & Szegedy 2015) over dimension 1 of an ``(N, C, *)`` input.
+
+    Training: y = weight * (x - mu_B) / sqrt(sigma2_B + eps) + bias, with the batch's mean mu_B and
+    biased variance sigma2_B per channel over N * prod(spatial) = m values (Algorithm 1). Then the
+    running statistics fold the batch in, with the *unbiased* variance m/(m-1) * sigma2_B:
+
+    - ``stats="ema"`` (default, PyTorch's convention): r <- (1 - momentum) * r + momentum * stat,
+      ``momentum`` being the weight of the new batch (0.1; Keras' momentum=0.99 is 0.01 here);
+    - ``stats="cumulative"`` (or ``momentum=None``): r <- r + (stat - r) / t after the t-th batch,
+      the equal-weight average of every batch seen, as in Algorithm 2.
+
+    A batch whose statistics are not finite is not folded in (a warning names the layer), and
+    ``num_batches_tracked`` counts the batches that were. Inference: the running statistics
+    (Algorithm 2's affine transform); with ``track_running_stats=False`` batch statistics are used
+    in both modes, as in torch.
+
+    Args:
+        num_features: C.
+        eps: added to the variance inside the square root.
+        momentum: weight of the new batch in the running average; None means cumulative.
+        affine: learn ``weight`` (gamma, init 1) and ``bias`` (beta, init 0).
+        track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked`` buffers.
+        stats: ``"ema"`` or ``"cumulative"``.
+        backend: ``"auto"``, ``"native"`` (PyTorch's ATen kernels) or ``"autograd"`` (bnlab's
+            hand-written backward); see :func:`bnlab.functional.batch_norm_train`.
+
+    Example:
+        >>> bn = BatchNorm2d(3)
+        >>> y = bn(torch.randn(4, 3, 8, 8))          # training: batch statistics
+        >>> y = bn.eval()(torch.randn(1, 3, 8, 8))    # inference: running statistics
+    """
+
+    ranks: tuple[int, ...] = ()  # accepted input ranks; empty means any rank >= 2
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        stats: str | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if stats is None:
+            stats = "cumulative" if momentum is None else "ema"
+        if stats not in STATS:
+            raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
+        if stats == "ema" and not (momentum is not None and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"stats='ema' needs 0 <= momentum <= 1 (weight of the new batch), got {momentum}")
+        if backend not in F.BACKENDS:
+            raise ValueError(f"backend must be one of {F.BACKENDS}, got {backend!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.stats = stats
+        self.backend = backend
+        self.name: str | None = None  # set by name_layers(); used in warnings
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, stats={self.stats!r}, backend={self.backend!r}"
+        )
+
+    def _label(self) -> str:
+        return f"{type(self).__name__} {self.name!r}" if self.name else repr(self)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if self.ranks and x.dim() not in self.ranks:
+            expected = " or ".join(f"{r}D" for r in self.ranks)
+            raise ValueError(
+                f"{type(self).__name__}: expected {expected} input, got {x.dim()}D input of shape "
+                f"{tuple(x.shape)}"
+            )
+        F.check_input(x, self.num_features, self.training, self._label)
+
+    def batch_weight(self) -> float:
+        """The new batch's weight in the running average: momentum, or 1/t for the t-th batch."""
+        if self.stats == "cumulative":
+            return 1.0 / float(self.num_batches_tracked + 1)
+        return self.momentum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.training and self.track_running_stats:
+            return self._inference(x)
+        tracking = self.training and self.track_running_stats
+        y, folded = self._train(x, tracking)
+        if tracking:
+            self.count_batch_(folded)
+        return y
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Algorithm 2: the running statistics. Subclasses change what follows or precedes it."""
+        return F.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                 self.backend)
+
+    def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
+        """Batch statistics; folds the batch into the running buffers when ``tracking``.
+        Returns the output and whether the batch was folded in. Subclasses change the statistics."""
+        y, _, _, folded = F.batch_norm_train(
+            x, self.weight, self.bias, self.eps, self.backend,
+            self.running_mean if tracking else None, self.running_var if tracking else None, self.batch_weight(),
+        )
+        return y, folded
+
+    def count_batch_(self, folded: bool) -> None:
+        """Count a batch folded into the running statistics, or warn that it was skipped."""
+        if folded:
+            self.num_batches_tracked.add_(1)
+        else:
+            warnings.warn(
+                f"{self._label()}: non-finite batch statistics (NaN or inf in the input); this batch "
+                "was not folded into the running statistics",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from torch < 0.4.1 have no num_batches_tracked; start it at 0 as torch does.
+        key = prefix + "num_batches_tracked"
+        if self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class BatchNorm1d(BatchNorm):
+    """:class:`BatchNorm` over ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    ranks = (2, 3)
+
+
+class BatchNorm2d(BatchNorm):
+    """:class:`BatchNorm` over ``(N, C, H, W)`` inputs."""
+
+    ranks = (4,)
+
+
+class BatchNorm3d(BatchNorm):
+    """:class:`BatchNorm` over ``(N, C, D, H, W)`` inputs."""
+
+    ranks = (5,)
+
+
+class BatchNormAct(BatchNorm):
+    """Batch Normalization followed by an activation, fused: y = act(BN(x)).
+
+    ``act`` is ``"relu"`` (default), ``"leaky_relu"`` (slope ``negative_slope``), ``"silu"``,
+    ``"sigmoid"`` or ``"identity"``. The state_dict keys are BN's, so a BN checkpoint loads into
+    it. Training with ReLU or leaky ReLU on large float32/float64 CPU tensors runs bnlab's fused
+    kernels (two passes over the data forward, three backward, against five and eight for BN then
+    the activation; see benchmarks/RESULTS.md); SiLU and sigmoid, whose exp the kernels compute one value at a time,
+    run BN then torch's activation unless ``backend="fused"``; CUDA tensors run the Triton kernels.
+    Inference: the running statistics, then ``act``.
+
+    Example:
+        >>> layer = BatchNormAct2d(64, act="relu")
+        >>> y = layer(torch.randn(8, 64, 32, 32))   # == relu(BatchNorm2d(64)(x))
+    """
+
+    def __init__(self, num_features: int, act: str = "relu", negative_slope: float = 0.01, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if act not in F.ACTIVATIONS:
+            raise ValueError(f"act must be one of {F.ACTIVATIONS}, got {act!r}")
+        self.act = act
+        self.negative_slope = negative_slope
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act={self.act!r}"
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.activation(super()._inference(x), self.act, self.negative_slope)
+
+    def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
+        y, _, _, folded = F.batch_norm_act_train(
+            x, self.weight, self.bias, self.eps, self.act, self.negative_slope, self.backend,
+            self.running_mean if tracking else None, self.running_var if tracking else None, self.batch_weight(),
+        )
+        return y, folded
+
+
+class BatchNormAct1d(BatchNormAct):
+    """:class:`BatchNormAct` over ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    ranks = (2, 3)
+
+
+class BatchNormAct2d(BatchNormAct):
+    """:class:`BatchNormAct` over ``(N, C, H, W)`` inputs (NCHW or channels_last)."""
+
+    ranks = (4,)
+
+
+
+BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, BatchNorm)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """True for bnlab's and torch.nn's batch-normalization layers."""
+    return isinstance(module, BATCH_NORM_TYPES)
+
+
+def name_layers(model: nn.Module) -> nn.Module:
+    """Give every bnlab layer its qualified name in ``model``, so its warnings say which layer."""
+    for name, module in model.named_modules():
+        if isinstance(module, BatchNorm):
+            module.name = name or type(module).__name__
+    return model
+

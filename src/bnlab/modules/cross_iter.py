@@ -1,0 +1,357 @@
+"""Cross-Iteration Batch Normalization (Yao et al. 2020): the layer, its window, and the model converter."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnlab import functional as F
+from bnlab.autograd import CrossIterationNormFunction, FusedCrossIterationNormFunction
+from bnlab.modules.batch import BatchNorm, BatchNorm1d, BatchNorm2d, name_layers
+
+# The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
+WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
+                  "window_valid")
+
+
+class _KernelState(NamedTuple):
+    """What :mod:`bnlab.kernels.cpu_cbn` takes besides the batch, as NumPy views of a layer's tensors."""
+
+    kernels: object  # the module, imported when first needed
+    norm: tuple  # FusedCrossIterationNormFunction's: the kernels, gamma, beta, the window as pooled_forward reads it
+    running: tuple  # running_mean, running_var
+    entry: tuple  # commit's window arrays
+    derivatives: tuple  # store_conv's and store_linear's
+    geometry: tuple  # a conv producer's kernel size, stride, padding, dilation, as store_conv takes them
+
+
+class CrossIterationBatchNorm(BatchNorm):
+    """Cross-Iteration Batch Normalization (Yao et al. 2020) after a Linear or Conv2d producer.
+
+    At iteration t the statistics pool the current batch with the last ``window - 1`` iterations',
+    each compensated to the producer's current weights by a first-order Taylor expansion
+    (:func:`bnlab.functional.compensated_window`): mu_bar = mean of mu, nu_bar = mean of
+    max(nu, mu^2), sigma2 = nu_bar - mu_bar^2, y = weight * (x - mu_bar) / sqrt(sigma2 + eps) + bias.
+    Gradients flow through the current iteration's statistics only. For the first ``burn_in``
+    iterations, and with ``window=1``, it is BN. ``compensate=False`` pools the raw past
+    statistics (the paper's "naive CBN"). The running statistics follow the current batch, as BN's;
+    inference uses them, as BN.
+
+    Gradients reach the weights through the current iteration's 1/k share of the statistics only,
+    so the layer is not invariant to its producer's weight scale as BN is: started early at a high
+    learning rate, the weights and gammas grow and accuracy suffers (the small-batch experiment,
+    README). Start pooling late (the official detection config: after 8 of 12 epochs; the
+    experiment: half the steps) or use a short window.
+
+    The window (statistics, their weight derivatives and the derivatives' products with the
+    weights they were taken at, the biases, which entries are filled) and the iteration count are
+    buffers: a checkpoint resumes CBN
+    exactly and ``.to()`` moves them. The layer must be paired with its producer before its first
+    training forward or ``load_state_dict``: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)``
+    for a whole model.
+
+    Speed: d mu/dW is the mean input patch and d nu/dW one weight-gradient reduction (torch's
+    kernel for a conv, called from the producer's forward hook), never extra autograd passes.
+    With ``backend="auto"`` a training step on float32/64 CPU tensors runs on the numba kernels
+    of :mod:`bnlab.kernels.cpu_cbn` (moments, compensation, pooling and normalization in one call;
+    the running statistics and the window in two more); elsewhere, or with ``backend="native"``,
+    on torch ops (any device; the tests hold the two paths to the same steps). The burn-in's
+    iterations before the last ``window - 1`` are plain BN and store nothing.
+
+    Example:
+        >>> conv, cbn = nn.Conv2d(3, 16, 3, bias=False), CrossIterationBatchNorm2d(16, window=4, burn_in=100)
+        >>> cbn.pair(conv)
+        >>> y = cbn(conv(torch.randn(4, 3, 32, 32)))
+    """
+
+    def __init__(self, num_features, window: int = 4, burn_in: int = 0, compensate: bool = True, eps=1e-5,
+                 momentum=0.1, affine=True, device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, backend=backend)
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.window, self.burn_in, self.compensate = window, burn_in, compensate
+        factory = {"device": device, "dtype": dtype}
+        past = window - 1
+        self.register_buffer("iteration", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer("window_valid", torch.zeros(past, dtype=torch.bool, device=device))
+        self.register_buffer("window_mu", torch.zeros(past, num_features, **factory))
+        self.register_buffer("window_nu", torch.zeros(past, num_features, **factory))
+        self.register_buffer("window_bias", torch.zeros(past, num_features, **factory))
+        self.register_buffer("window_dmu_w", torch.zeros(past, num_features, **factory))  # <d mu/d W, W> then
+        self.register_buffer("window_dnu_w", torch.zeros(past, num_features, **factory))  # <d nu/d W, W> then
+        for name in ("window_dmu", "window_dnu"):  # shaped by the producer: allocated by pair()
+            self.register_buffer(name, torch.zeros(past, 0, **factory))
+        self.__dict__["_producer"] = None  # a plain reference: not a submodule, not in state_dict
+        self.__dict__["_input"] = None
+
+    @property
+    def producer(self):
+        return self.__dict__["_producer"]
+
+    def pair(self, producer: nn.Module) -> "CrossIterationBatchNorm":
+        """Use ``producer`` (the Linear or Conv2d whose output this layer normalizes)."""
+        if not isinstance(producer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
+        if producer.weight.shape[0] != self.num_features:
+            raise ValueError(f"the producer has {producer.weight.shape[0]} outputs, this layer "
+                             f"{self.num_features} channels")
+        # d mu / d W: one mean patch per group of the producer, (G, F); d nu / d W: (C, F).
+        # Naive CBN never compensates, so it keeps no derivatives (empty buffers).
+        past, c = self.window - 1, self.num_features
+        groups = getattr(producer, "groups", 1)
+        fan_in = producer.weight[0].numel()
+        shapes = {"window_dmu": (past, groups, fan_in), "window_dnu": (past, c, fan_in)}
+        for name, shape in shapes.items():
+            shape = shape if self.compensate else (past, 0)
+            if getattr(self, name).shape != shape:
+                setattr(self, name, torch.zeros(shape, dtype=self.window_mu.dtype, device=self.window_mu.device))
+        self.__dict__["_producer"] = producer
+        self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
+        return self
+
+    def _capture(self, module, args, output):
+        """The producer's forward hook: keep its input for the derivatives of this iteration's
+        statistics. A conv's weight gradient from its output (d nu/dW up to 2/m) is taken here,
+        straight after the conv, while its input and output are still in cache: the call costs
+        less than after the normalization (``benchmarks/RESULTS.md``)."""
+        if not self.training:
+            self.__dict__["_input"] = None
+            return
+        u = args[0].detach()
+        gradient = None
+        if self.compensate and isinstance(module, nn.Conv2d) and self._stores(int(self.iteration)):
+            gradient = F.conv_weight_gradient(output, u, module)
+        self.__dict__["_input"] = (u, output, gradient)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, window={self.window}, burn_in={self.burn_in}, compensate={self.compensate}"
+
+    def _past_statistics(self, filled: int):
+        """The window's valid entries, compensated to the producer's current weights (or raw, when
+        naive), clipped by nu >= mu^2: their sums ``(C,)`` and how many there are."""
+        # The filled entries are a prefix unless a non-finite batch left a hole: slice, else mask.
+        past = slice(0, filled) if bool(self.window_valid[:filled].all()) else self.window_valid
+        mu, nu = self.window_mu[past], self.window_nu[past]
+        if self.compensate:
+            producer = self.producer
+            mu, nu = F.compensated_window(
+                mu, nu, self.window_dmu[past], self.window_dnu[past], self.window_dmu_w[past], self.window_dnu_w[past],
+                self.window_bias[past], producer.weight.detach(),
+                producer.bias.detach() if producer.bias is not None else None)
+        return mu.sum(0), torch.maximum(nu, mu * mu).sum(0), mu.shape[0]
+
+    def _stores(self, iteration: int) -> bool:
+        """Whether this training step stores a window entry; else it is plain BN.
+
+        The window is read from iteration ``burn_in`` on, so only the ``window - 1`` iterations
+        before it need storing: the burn-in's earlier iterations are plain BN at BN's cost, and so
+        is recalibration (:func:`bnlab.recalibrate`).
+        """
+        return not self._recalibrating and self.window > 1 and iteration >= self.burn_in - (self.window - 1)
+
+    @property
+    def _recalibrating(self) -> bool:
+        """Inside :func:`bnlab.recalibrate`: batch statistics as BN's, nothing stored or counted."""
+        return self.__dict__.get("_batch_statistics", False)
+
+    def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
+        producer, captured = self.producer, self.__dict__["_input"]
+        self.__dict__["_input"] = None
+        if producer is None:
+            raise RuntimeError(f"{self._label()}: not paired with its producer; call layer.pair(conv_or_linear) "
+                               "or bnlab.cross_iteration(model) first")
+        if captured is None or captured[0].shape[0] != x.shape[0]:
+            raise RuntimeError(f"{self._label()}: its producer did not run on this batch just before it; the "
+                               "input must be the paired layer's output")
+        u, output, gradient = captured
+        if output is not x:  # (something between the producer and this layer: take x's own)
+            gradient = None
+        iteration = int(self.iteration)
+        if not self._stores(iteration):
+            y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
+                                                 self.running_var, self.batch_weight())
+        else:
+            pooling, slot = iteration >= self.burn_in, iteration % (self.window - 1)
+            state = self._kernel_state(x)
+            if state is not None:
+                y, folded = self._train_fused(state, x, u, gradient, pooling, slot)
+            else:
+                y, folded = self._train_torch(x, u, gradient, pooling, slot)
+        if not self._recalibrating:
+            self.iteration.add_(1)
+        return y, folded
+
+    def _derivatives(self, x: torch.Tensor, u: torch.Tensor, gradient: torch.Tensor | None):
+        """This batch's d mu/dW ``(G, F)`` and d nu/dW ``(C, F)`` from torch's ops (:mod:`bnlab.functional`);
+        ``gradient``: a conv's weight gradient from x, when the producer's hook took it."""
+        producer = self.producer
+        dnu = F.second_moment_derivative(x, u, producer, gradient)
+        return F.mean_patches(u, producer), dnu.reshape(x.shape[1], -1)
+
+    def _kernel_state(self, x: torch.Tensor) -> "_KernelState | None":
+        """The NumPy views the numba kernels take, or None when they cannot take this step (they
+        take float32/64 CPU tensors, x channels-first, with ``backend="auto"``).
+
+        Kept between steps and remade when a tensor behind them moved (``.to()``, ``pair()``,
+        ``load_state_dict(assign=True)``, ``.data =``): the cached views hold the old tensors, so
+        an equal address is the same memory.
+        """
+        if not (self.backend == "auto" and F.fused_act_supported(x) and x.is_contiguous()):
+            return None
+        params, buffers, producer = self._parameters, self._buffers, self.producer
+        tensors = (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
+                   producer._parameters["weight"], producer._parameters["bias"],
+                   *[buffers[name] for name in WINDOW_BUFFERS])
+        key = [t.data_ptr() if t is not None else 0 for t in tensors]
+        cached = self.__dict__.get("_state")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_state"] = (key, self._make_kernel_state(tensors))
+        return cached[1]
+
+    def _make_kernel_state(self, tensors) -> "_KernelState | None":
+        if not all(t is None or t.is_cpu for t in tensors):
+            return None
+        if not all(t is None or t.dtype in F.FUSED_DTYPES for t in tensors[:7]):  # (not the valid flags)
+            return None
+        producer = self.producer
+        if isinstance(producer, nn.Conv2d) and (producer.padding_mode != "zeros" or isinstance(producer.padding, str)):
+            return None  # the torch path says what it does not support
+        from bnlab.kernels import cpu_cbn
+
+        c = self.num_features
+        gamma, beta, mean, var, weight, bias, *window = (t.detach() if t is not None else None for t in tensors)
+        if gamma is None:
+            gamma, beta = torch.ones(c, dtype=mean.dtype), torch.zeros(c, dtype=mean.dtype)
+        if bias is None:
+            bias = torch.zeros(c, dtype=weight.dtype)
+        if not self.compensate:  # (P, 0) placeholders, shaped as the kernels index them
+            window[3], window[4] = (t.view(self.window - 1, 1, 0) for t in window[3:5])
+        w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid = (t.numpy() for t in window)
+        weight, bias = weight.reshape(c, -1).numpy(), bias.numpy()
+        return _KernelState(
+            kernels=cpu_cbn,
+            norm=(cpu_cbn, gamma.numpy(), beta.numpy(),
+                  (weight, bias, w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid, self.compensate)),
+            running=(mean.numpy(), var.numpy()),
+            entry=(bias, w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w, valid, self.compensate),
+            derivatives=(w_dmu, w_dnu),
+            geometry=(*producer.kernel_size, *producer.stride, *producer.padding, *producer.dilation)
+            if isinstance(producer, nn.Conv2d) else (),
+        )
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__["_state"] = None  # its views would keep the old tensors alive
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # copy.deepcopy and pickle: the kernels' views belong to this layer's tensors, not the copy's
+        return {**super().__getstate__(), "_state": None, "_input": None}
+
+    def _train_fused(self, state: "_KernelState", x, u, gradient, pooling: bool,
+                     slot: int) -> tuple[torch.Tensor, bool]:
+        """One training step on the numba kernels (:mod:`bnlab.kernels.cpu_cbn`): the pooled
+        normalization (an autograd function), the running statistics and the window's statistics,
+        then (compensated, and the batch finite) the window's derivatives. ``gradient``: a conv's
+        weight gradient from x, when the producer's hook took it (:meth:`_capture`)."""
+        kernels = state.kernels
+        stats = np.empty((4, x.shape[1]))  # (filled by the forward; its own per call: backward reads it)
+        y = FusedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, pooling, state.norm, stats)
+        m = F.values_per_channel(x)
+        folded = kernels.commit(stats, m, *state.running, self.batch_weight(), slot, *state.entry)
+        if folded and self.compensate:
+            producer = self.producer
+            if isinstance(producer, nn.Linear):
+                kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), *state.derivatives)
+            else:  # d nu/dW on torch's weight-gradient kernel, scaled by 2/m in the window
+                dnu = gradient if gradient is not None else F.conv_weight_gradient(x, u, producer)
+                kernels.store_conv(slot, u.contiguous().numpy(), *state.geometry, dnu.view(x.shape[1], -1).numpy(),
+                                   2.0 / m, *state.derivatives)
+        return y, folded
+
+    def _train_torch(self, x, u, gradient, pooling: bool, slot: int) -> tuple[torch.Tensor, bool]:
+        """The same step as torch ops: any device and dtype (and the fused kernels' reference)."""
+        filled = int(self.window_valid.sum()) if pooling else 0
+        if filled > 0:
+            past_mu, past_nu, n = self._past_statistics(filled)
+            y, mu, var = CrossIterationNormFunction.apply(x, self.weight, self.bias, past_mu.to(x.dtype),
+                                                          past_nu.to(x.dtype), n + 1, self.eps)
+            with torch.no_grad():
+                folded = F.update_running_stats_(self.running_mean, self.running_var, mu, var,
+                                                 F.values_per_channel(x), self.batch_weight())
+        else:  # BN, whose kernel folds the batch into the running statistics too
+            y, mu, invstd, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend,
+                                                       self.running_mean, self.running_var, self.batch_weight())
+            var = invstd.detach().reciprocal().square() - self.eps  # the batch's, as BN computed it
+        if folded:  # a non-finite batch never enters the window
+            with torch.no_grad():
+                self.window_mu[slot] = mu
+                self.window_nu[slot] = var + mu * mu
+                if self.compensate:
+                    producer = self.producer
+                    self.window_dmu[slot], self.window_dnu[slot] = self._derivatives(x, u, gradient)
+                    entry = slice(slot, slot + 1)  # the stored copies: contiguous, whatever dnu's layout
+                    mu_w, nu_w = F.compensation_terms(self.window_dmu[entry], self.window_dnu[entry],
+                                                      producer.weight.detach())
+                    self.window_dmu_w[slot], self.window_dnu_w[slot] = mu_w[0], nu_w[0]
+                    self.window_bias[slot] = producer.bias.detach() if producer.bias is not None else 0.0
+                self.window_valid[slot] = True
+        return y, folded
+
+
+class CrossIterationBatchNorm1d(CrossIterationBatchNorm):
+    """:class:`CrossIterationBatchNorm` after a Linear layer: ``(N, C)`` inputs."""
+
+    ranks = (2,)
+
+
+class CrossIterationBatchNorm2d(CrossIterationBatchNorm):
+    """:class:`CrossIterationBatchNorm` after a Conv2d layer: ``(N, C, H, W)`` inputs."""
+
+    ranks = (4,)
+
+
+def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compensate: bool = True) -> nn.Module:
+    """Convert every BN of ``model`` whose input is a Linear or Conv2d output into cross-iteration BN.
+
+    Finds the pairs by tracing the model with torch.fx; the BN state carries over. A BN fed by
+    anything else (an addition, an activation, a function) is refused with its name, since its
+    statistics could not be compensated.
+    """
+    import torch.fx
+
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, BatchNorm1d, BatchNorm2d)
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):  # bnlab's layers are leaves, like torch.nn's
+            return isinstance(module, BatchNorm) or super().is_leaf_module(module, name)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as err:  # fx raises many kinds
+        raise ValueError(f"cross_iteration: could not trace the model ({err}); pair layers by hand with "
+                         "CrossIterationBatchNorm2d(...).pair(conv)") from err
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or type(modules[node.target]) not in plain:
+            continue
+        source = node.args[0]
+        producer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
+        if not isinstance(producer, (nn.Linear, nn.Conv2d)):
+            what = source.target if getattr(source, "op", None) == "call_module" else f"{source.op} {source.target}"
+            raise ValueError(f"cross_iteration: the input of {node.target!r} comes from {what!r}, not from a Linear "
+                             "or Conv2d layer, so its statistics cannot be compensated; keep it as BN")
+        pairs.append((node.target, producer))
+    for name, producer in pairs:
+        old = modules[name]
+        cls = CrossIterationBatchNorm2d if isinstance(producer, nn.Conv2d) else CrossIterationBatchNorm1d
+        ref = old.weight if old.affine else old.running_mean
+        new = cls(old.num_features, window, burn_in, compensate, old.eps, old.momentum if old.momentum is not None
+                  else 0.1, old.affine, device=ref.device, dtype=ref.dtype).pair(producer)
+        new.load_state_dict(old.state_dict(), strict=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, new.train(old.training))
+    return name_layers(model)
+

@@ -1,0 +1,133 @@
+"""Functions over a whole model: population statistics (Algorithm 2) and the torch.nn converter."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from bnlab import functional as F
+from bnlab.modules.batch import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm, name_layers
+from bnlab.modules.cross_iter import CrossIterationBatchNorm
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
+    """Ioffe & Szegedy 2015, Algorithm 2: population statistics for every BN layer of ``model``.
+
+    Runs the batches through the training-mode network (every BN layer normalizing with its batch
+    statistics, cross-iteration BN too, whose window and iteration count are left alone; every
+    other module in eval mode, so dropout is off) and sets each layer's running statistics to
+
+        E[x] = mean over batches of mu_B,   Var[x] = mean over batches of m/(m-1) * sigma2_B,
+
+    where m is the number of values per channel in that batch (the paper's m/(m-1) E_B[sigma2_B]
+    when every batch has the same size). Parameters, ``num_batches_tracked``, train/eval modes and
+    all other state are left as they were.
+
+    Args:
+        model: a module holding bnlab or torch.nn batch-norm layers.
+        batches: an iterable of inputs; a tuple or list is taken as ``(input, ...)``.
+        forward: optional ``forward(model, batch)``; by default ``model(batch[0] or batch)``.
+
+    Example:
+        >>> recalibrate(net, (x for x, _ in train_loader))
+    """
+    layers = [m for m in model.modules()
+              if is_batch_norm(m) and m.track_running_stats and getattr(m, "running_var", None) is not None]
+    modes = {m: m.training for m in model.modules()}
+    saved = {
+        layer: (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+        for layer in layers
+    }
+    sums = {layer: [0.0, 0.0, 0] for layer in layers}
+
+    def record(layer, args):
+        x = args[0].detach().double()
+        mean, var_biased = F.batch_stats(x)
+        m = F.values_per_channel(x)
+        if m < 2:
+            raise ValueError(f"recalibrate: a batch has {m} value(s) per channel; Algorithm 2 needs m >= 2")
+        acc = sums[layer]
+        acc[0] = acc[0] + mean
+        acc[1] = acc[1] + var_biased * (m / (m - 1))
+        acc[2] += 1
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    pooled = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm)]
+    try:
+        model.eval()
+        for layer in layers:
+            layer.train()
+        for layer in pooled:  # batch statistics, as Algorithm 2 has them; the window stays as it is
+            layer.__dict__["_batch_statistics"] = True
+        for batch in batches:
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        for layer in pooled:
+            layer.__dict__["_batch_statistics"] = False
+        for module, mode in modes.items():
+            module.train(mode)
+        for layer, (mean, var, count) in saved.items():
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+            layer.num_batches_tracked.copy_(count)
+    for layer, (sum_mean, sum_var, n) in sums.items():
+        if n == 0:
+            raise ValueError("recalibrate: no batch reached a batch-norm layer; pass at least one batch")
+        layer.running_mean.copy_(sum_mean / n)
+        layer.running_var.copy_(sum_var / n)
+    return model
+
+
+TORCH_TO_BNLAB = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def convert(model: nn.Module, **kwargs) -> nn.Module:
+    """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` for bnlab's, keeping its state.
+
+    Parameters, buffers, device, dtype, requires_grad and train/eval mode carry over; ``kwargs``
+    (``stats=``, ``backend=``) go to the new layers. Returns the model (a new layer when ``model``
+    itself is a batch-norm layer).
+
+    Example:
+        >>> net = convert(torchvision.models.resnet18())
+    """
+    new = _converted(model, kwargs)
+    if new is not None:
+        return name_layers(new)
+    for name, child in model.named_children():
+        setattr(model, name, convert(child, **kwargs))
+    return name_layers(model)
+
+
+def _converted(module: nn.Module, kwargs) -> nn.Module | None:
+    cls = TORCH_TO_BNLAB.get(type(module))
+    if cls is None:
+        return None
+    ref = module.weight if module.affine else module.running_mean
+    new = cls(
+        module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        device=ref.device if ref is not None else None,
+        dtype=ref.dtype if ref is not None else None,
+        **kwargs,
+    )
+    new.load_state_dict(module.state_dict())
+    if module.affine:
+        new.weight.requires_grad_(module.weight.requires_grad)
+        new.bias.requires_grad_(module.bias.requires_grad)
+    return new.train(module.training)

@@ -1,0 +1,79 @@
+"""Batch Renormalization (Ioffe 2017): BN corrected towards the moving averages by r and d."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnlab import functional as F
+from bnlab.modules.batch import BatchNorm
+
+
+class BatchRenorm(BatchNorm):
+    """Batch Renormalization (Ioffe 2017) over dimension 1 of an ``(N, C, *)`` input.
+
+    Training: y = weight * ((x - mu_B) / sigma_B * r + d) + bias with sigma_B = sqrt(sigma2_B + eps),
+    r = clip(sigma_B / sigma, 1/r_max_t, r_max_t) and d = clip((mu_B - mu) / sigma, -d_max_t, d_max_t)
+    held constant in backprop, mu and sigma the moving mean and standard deviation (buffers
+    ``running_mean``, ``running_std``; rate ``momentum``, the new batch's weight). The limits follow
+    the paper's schedule in ``num_batches_tracked``: (1, 0), plain BN, for ``warmup`` steps, then
+    relaxed linearly to ``r_max`` at ``r_max_steps`` and ``d_max`` at ``d_max_steps``. With
+    r_max=1 and d_max=0 it is BN. Inference: y = weight * (x - mu) / sigma + bias.
+
+    Example:
+        >>> layer = BatchRenorm2d(64, r_max=3.0, d_max=5.0)   # for micro-batches of 4, say
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, device=None, dtype=None, *,
+                 r_max=3.0, d_max=5.0, warmup=5_000, r_max_steps=40_000, d_max_steps=25_000):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        del self.running_var
+        self.register_buffer("running_std", torch.ones(num_features, device=device, dtype=dtype))
+        self.r_max, self.d_max = r_max, d_max
+        self.warmup, self.r_max_steps, self.d_max_steps = warmup, r_max_steps, d_max_steps
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_std.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def limits(self) -> tuple[float, float]:
+        """(r_max, d_max) at the current step."""
+        return F.renorm_limits(int(self.num_batches_tracked), self.r_max, self.d_max,
+                               self.warmup, self.r_max_steps, self.d_max_steps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
+                f"d_max={self.d_max}, warmup={self.warmup}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.training:
+            return F.batch_renorm_eval(x, self.weight, self.bias, self.running_mean, self.running_std)
+        r_max, d_max = self.limits()
+        y, folded = F.batch_renorm_train(x, self.weight, self.bias, self.running_mean, self.running_std,
+                                         r_max, d_max, self.eps, self.momentum)
+        self.count_batch_(folded)
+        return y
+
+
+class BatchRenorm1d(BatchRenorm):
+    """:class:`BatchRenorm` over ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    ranks = (2, 3)
+
+
+class BatchRenorm2d(BatchRenorm):
+    """:class:`BatchRenorm` over ``(N, C, H, W)`` inputs."""
+
+    ranks = (4,)
+
+
+class BatchRenorm3d(BatchRenorm):
+    """:class:`BatchRenorm` over ``(N, C, D, H, W)`` inputs."""
+
+    ranks = (5,)
+
