@@ -29,7 +29,7 @@ import torch
 import bnlab
 from bnlab.data import Dataset, load_dataset
 from bnlab.experiments import runs
-from bnlab.modules import recalibrate
+from bnlab.modules import evaluating, recalibrate
 from bnlab.kernels.binary_linear import active_lists, warm_up
 from bnlab.nets import BinaryInputSGD, SigmoidMLP, flat_active_inputs
 from bnlab.train import CHECKPOINT, LoopConfig, fit, load_checkpoint
@@ -94,7 +94,8 @@ class NetTask:
         self.data = data
         sizes = (data.num_inputs, *[cfg.width] * cfg.depth, data.num_classes)
         init = torch.Generator().manual_seed(cfg.seed)
-        self.model = bnlab.name_layers(SigmoidMLP(sizes, batch_norm=name == "bn", init_std=cfg.init_std, generator=init))
+        net = SigmoidMLP(sizes, batch_norm=name == "bn", init_std=cfg.init_std, generator=init)
+        self.model = bnlab.name_layers(net)
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)
         self.sgd = BinaryInputSGD(self.model, cfg.lr, data.index_train, data.starts_train)
 
@@ -105,8 +106,7 @@ class NetTask:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         self.sgd.sync_()
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             d, probe = self.data, slice(0, self.cfg.probe_examples)
             logits, sigmoid_inputs = self.model.head(self.sgd.first_layer(d.index_test, offsets=d.offsets_test), True)
             accuracy = float((logits.argmax(1) == d.y_test).float().mean())
@@ -114,8 +114,6 @@ class NetTask:
             if not torch.isfinite(u).all():
                 raise FloatingPointError(f"{self.name}: training diverged (non-finite values) by step {step}")
             p15, p50, p85 = torch.quantile(u, torch.tensor(QUANTILES)).tolist()
-        finally:
-            self.model.train()
         return {"test_accuracy": accuracy, "p15": p15, "p50": p50, "p85": p85}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -272,8 +270,10 @@ def summary_table(summary: dict) -> str:
     lines = [f"{'':<22}" + "".join(f"{'acc @ ' + m:>14}" for m in marks) + f"{'drift':>10}"]
     for name in NETS:
         accs = "".join(f"{summary['accuracy'][name][m]:>14.4f}" for m in marks)
-        lines.append(f"{name + ' (moving avg)' if name == 'bn' else name:<22}{accs}{summary['percentile_drift'][name]:>10.3f}")
-    lines.append(f"{'bn (Algorithm 2)':<22}{'':>{14 * (len(marks) - 1)}}{summary['bn_population_statistics_accuracy']:>14.4f}")
+        label = name + " (moving avg)" if name == "bn" else name
+        lines.append(f"{label:<22}{accs}{summary['percentile_drift'][name]:>10.3f}")
+    population = summary["bn_population_statistics_accuracy"]
+    lines.append(f"{'bn (Algorithm 2)':<22}{'':>{14 * (len(marks) - 1)}}{population:>14.4f}")
     lines.append(f"drift: {summary['drift_measure']}")
     return "\n".join(lines)
 

@@ -108,18 +108,14 @@ class SweepTask:
         loss.backward()
         self.opt.step()
 
-    @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        self.model.eval()
-        try:
+        with bnlab.evaluating(self.model):
             logits = self.model(self.x)
             result = {"train_accuracy": (logits.argmax(1) == self.y).double().mean().item()}
             for name, (xs, ys) in self.held_out.items():
                 chunks = zip(xs.split(2000), ys.split(2000))
                 correct = sum(int((self.model(xb).argmax(1) == yb).sum()) for xb, yb in chunks)
                 result[f"{name}_accuracy"] = correct / len(xs)
-        finally:
-            self.model.train()
         loss = nn.functional.cross_entropy(logits, self.y).item()
         return {**result, "train_loss": loss if math.isfinite(loss) else None}
 

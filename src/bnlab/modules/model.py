@@ -1,8 +1,10 @@
-"""Functions over a whole model: population statistics (Algorithm 2) and the torch.nn converter."""
+"""Functions over a whole model: inference without touching its modes, population statistics
+(Algorithm 2), and the torch.nn converter."""
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -10,6 +12,41 @@ from torch import nn
 from bnlab import functional as F
 from bnlab.modules.batch import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm, name_layers
 from bnlab.modules.cross_iter import CrossIterationBatchNorm
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Inference inside a training run: every module of ``model`` in eval mode and no autograd
+    graph inside the block, and afterwards each module back in the mode it had, after an error too.
+
+    In eval mode BN normalizes with its running statistics (Algorithm 2) and leaves them alone;
+    in training mode it would normalize each test batch by its own statistics and fold the test
+    data into the running averages. The usual ``model.eval(); ...; model.train()`` has two
+    traps: an error or an early return skips the second call, and the next steps train with
+    frozen statistics and no dropout; and ``model.train()`` also switches on the modules that
+    were in eval mode on purpose, such as the frozen BN layers of a fine-tuned backbone.
+
+    Example:
+        >>> with bnlab.evaluating(net):
+        ...     accuracy = (net(x_test).argmax(1) == y_test).float().mean()
+    """
+    modes = _modes(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        _restore(modes)
+
+
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(module, module.training) for module in model.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Each module's own flag, as it was (``train(mode)`` would set its children's too)."""
+    for module, mode in modes:
+        module.training = mode
 
 
 @torch.no_grad()
@@ -36,7 +73,7 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
     """
     layers = [m for m in model.modules()
               if is_batch_norm(m) and m.track_running_stats and getattr(m, "running_var", None) is not None]
-    modes = {m: m.training for m in model.modules()}
+    modes = _modes(model)
     saved = {
         layer: (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
         for layer in layers
@@ -72,8 +109,7 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
             h.remove()
         for layer in pooled:
             layer.__dict__["_batch_statistics"] = False
-        for module, mode in modes.items():
-            module.train(mode)
+        _restore(modes)
         for layer, (mean, var, count) in saved.items():
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
