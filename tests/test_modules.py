@@ -34,8 +34,8 @@ shapes = st.integers(2, 5).flatmap(
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=shapes, backend=st.sampled_from(["native", "autograd", "fused"]), momentum=st.sampled_from([0.1, 0.5, None]),
-       affine=st.booleans(), seed=st.integers(0, 2**16))
+@given(shape=shapes, backend=st.sampled_from(["native", "autograd", "fused"]),
+       momentum=st.sampled_from([0.1, 0.5, None]), affine=st.booleans(), seed=st.integers(0, 2**16))
 def test_equals_torch_nn_over_random_shapes(shape, backend, momentum, affine, seed):
     ours, theirs = twin_layers(len(shape), shape[1], backend, momentum=momentum, affine=affine)
     g = torch.Generator().manual_seed(seed)
@@ -170,6 +170,39 @@ def test_recalibrate_is_algorithm2_by_hand():
 def test_recalibrate_needs_a_batch():
     with pytest.raises(ValueError, match="at least one batch"):
         bnlab.recalibrate(nn.Sequential(bnlab.BatchNorm1d(2)), [])
+
+
+def test_evaluating_uses_running_statistics_and_restores_every_mode():
+    torch.manual_seed(2)
+    frozen = bnlab.BatchNorm1d(5)  # a layer the user keeps in eval mode on purpose
+    net = nn.Sequential(nn.Linear(3, 5), bnlab.BatchNorm1d(5), nn.Dropout(0.5), nn.Linear(5, 5), frozen).train()
+    net(torch.randn(16, 3))
+    frozen.eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(8, 3)
+    with bnlab.evaluating(net) as same:
+        assert same is net and not any(m.training for m in net.modules())
+        assert not torch.is_grad_enabled()
+        y = net(x)
+    # Algorithm 2's inference, by hand: the running statistics, dropout off.
+    h = net[0](x).detach()
+    for bn in (net[1], frozen):
+        h = (h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight.detach() + bn.bias.detach()
+        if bn is net[1]:
+            h = net[3](h).detach()
+    torch.testing.assert_close(y, h)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), key  # the test batch touched no running statistics
+    assert [m.training for m in net.modules()] == [True, True, True, True, True, False]
+    assert torch.is_grad_enabled()
+
+
+def test_evaluating_restores_the_modes_after_an_error():
+    net = nn.Sequential(nn.Linear(3, 4), bnlab.BatchNorm1d(4)).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        with bnlab.evaluating(net):
+            raise RuntimeError("boom")
+    assert net.training and net[1].training
 
 
 def test_convert_swaps_layers_and_keeps_state():
