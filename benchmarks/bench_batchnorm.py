@@ -48,7 +48,8 @@ def main() -> None:
     print(f"{'shape':>22} {'bnlab ms':>9} {'torch ms':>9} {'ratio':>6}")
     ratios = []
     for shape in SHAPES:
-        ours, theirs = compare(lambda c: bnlab.BatchNorm2d(c, backend=args.backend), nn.BatchNorm2d, shape, args.repeats)
+        ours, theirs = compare(lambda c: bnlab.BatchNorm2d(c, backend=args.backend), nn.BatchNorm2d, shape,
+                               args.repeats)
         ratios.append(ours / theirs)
         print(f"{str(shape):>22} {ours * 1e3:9.2f} {theirs * 1e3:9.2f} {ours / theirs:6.2f}")
     print(f"median ratio bnlab/torch: {statistics.median(ratios):.2f}")

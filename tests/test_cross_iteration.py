@@ -1,6 +1,5 @@
 """Cross-Iteration BN (Yao et al. 2020): derivatives, compensation, equivalences, resume, conversion."""
 
-import io
 
 import numpy as np
 import pytest
@@ -194,7 +193,8 @@ def test_cross_iteration_converts_pairs_and_refuses_others():
                         nn.Flatten(), nn.Linear(4 * 9, 5), nn.BatchNorm1d(5))
     net[1].running_mean.fill_(0.25)
     bnlab.cross_iteration(net, window=3, burn_in=10)
-    assert [type(net[i]).__name__ for i in (1, 4, 7)] == ["CrossIterationBatchNorm2d"] * 2 + ["CrossIterationBatchNorm1d"]
+    names = [type(net[i]).__name__ for i in (1, 4, 7)]
+    assert names == ["CrossIterationBatchNorm2d"] * 2 + ["CrossIterationBatchNorm1d"]
     assert net[1].producer is net[0] and net[7].producer is net[6] and net[1].burn_in == 10
     assert torch.equal(net[1].running_mean, torch.full((4,), 0.25))
     net(torch.randn(2, 3, 5, 5)).sum().backward()

@@ -1,7 +1,6 @@
 """Synchronized BN: two gloo processes on the CPU equal BN over the whole batch."""
 
 import os
-import tempfile
 
 import numpy as np
 import pytest

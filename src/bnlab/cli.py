@@ -48,7 +48,8 @@ def _field_flags(parser: argparse.ArgumentParser, config_cls) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from bnlab.experiments import EXPERIMENTS
 
-    parser = argparse.ArgumentParser(prog="bnlab", description="Batch Normalization lab: reproduce the papers' experiments.")
+    parser = argparse.ArgumentParser(prog="bnlab",
+                                     description="Batch Normalization lab: reproduce the papers' experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
     reproduce = sub.add_parser("reproduce", help="run a paper's experiment")
     which = reproduce.add_subparsers(dest="experiment", required=True)

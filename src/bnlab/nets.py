@@ -55,9 +55,9 @@ class SigmoidMLP(nn.Module):
 
     def head(self, z1, return_sigmoid_inputs: bool = False):
         """The network after the first product: ``z1 = x W1^T`` (no bias yet) ``(N, width)``."""
-        sigmoid_inputs = []
-        for k, (linear, norm) in enumerate(zip(self.linears[:-1], self.norms)):
-            z = z1 if k == 0 else torch.mm(h, linear.weight.t())
+        sigmoid_inputs, h = [], None
+        for linear, norm in zip(self.linears[:-1], self.norms):
+            z = z1 if h is None else torch.mm(h, linear.weight.t())
             u = norm(z if linear.bias is None else z + linear.bias)
             sigmoid_inputs.append(u)
             h = torch.sigmoid(u)

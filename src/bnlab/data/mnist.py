@@ -140,7 +140,7 @@ def download_mnist(dest=CACHE, mirrors=MIRRORS, files=MNIST_FILES, timeout=30.0)
         else:
             raise DataError(
                 f"could not download {name}.gz from any mirror (no network?):\n  " + "\n  ".join(errors)
-                + f"\nPut the four MNIST files in a folder and pass --data-dir DIR or set BNLAB_DATA=DIR."
+                + "\nPut the four MNIST files in a folder and pass --data-dir DIR or set BNLAB_DATA=DIR."
             )
     return dest
 

@@ -54,7 +54,8 @@ class Config:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 0.0  # SGD weight decay (L2) on every parameter (5e-4 and 5e-3 hurt CBN here)
     window: int = 4  # CBN: iterations pooled (the official code's 4)
-    burn_in: float = 0.5  # CBN: fraction of the steps run as plain BN first (official detection config: 8 of 12 epochs; 0.1 made CBN unstable here)
+    # (the official detection config: 8 of 12 epochs; 0.1 made CBN unstable here)
+    burn_in: float = 0.5  # CBN: fraction of the steps run as plain BN first
     seed: int = 0  # initial weights and batch order (the same for every method at a batch size)
     checkpoint_every: int = 2_000  # steps between checkpoints of a run
     nproc: int = 1  # > 1: also train "syncbn", each batch split over this many gloo processes
@@ -161,12 +162,9 @@ class RunTask:
         return result
 
     def _test_accuracy(self) -> float:
-        self.model.eval()
-        try:
+        with bnlab.evaluating(self.model):
             correct = sum(int((self.model(x).argmax(1) == y).sum())
                           for x, y in zip(self.x_test.split(1000), self.y_test.split(1000)))
-        finally:
-            self.model.train()
         return correct / len(self.x_test)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
