@@ -95,6 +95,11 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], step: int, met
     os.replace(tmp, path)
 
 
+def has_checkpoint(folder) -> bool:
+    """Whether the run folder ``folder`` (a :class:`LoopConfig`'s ``out``) holds a checkpoint to resume."""
+    return (Path(folder) / CHECKPOINT).exists()
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, list[dict]]:
     """Read a checkpoint written by :func:`save_checkpoint`; CheckpointError names the file."""
     if not path.is_file():

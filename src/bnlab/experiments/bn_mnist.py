@@ -17,7 +17,6 @@ through :func:`bnlab.nets.sgd_step`.
 from __future__ import annotations
 
 import csv
-import json
 import queue as queue_lib
 import traceback
 from dataclasses import dataclass, replace
@@ -32,7 +31,7 @@ from bnlab.experiments import runs
 from bnlab.modules import evaluating, recalibrate
 from bnlab.kernels.binary_linear import active_lists, warm_up
 from bnlab.nets import BinaryInputSGD, SigmoidMLP, flat_active_inputs
-from bnlab.train import CHECKPOINT, LoopConfig, fit, load_checkpoint
+from bnlab.train import CHECKPOINT, LoopConfig, fit, has_checkpoint, load_checkpoint
 
 NETS = ("baseline", "bn")
 QUANTILES = (0.15, 0.50, 0.85)
@@ -138,7 +137,7 @@ def loop_config(cfg: Config, name: str) -> LoopConfig:
 
 def _train_one(cfg: Config, name: str, resume: bool, data: Tensors, progress=None):
     task = NetTask(cfg, name, data)
-    can_resume = resume and (Path(cfg.out) / name / CHECKPOINT).exists()
+    can_resume = resume and has_checkpoint(Path(cfg.out) / name)
     return fit(task, loop_config(cfg, name), resume=can_resume, progress=progress)
 
 
@@ -256,7 +255,7 @@ def summarize(cfg: Config, metrics: dict[str, list[dict]], population_accuracy: 
 
 
 def write_metrics(out: Path, metrics: dict[str, list[dict]], summary: dict) -> None:
-    (out / "metrics.json").write_text(json.dumps({"nets": metrics, "summary": summary}, indent=1))
+    runs.write_metrics(out, {"nets": metrics, "summary": summary})
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["net", "step", "test_accuracy", "p15", "p50", "p85"])
@@ -303,7 +302,7 @@ def plot(run_dir) -> Path:
     """Draw Figure 1 (a: test accuracy vs steps; b, c: percentiles without and with BN) from metrics.json."""
     plt = runs.pyplot()
     run_dir = Path(run_dir)
-    data = json.loads((run_dir / "metrics.json").read_text())
+    data = runs.read_metrics(run_dir)
     nets = data["nets"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     colors = {"baseline": "tab:blue", "bn": "tab:red"}
@@ -334,7 +333,4 @@ def plot(run_dir) -> Path:
             f"{summary['percentile_drift']['bn']:.2f} with BN)"
         )
     fig.tight_layout()
-    path = run_dir / "figure.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, run_dir, dpi=120)

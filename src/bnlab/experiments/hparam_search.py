@@ -23,7 +23,7 @@ import numpy as np
 from bnlab.data import load_dataset
 from bnlab.experiments import runs, sweeps
 from bnlab.experiments.runs import ConfigError
-from bnlab.train import CHECKPOINT, LoopConfig, fit
+from bnlab.train import CHECKPOINT, LoopConfig, fit, has_checkpoint
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
         task = sweeps.SweepTask(cfg, None, lr, network == "bn", x, y, data.num_classes, weight_decay=decay,
                                 held_out=held_out)
         loop = LoopConfig(steps, steps_per_epoch, steps, folder)
-        return fit(task, loop, resume=resume and (folder / CHECKPOINT).exists(), progress=bar.update)
+        return fit(task, loop, resume=resume and has_checkpoint(folder), progress=bar.update)
 
     trials = []
     with tqdm(total=2 * len(draws) * steps, desc=f"{len(draws)} trials x 2", unit="step", dynamic_ncols=True) as bar:
@@ -125,7 +125,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
                                              float(np.log10(max(t["weight_decay"] for t in top)))],
             }
     summary = {"trials": trials, "best": best}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    runs.write_metrics(out, summary)
     figure = plot(out)
     print(table(summary))
     print(f"figure: {figure}\ntrials: {record_path}")
@@ -154,7 +154,7 @@ def plot(run_dir) -> Path:
     """Validation accuracy over (learning rate, weight decay), one panel per network; the best circled."""
     plt = runs.pyplot()
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "metrics.json").read_text())
+    summary = runs.read_metrics(run_dir)
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2), sharex=True, sharey=True)
     for ax, network in zip(axes, sweeps.NETWORKS):
         trials = [t for t in summary["trials"] if t["network"] == network]
@@ -169,7 +169,4 @@ def plot(run_dir) -> Path:
     axes[0].legend(loc="lower left")
     fig.colorbar(points, ax=axes, label="validation accuracy")
     fig.suptitle("Random search on a validation split")
-    path = run_dir / "figure.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, run_dir, dpi=110)

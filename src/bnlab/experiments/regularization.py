@@ -14,7 +14,6 @@ inference mode on the 300 images and the whole test set.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -23,7 +22,7 @@ from typing import ClassVar
 from bnlab.data import load_dataset
 from bnlab.experiments import runs, sweeps
 from bnlab.experiments.runs import ConfigError
-from bnlab.train import LoopConfig, fit
+from bnlab.train import LoopConfig, fit, has_checkpoint
 
 VARIANTS = ("plain", "weight-decay", "dropout", "bn")
 
@@ -73,12 +72,12 @@ def run(cfg: Config, resume: bool = False) -> dict:
     with tqdm(total=len(variants) * steps, desc=f"{len(variants)} runs", unit="step", dynamic_ncols=True) as bar:
         for v, t in tasks.items():
             loop = LoopConfig(steps, steps_per_epoch, steps, out / v)
-            rows = fit(t, loop, resume=resume and (loop.out / "checkpoint.safetensors").exists(), progress=bar.update)
+            rows = fit(t, loop, resume=resume and has_checkpoint(loop.out), progress=bar.update)
             curves[v] = {k: [row[k] for row in rows] for k in ("train_accuracy", "test_accuracy")}
     summary = {"variants": variants, "epochs": list(range(cfg.epochs + 1)), "curves": curves,
                "final": {v: {"train": c["train_accuracy"][-1], "test": c["test_accuracy"][-1],
                              "best_test": max(c["test_accuracy"])} for v, c in curves.items()}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    runs.write_metrics(out, summary)
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "epoch", "train_accuracy", "test_accuracy"])
@@ -106,7 +105,7 @@ def plot(run_dir) -> Path:
     """Train and test accuracy per epoch, one panel per variant (the textbook's overfitting figures)."""
     plt = runs.pyplot()
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "metrics.json").read_text())
+    summary = runs.read_metrics(run_dir)
     variants, epochs = summary["variants"], summary["epochs"]
     fig, axes = plt.subplots(1, len(variants), figsize=(3.4 * len(variants), 3.2), sharey=True, squeeze=False)
     for ax, v in zip(axes[0], variants):
@@ -118,7 +117,4 @@ def plot(run_dir) -> Path:
     axes[0][0].legend(loc="lower right")
     fig.suptitle("Overfitting 300 images: train against test accuracy")
     fig.tight_layout()
-    path = run_dir / "figure.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, run_dir, dpi=110)

@@ -64,6 +64,23 @@ def load_config(run_dir, config_cls):
     return config_cls(**{k: v for k, v in entry["config"].items() if k in known})
 
 
+def write_metrics(out: Path, summary: dict) -> None:
+    """``metrics.json``: a run's results, which :func:`read_metrics` (and ``bnlab plot``) read back."""
+    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=1))
+
+
+def read_metrics(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def save_figure(fig, run_dir, dpi: int) -> Path:
+    """``figure.png`` in the run folder; the figure is closed."""
+    path = Path(run_dir) / "figure.png"
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files, no screen)."""
     import matplotlib

@@ -36,7 +36,7 @@ import bnlab
 from bnlab.data import Dataset, load_dataset
 from bnlab.experiments import runs
 from bnlab.experiments.runs import ConfigError
-from bnlab.train import LoopConfig, fit
+from bnlab.train import LoopConfig, fit, has_checkpoint
 
 METHODS = ("bn", "gn", "brn", "cbn-naive", "cbn")
 POPULATION_EXAMPLES = 4096  # training examples (at least 50 batches) behind the population statistics
@@ -210,7 +210,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
                **{key: {m: {str(b): results[f"{m}-b{b}"].get(metric) for b in batches} for m in methods}
                   for key, metric in (("accuracy", "test_accuracy"),
                                       ("accuracy_population", "test_accuracy_population"))}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    runs.write_metrics(out, summary)
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "statistics", *[f"batch {b}" for b in batches]])
@@ -227,7 +227,7 @@ def _train(cfg: Config, method: str, batch: int, data: Dataset, resume: bool, ra
     task = RunTask(cfg, method, batch, data, rank, world)
     folder = Path(cfg.out) / f"{method}-b{batch}" / (f"rank{rank}" if world > 1 else "")
     loop = LoopConfig(task.steps, task.steps, cfg.checkpoint_every, folder, desc=f"{method} batch {batch}")
-    resuming = resume and (loop.out / "checkpoint.safetensors").exists()
+    resuming = resume and has_checkpoint(loop.out)
     rows = fit(task, loop, resume=resuming, progress=None if rank == 0 else (lambda n: None))
     if "test_accuracy_population" not in rows[-1]:  # finished before this metric existed: from its checkpoint
         rows[-1].update(task.evaluate(task.steps))
@@ -269,7 +269,7 @@ def plot(run_dir) -> Path:
     """Test accuracy against batch size, one line per method (the CBN paper's comparison)."""
     plt = runs.pyplot()
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "metrics.json").read_text())
+    summary = runs.read_metrics(run_dir)
     batches = summary["batch_sizes"]
     panels = [("accuracy", "running statistics")]
     if any(v is not None for by_batch in summary.get("accuracy_population", {}).values() for v in by_batch.values()):
@@ -290,7 +290,4 @@ def plot(run_dir) -> Path:
     axes[0][0].legend()
     fig.suptitle("Normalizers at small batch sizes (same examples seen)")
     fig.tight_layout()
-    path = run_dir / "figure.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, run_dir, dpi=120)

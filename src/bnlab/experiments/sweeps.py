@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import bnlab
 from bnlab.data import Dataset, load_dataset
 from bnlab.experiments import runs
 from bnlab.experiments.runs import ConfigError
-from bnlab.train import LoopConfig, fit
+from bnlab.train import LoopConfig, fit, has_checkpoint
 
 NETWORKS = ("plain", "bn")
 LEARNED = 0.5  # a run "learns" when its final training accuracy passes this (chance is 0.1)
@@ -190,12 +189,12 @@ def grid(cfg: SweepConfig, data: Dataset, resume: bool, experiment: str, axis: s
             for name in NETWORKS:
                 task = SweepTask(cfg, std, lr, name == "bn", x, y, data.num_classes)
                 loop = LoopConfig(steps, steps_per_epoch, steps, out / f"{k:02d}-{name}")
-                done = resume and (loop.out / "checkpoint.safetensors").exists()
+                done = resume and has_checkpoint(loop.out)
                 rows = fit(task, loop, resume=done, progress=bar.update)
                 curves[name].append([row["train_accuracy"] for row in rows])
     summary = {"axis": axis, "values": values, "epochs": list(range(cfg.epochs + 1)), "train_accuracy": curves,
                "final": {name: [c[-1] for c in curves[name]] for name in NETWORKS}}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    runs.write_metrics(out, summary)
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([axis, "network", *[f"epoch {e}" for e in summary["epochs"]]])
@@ -227,7 +226,7 @@ def plot(run_dir) -> Path:
     """The textbook's grid: training accuracy per epoch, one panel per value, with and without BN."""
     plt = runs.pyplot()
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "metrics.json").read_text())
+    summary = runs.read_metrics(run_dir)
     values, epochs, axis = summary["values"], summary["epochs"], summary["axis"]
     cols = math.ceil(math.sqrt(len(values)))
     rows = math.ceil(len(values) / cols)
@@ -250,7 +249,4 @@ def plot(run_dir) -> Path:
     axes[0][0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Training accuracy against the {axis}, with and without BN")
     fig.tight_layout()
-    path = run_dir / "figure.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, run_dir, dpi=110)
