@@ -1,6 +1,5 @@
 """Cross-Iteration BN (Yao et al. 2020): derivatives, compensation, equivalences, resume, conversion."""
 
-
 import numpy as np
 import pytest
 import torch
