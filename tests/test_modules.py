@@ -111,8 +111,10 @@ def test_non_finite_batch_does_not_poison_running_stats_and_warns_with_layer_nam
 @pytest.mark.parametrize(
     "layer, x, message",
     [
-        (bnlab.BatchNorm1d(3), torch.randn(1, 3), "more than one value per channel.*eval\\(\\)"),
+        (bnlab.BatchNorm1d(3), torch.randn(1, 3), "more than one value per channel.*eval\\(\\).*GroupNorm"),
         (bnlab.BatchNorm2d(3), torch.randn(1, 3, 1, 1), "more than one value per channel"),
+        # (cross-iteration BN pools batch statistics too: the message must not suggest it)
+        (bnlab.CrossIterationBatchNorm1d(3), torch.randn(1, 3), "(?s)^(?!.*BatchNorm\\*).*more than one value"),
         (bnlab.BatchNorm2d(3), torch.randn(4, 5, 2, 2), "expected 3 channels.*got 5"),
         (bnlab.BatchNorm2d(3), torch.randn(4, 3, 2), "expected 4D input, got 3D"),
         (bnlab.BatchNorm1d(3), torch.randn(4, 3, 2, 2), "expected 2D or 3D input"),

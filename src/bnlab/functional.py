@@ -227,8 +227,7 @@ def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_
         raise ValueError(
             f"{label()}: training needs more than one value per channel to estimate a variance, got input "
             f"shape {tuple(x.shape)} (1 value per channel). Use eval() for inference on one example, "
-            "a larger batch, or a normalizer that does not need batch statistics "
-            "(bnlab.CrossIterationBatchNorm*, torch.nn.GroupNorm)"
+            "a larger batch, or a normalizer without batch statistics (torch.nn.GroupNorm, torch.nn.LayerNorm)"
         )
 
 
