@@ -57,6 +57,13 @@ class Config:
     seed: int = 0  # initial weights and the mini-batch sequence, shared by both networks
     workers: int = 2  # processes: 2 trains the networks side by side; 1 in this process, one after the other
 
+    def __post_init__(self):
+        runs.check(self, steps=runs.POSITIVE, batch_size=runs.at_least(2), depth=runs.POSITIVE, width=runs.POSITIVE,
+                   init_std=runs.POSITIVE, lr=runs.POSITIVE, threshold=runs.within(1, 255),
+                   eval_every=runs.POSITIVE, checkpoint_every=runs.POSITIVE, probe_examples=runs.POSITIVE,
+                   unit=runs.within(0, self.width - 1), recalibration_batches=runs.POSITIVE,
+                   seed=runs.NON_NEGATIVE, workers=runs.within(1, 2))
+
     def quick(self) -> "Config":
         """A few thousand steps: the demo and CI."""
         return replace(self, steps=3_000, eval_every=100, checkpoint_every=1_000, recalibration_batches=100)

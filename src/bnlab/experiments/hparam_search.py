@@ -36,21 +36,29 @@ class Config(sweeps.SweepConfig):
     trials: int = 100  # random (learning rate, weight decay) draws, each trained with and without BN
     lr_log10: str = "-6,-2"  # the learning rate is 10^U(a, b)
     weight_decay_log10: str = "-8,-4"  # the weight decay is 10^U(a, b)
-    best: int = 20  # the best trials by validation accuracy: shown, and their ranges reported
+    best: int = 20  # the best trials by validation accuracy (all, when fewer): shown, and their ranges reported
+
+    def __post_init__(self):
+        super().__post_init__()
+        runs.check(self, validation_fraction=runs.within(0, 1), trials=runs.POSITIVE,
+                   best=runs.POSITIVE)
+        self.bounds()
 
     def quick(self) -> "Config":
         """Six trials of a few epochs: the demo and CI."""
         return replace(self, trials=6, epochs=5, best=3)
 
+    def bounds(self) -> list[tuple[float, float]]:
+        """The exponents' ranges ``(a, b)``: the learning rate's, then the weight decay's."""
+        ranges = [runs.parse_list(self, name, float) for name in ("lr_log10", "weight_decay_log10")]
+        for name, values in zip(("lr_log10", "weight_decay_log10"), ranges):
+            if len(values) != 2:
+                raise ConfigError(f"{runs.flag(name)} takes two numbers a,b; got {getattr(self, name)!r}")
+        return [tuple(values) for values in ranges]
+
     def draws(self) -> list[tuple[float, float]]:
         """The trials' (learning rate, weight decay), from ``seed``."""
-        bounds = []
-        for name in ("lr_log10", "weight_decay_log10"):
-            try:
-                low, high = (float(v) for v in getattr(self, name).split(","))
-            except ValueError:
-                raise ConfigError(f"--{name.replace('_', '-')} takes two numbers a,b; got {getattr(self, name)!r}")
-            bounds.append((low, high))
+        bounds = self.bounds()
         rng = np.random.default_rng(self.seed)
         return [(10 ** rng.uniform(*bounds[0]), 10 ** rng.uniform(*bounds[1])) for _ in range(self.trials)]
 

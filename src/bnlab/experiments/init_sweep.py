@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from bnlab.experiments import sweeps
+from bnlab.experiments import runs, sweeps
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class Config(sweeps.SweepConfig):
     std_log10_max: float = 0.0  # largest std: 10^this
     std_log10_min: float = -4.0  # smallest std: 10^this
     lr: float = 0.01  # plain SGD learning rate
+
+    def __post_init__(self):
+        super().__post_init__()
+        runs.check(self, stds=runs.POSITIVE, lr=runs.POSITIVE)
 
     def quick(self) -> "Config":
         """Four stds for a few epochs: the demo and CI."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from bnlab.experiments import sweeps
+from bnlab.experiments import runs, sweeps
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class Config(sweeps.SweepConfig):
     lrs: int = 7  # learning rates, log-spaced from 10^lr_log10_max down to 10^lr_log10_min
     lr_log10_max: float = 1.0  # largest learning rate: 10^this
     lr_log10_min: float = -2.0  # smallest learning rate: 10^this
+
+    def __post_init__(self):
+        super().__post_init__()
+        runs.check(self, lrs=runs.POSITIVE)
 
     def quick(self) -> "Config":
         """Three learning rates for a few epochs: the demo and CI."""

@@ -38,6 +38,16 @@ class Config(sweeps.SweepConfig):
     dropout: float = 0.2  # dropout ratio after each ReLU in the "dropout" variant
     variants: str = ",".join(VARIANTS)  # comma-separated, from: plain weight-decay dropout bn
 
+    def __post_init__(self):
+        super().__post_init__()
+        runs.check(self, lr=runs.POSITIVE, weight_decay=runs.NON_NEGATIVE, dropout=runs.within(0, 1, open_high=True))
+        unknown = [v for v in self.variant_names() if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+
+    def variant_names(self) -> list[str]:
+        return runs.parse_list(self, "variants")
+
     def quick(self) -> "Config":
         """A few epochs: the demo and CI."""
         return replace(self, epochs=10)
@@ -59,7 +69,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} (the first {cfg.train_examples} of {len(data.x_train)} train images; "
           f"{len(data.x_test)} test)")
-    variants = [v.strip() for v in cfg.variants.split(",")]
+    variants = cfg.variant_names()
     (x, y), test = sweeps.training_images(cfg, data), sweeps.test_set(data)
     tasks = {v: task(cfg, v, data, x, y, test) for v in variants}  # (an unknown variant is refused before any file)
     out = runs.claim(cfg.out, resume)

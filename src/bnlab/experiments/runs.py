@@ -18,6 +18,50 @@ class ConfigError(ValueError):
     """An experiment's settings that cannot run (the command line says so without a traceback)."""
 
 
+# Rules for :func:`check`: (test, what a value must be)
+POSITIVE = (lambda v: v > 0, "positive")
+NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
+
+
+def at_least(low):
+    return (lambda v: v >= low, f"at least {low}")
+
+
+def within(low, high, *, open_high: bool = False):
+    if open_high:
+        return (lambda v: low <= v < high, f"in [{low}, {high})")
+    return (lambda v: low <= v <= high, f"in [{low}, {high}]")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
+
+
+def check(cfg, **rules) -> None:
+    """Refuse settings that cannot run before anything runs, naming the flag: ``rules`` map a
+    field to a rule, ``(test, what the value must be)``, e.g. ``steps=POSITIVE``. The configs call
+    it from ``__post_init__``, so the command line, ``dataclasses.replace`` and a ``config.json``
+    read for ``--resume`` are all checked."""
+    for name, (test, must) in rules.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
+            raise ConfigError(f"{flag(name)} must be {must}, got {value!r}")
+
+
+def parse_list(cfg, name: str, kind=str) -> list:
+    """A comma-separated field as a list of ``kind``; an empty list or a value ``kind`` cannot
+    read is refused."""
+    text = getattr(cfg, name)
+    try:
+        values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ConfigError(f"{flag(name)} takes a comma-separated list of {kind.__name__} values, got {text!r}")
+    return values
+
+
 def code_version() -> str:
     """bnlab's version, and the git revision when run from a checkout."""
     try:

@@ -60,6 +60,29 @@ class Config:
     checkpoint_every: int = 2_000  # steps between checkpoints of a run
     nproc: int = 1  # > 1: also train "syncbn", each batch split over this many gloo processes
 
+    def __post_init__(self):
+        # (batch 2 at least: the fully connected layer's BN sees one value per example)
+        runs.check(self, examples=runs.at_least(max(self.batches())), base_lr=runs.POSITIVE,
+                   momentum=runs.within(0, 1, open_high=True), weight_decay=runs.NON_NEGATIVE,
+                   window=runs.POSITIVE, burn_in=runs.within(0, 1), seed=runs.NON_NEGATIVE,
+                   checkpoint_every=runs.POSITIVE, nproc=runs.POSITIVE)
+        unknown = [m for m in self.method_names() if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        uneven = [b for b in self.batches() if b % self.nproc]
+        if uneven:
+            raise ConfigError(f"--nproc {self.nproc} must divide every batch size (got {uneven[0]})")
+
+    def batches(self) -> list[int]:
+        sizes = runs.parse_list(self, "batch_sizes", int)
+        if min(sizes) < 2:
+            raise ConfigError(f"--batch-sizes must each be at least 2 (BN after the fully connected layer needs "
+                              f"two examples), got {self.batch_sizes!r}")
+        return sizes
+
+    def method_names(self) -> list[str]:
+        return runs.parse_list(self, "methods")
+
     def quick(self) -> "Config":
         """A few hundred steps per run: the demo and CI."""
         return replace(self, examples=1_600, batch_sizes="16,4", checkpoint_every=10_000)
@@ -190,16 +213,13 @@ def run(cfg: Config, resume: bool = False) -> dict:
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} ({len(data.x_train)} train, {len(data.x_test)} test)")
     runs.record(out, "small-batch", cfg, data.source)
-    batches = [int(b) for b in cfg.batch_sizes.split(",")]
-    methods = [m.strip() for m in cfg.methods.split(",")]
+    batches, methods = cfg.batches(), cfg.method_names()
     if cfg.nproc > 1:
         methods.append("syncbn")
     results = {}
     for batch in batches:
         for method in methods:
             if method == "syncbn":
-                if batch % cfg.nproc:
-                    raise ConfigError(f"--nproc {cfg.nproc} must divide every batch size (got {batch})")
                 (out / f"syncbn-b{batch}" / "store").unlink(missing_ok=True)  # a store left by an earlier run
                 torch.multiprocessing.spawn(_sync_worker, args=(cfg, batch, data, resume), nprocs=cfg.nproc)
                 rows = json.loads((out / f"syncbn-b{batch}" / "rows.json").read_text())

@@ -45,6 +45,11 @@ class SweepConfig:
     eps: float = 1e-6  # BN's epsilon (the textbook's; torch's default is 1e-5)
     seed: int = 0  # initial weights (shared by the two networks at a value) and batch order
 
+    def __post_init__(self):
+        # (the upper bound of train_examples depends on the data: training_images checks it)
+        runs.check(self, train_examples=runs.POSITIVE, hidden_layers=runs.POSITIVE, width=runs.POSITIVE,
+                   batch=runs.at_least(2), epochs=runs.POSITIVE, eps=runs.POSITIVE, seed=runs.NON_NEGATIVE)
+
 
 def log_values(top: float, bottom: float, count: int) -> list[float]:
     """``count`` values from 10^top down to 10^bottom, log-spaced."""

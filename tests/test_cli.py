@@ -1,0 +1,62 @@
+"""The command line refuses settings that cannot run: a one-line error naming the flag, exit code 2,
+before any data is loaded or any run folder made (never a traceback, never a silent nonsense run)."""
+
+import json
+import re
+
+import pytest
+
+from bnlab import cli
+from bnlab.data import mnist as M
+
+
+@pytest.fixture
+def no_mnist(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "CACHE", tmp_path / "no-cache")
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    # each of these ran before: a ZeroDivisionError, an IndexError, or a silent run of nonsense
+    (["bn-mnist", "--steps", "-5"], "--steps must be positive, got -5"),
+    (["bn-mnist", "--batch-size", "1"], "--batch-size must be at least 2, got 1"),
+    (["bn-mnist", "--eval-every", "0"], "--eval-every must be positive"),
+    (["bn-mnist", "--threshold", "300"], r"--threshold must be in \[1, 255\], got 300"),  # all-zero images
+    (["bn-mnist", "--width", "50", "--unit", "50"], r"--unit must be in \[0, 49\], got 50"),
+    (["bn-mnist", "--workers", "0"], r"--workers must be in \[1, 2\]"),
+    (["small-batch", "--batch-sizes", "8,x"], "--batch-sizes takes a comma-separated list of int values"),
+    (["small-batch", "--batch-sizes", "8,1"], "--batch-sizes must each be at least 2"),
+    (["small-batch", "--examples", "10"], "--examples must be at least 32, got 10"),
+    (["small-batch", "--burn-in", "2"], r"--burn-in must be in \[0, 1\]"),
+    (["small-batch", "--methods", "bn,ln"], "unknown method 'ln'"),
+    (["small-batch", "--nproc", "3"], "--nproc 3 must divide every batch size"),  # (was raised mid-run)
+    (["init-sweep", "--batch", "0"], "--batch must be at least 2"),
+    (["lr-sweep", "--lrs", "0"], "--lrs must be positive"),
+    (["regularization", "--dropout", "1"], r"--dropout must be in \[0, 1\)"),
+    (["regularization", "--variants", "bn,l1"], "unknown variant 'l1'"),
+    (["hparam-search", "--trials", "0"], "--trials must be positive"),
+    (["hparam-search", "--lr-log10=-3"], "--lr-log10 takes two numbers a,b"),
+])
+def test_a_bad_setting_is_refused_before_anything_runs(tmp_path, no_mnist, capsys, args, message):
+    out = tmp_path / "run"
+    assert cli.main(["reproduce", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnlab: error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_fewer_trials_than_best_is_fine(tmp_path, no_mnist):
+    """--best defaults to 20: a search of 10 trials shows all 10 rather than refusing."""
+    from bnlab.experiments import hparam_search
+
+    assert hparam_search.Config(trials=10).best == 20
+
+
+def test_a_resumed_run_whose_config_was_edited_into_nonsense_is_refused(tmp_path, no_mnist, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    config = {"experiment": "init-sweep", "config": {"out": str(out), "epochs": 0}}
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli.main(["reproduce", "init-sweep", "--resume", str(out)]) == 2
+    assert "--epochs must be positive, got 0" in capsys.readouterr().err
