@@ -125,6 +125,61 @@ def test_bad_inputs_raise_errors_that_say_what_to_do(layer, x, message):
         layer(x)
 
 
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: bnlab.BatchNorm1d(3), (0, 3)),
+        (lambda: bnlab.BatchNorm2d(3, backend="autograd"), (0, 3, 2, 2)),
+        (lambda: bnlab.BatchNormAct2d(3), (0, 3, 2, 2)),
+        (lambda: bnlab.BatchRenorm2d(3, warmup=0), (0, 3, 2, 2)),
+        (lambda: bnlab.GhostBatchNorm2d(3, virtual_batch_size=2), (0, 3, 2, 2)),
+        (lambda: bnlab.SyncBatchNorm(3), (0, 3, 2, 2)),  # (no process group: the whole group is empty)
+    ],
+)
+def test_an_empty_batch_passes_through_training_and_touches_no_statistic(make, shape):
+    """torch's convention for detection heads with no boxes: an empty output, on the graph. Unlike
+    torch, nothing is counted either (torch adds 1 to num_batches_tracked)."""
+    layer = make()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(shape, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(layer.weight.grad, torch.zeros(3))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    y = layer(torch.randn((4, *shape[1:])))  # the next real batch is folded in as the first
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_an_empty_batch_between_two_leaves_cross_iteration_bn_where_it_was():
+    conv = nn.Conv2d(2, 3, 3)
+    cbn = bnlab.CrossIterationBatchNorm2d(3, window=3).pair(conv)
+    cbn(conv(torch.randn(4, 2, 5, 5)))
+    state = {k: v.clone() for k, v in cbn.state_dict().items()}
+    assert cbn(conv(torch.randn(0, 2, 5, 5))).shape == (0, 3, 3, 3)
+    for key, value in cbn.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert bnlab.functional.batch_norm(torch.randn(0, 3), None, None, training=True).shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: bnlab.BatchNorm2d(0), "num_features must be at least 1"),
+        (lambda: bnlab.BatchNorm2d(3, eps=-1e-5), "eps must be 0 or more"),
+        (lambda: bnlab.BatchRenorm2d(3, r_max=0.5), "r_max >= 1 and d_max >= 0"),
+        (lambda: bnlab.BatchRenorm2d(3, d_max=-1.0), "r_max >= 1 and d_max >= 0"),
+        (lambda: bnlab.CrossIterationBatchNorm2d(3, burn_in=-1), "burn_in must be 0 or more"),
+    ],
+)
+def test_settings_that_make_no_sense_are_refused_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 def test_one_example_is_fine_in_eval_mode():
     layer = bnlab.BatchNorm2d(3).eval()
     y = layer(torch.ones(1, 3, 1, 1))

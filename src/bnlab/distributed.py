@@ -53,7 +53,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
             gathered = packed[None]
         counts, means, m2s = gathered[:, :1], gathered[:, 1 : 1 + c], gathered[:, 1 + c :]
         n = counts.sum()
-        if n <= 1:
+        ctx.group, ctx.n = group, float(n)
+        if n == 0:  # every rank's batch is empty: every rank passes it through, with nothing to fold in
+            ctx.save_for_backward(x, weight)
+            mean, var_biased = (torch.zeros(c, dtype=stat_dtype, device=x.device) for _ in range(2))
+            ctx.mark_non_differentiable(mean, var_biased)
+            return F.empty_batch(x, weight, bias), mean, var_biased, 0
+        if n == 1:
             raise ValueError(f"synchronized batch norm: {int(n)} value(s) per channel over the whole group; "
                              "training needs more than one")
         mean = (counts * means).sum(0) / n
@@ -62,13 +68,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var_biased + eps)
         y = F.normalize(x, mean, invstd, weight, bias)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.group, ctx.n = group, float(n)
         ctx.mark_non_differentiable(mean, var_biased)
         return y, mean, var_biased, int(n)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _dvar, _dn):
+        if ctx.n == 0:  # (on every rank: no collective)
+            x, weight = ctx.saved_tensors
+            zeros = torch.zeros_like(weight) if weight is not None else None
+            return torch.zeros_like(x), zeros, zeros, None, None
         x, weight, mean, invstd = ctx.saved_tensors
         nd, dims = x.dim(), F.reduce_dims(x)
         dys = dy.to(mean.dtype)
@@ -105,6 +114,8 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.process_group = process_group
 
+    passes_empty_batch = False  # an empty rank still joins the collectives
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             F.check_input(x, self.num_features, False, self._label())  # raises with the reason
@@ -112,6 +123,8 @@ class SyncBatchNorm(BatchNorm):
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         y, mean, var_biased, n = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,
                                                              self.process_group)
+        if n == 0:
+            return y, None  # (an empty batch on every rank: nothing to fold in or count)
         folded = tracking and F.update_running_stats_(self.running_mean, self.running_var, mean, var_biased, n,
                                                       self.batch_weight())
         return y, folded

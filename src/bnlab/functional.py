@@ -223,7 +223,7 @@ def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_
             f"{label()}: expected {num_features} channels in dimension 1, got {x.shape[1]} "
             f"(input shape {tuple(x.shape)}); channels-first layout (N, C, ...) is required"
         )
-    if training and values_per_channel(x) <= 1:
+    if training and values_per_channel(x) == 1:  # (an empty batch passes through: empty_batch)
         raise ValueError(
             f"{label()}: training needs more than one value per channel to estimate a variance, got input "
             f"shape {tuple(x.shape)} (1 value per channel). Use eval() for inference on one example, "
@@ -264,10 +264,20 @@ def batch_norm(
     """
     if training:
         check_input(input, input.shape[1] if input.dim() > 1 else 0, True)
+        if input.numel() == 0:
+            return empty_batch(input, weight, bias)
         return batch_norm_train(input, weight, bias, eps, backend, running_mean, running_var, momentum)[0]
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: inference (training=False) needs running_mean and running_var")
     return batch_norm_eval(input, running_mean, running_var, weight, bias, eps, backend)
+
+
+def empty_batch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """Training on an empty batch (N = 0), as torch does it: an empty output that is still part of
+    the autograd graph (weight and bias get zero gradients). There are no statistics to fold in."""
+    if weight is None:
+        return x.clone()
+    return x * per_channel(weight.to(x.dtype), x.dim()) + per_channel(bias.to(x.dtype), x.dim())
 
 
 def activation(u: torch.Tensor, act: str, slope: float = 0.01) -> torch.Tensor:

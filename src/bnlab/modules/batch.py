@@ -32,9 +32,10 @@ class BatchNorm(nn.Module):
       the equal-weight average of every batch seen, as in Algorithm 2.
 
     A batch whose statistics are not finite is not folded in (a warning names the layer), and
-    ``num_batches_tracked`` counts the batches that were. Inference: the running statistics
-    (Algorithm 2's affine transform); with ``track_running_stats=False`` batch statistics are used
-    in both modes, as in torch.
+    ``num_batches_tracked`` counts the batches that were. An empty batch (N = 0) passes through
+    as an empty output, with nothing folded in or counted (torch returns it too, but counts it).
+    Inference: the running statistics (Algorithm 2's affine transform); with
+    ``track_running_stats=False`` batch statistics are used in both modes, as in torch.
 
     Args:
         num_features: C.
@@ -53,6 +54,7 @@ class BatchNorm(nn.Module):
     """
 
     ranks: tuple[int, ...] = ()  # accepted input ranks; empty means any rank >= 2
+    passes_empty_batch = True  # training on an empty batch: an empty output, no statistics (not SyncBatchNorm)
 
     def __init__(
         self,
@@ -76,6 +78,10 @@ class BatchNorm(nn.Module):
             raise ValueError(f"stats='ema' needs 0 <= momentum <= 1 (weight of the new batch), got {momentum}")
         if backend not in F.BACKENDS:
             raise ValueError(f"backend must be one of {F.BACKENDS}, got {backend!r}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be at least 1, got {num_features}")
+        if not eps >= 0:  # (0 is allowed, as in torch: a constant channel then gives inf)
+            raise ValueError(f"eps must be 0 or more, got {eps}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -142,9 +148,11 @@ class BatchNorm(nn.Module):
         self._check_input(x)
         if not self.training and self.track_running_stats:
             return self._inference(x)
+        if x.numel() == 0 and self.passes_empty_batch:
+            return F.empty_batch(x, self.weight, self.bias)
         tracking = self.training and self.track_running_stats
         y, folded = self._train(x, tracking)
-        if tracking:
+        if tracking and folded is not None:  # (None: there was no batch to fold in)
             self.count_batch_(folded)
         return y
 
@@ -155,7 +163,8 @@ class BatchNorm(nn.Module):
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         """Batch statistics; folds the batch into the running buffers when ``tracking``.
-        Returns the output and whether the batch was folded in. Subclasses change the statistics."""
+        Returns the output and whether the batch was folded in (None: nothing to fold, as for an
+        empty batch). Subclasses change the statistics."""
         y, _, _, folded = F.batch_norm_train(
             x, self.weight, self.bias, self.eps, self.backend,
             self.running_mean if tracking else None, self.running_var if tracking else None, self.batch_weight(),

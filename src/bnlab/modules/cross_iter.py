@@ -72,6 +72,8 @@ class CrossIterationBatchNorm(BatchNorm):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, backend=backend)
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
+        if burn_in < 0:
+            raise ValueError(f"burn_in must be 0 or more iterations, got {burn_in}")
         self.window, self.burn_in, self.compensate = window, burn_in, compensate
         factory = {"device": device, "dtype": dtype}
         past = window - 1

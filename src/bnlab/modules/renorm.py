@@ -27,6 +27,9 @@ class BatchRenorm(BatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, device=None, dtype=None, *,
                  r_max=3.0, d_max=5.0, warmup=5_000, r_max_steps=40_000, d_max_steps=25_000):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        if not (r_max >= 1 and d_max >= 0):
+            raise ValueError(f"Batch Renorm clips r to [1/r_max, r_max] and d to [-d_max, d_max]: it needs "
+                             f"r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
         del self.running_var
         self.register_buffer("running_std", torch.ones(num_features, device=device, dtype=dtype))
         self.r_max, self.d_max = r_max, d_max
@@ -53,6 +56,8 @@ class BatchRenorm(BatchNorm):
         self._check_input(x)
         if not self.training:
             return F.batch_renorm_eval(x, self.weight, self.bias, self.running_mean, self.running_std)
+        if x.numel() == 0:
+            return F.empty_batch(x, self.weight, self.bias)
         r_max, d_max = self.limits()
         y, folded = F.batch_renorm_train(x, self.weight, self.bias, self.running_mean, self.running_std,
                                          r_max, d_max, self.eps, self.momentum)
