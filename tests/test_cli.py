@@ -60,3 +60,29 @@ def test_a_resumed_run_whose_config_was_edited_into_nonsense_is_refused(tmp_path
     (out / "config.json").write_text(json.dumps(config))
     assert cli.main(["reproduce", "init-sweep", "--resume", str(out)]) == 2
     assert "--epochs must be positive, got 0" in capsys.readouterr().err
+
+
+def run_folder(tmp_path, config_text: str):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(config_text)
+    return out
+
+
+@pytest.mark.parametrize("command, config_text, message", [
+    (["plot"], None, "is not a bnlab run folder: it has no config.json"),
+    (["plot"], "{not json", "config.json cannot be read"),
+    (["plot"], json.dumps({"experiment": "small-batch", "config": {}}),
+     "has no metrics.json: the run has not finished; continue it with bnlab reproduce small-batch --resume"),
+    (["plot"], json.dumps({"experiment": "gan", "config": {}}), "holds a run of 'gan', which this version"),
+    # (resuming another experiment's folder used to drop its settings silently and start afresh)
+    (["reproduce", "init-sweep", "--resume"], json.dumps({"experiment": "lr-sweep", "config": {}}),
+     "holds a lr-sweep run, not init-sweep; continue it with bnlab reproduce lr-sweep --resume"),
+    (["reproduce", "bn-mnist", "--resume"], None, "is not a bnlab run folder"),
+])
+def test_a_folder_that_is_not_the_run_asked_for_is_named_without_a_traceback(tmp_path, no_mnist, capsys, command,
+                                                                             config_text, message):
+    out = run_folder(tmp_path, config_text) if config_text is not None else tmp_path / "nothing-here"
+    assert cli.main([*command, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnlab: error: ") and message in err, err

@@ -9,8 +9,9 @@ EXPERIMENTS = {"bn-mnist": bn_mnist, "small-batch": small_batch, "init-sweep": i
 
 def experiment_of(run_dir):
     """The experiment module that wrote ``run_dir`` (its config.json names it)."""
-    import json
-    from pathlib import Path
+    from bnlab.experiments.runs import read_record
 
-    record = json.loads((Path(run_dir) / "config.json").read_text())
-    return EXPERIMENTS[record.get("experiment", "bn-mnist")]
+    name = read_record(run_dir).get("experiment", "bn-mnist")
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"{run_dir} holds a run of {name!r}, which this version of bnlab does not know")
+    return EXPERIMENTS[name]

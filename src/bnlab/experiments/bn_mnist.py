@@ -33,6 +33,7 @@ from bnlab.kernels.binary_linear import active_lists, warm_up
 from bnlab.nets import BinaryInputSGD, SigmoidMLP, flat_active_inputs
 from bnlab.train import CHECKPOINT, LoopConfig, fit, has_checkpoint, load_checkpoint
 
+EXPERIMENT = "bn-mnist"
 NETS = ("baseline", "bn")
 QUANTILES = (0.15, 0.50, 0.85)
 
@@ -286,11 +287,11 @@ def summary_table(summary: dict) -> str:
 
 def run(cfg: Config, resume: bool = False) -> dict:
     """Train both networks, write metrics, the summary and the figure into ``cfg.out``."""
-    cfg = runs.with_out(cfg, "bn-mnist")
+    cfg = runs.with_out(cfg, EXPERIMENT)
     out = runs.claim(cfg.out, resume)
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} ({len(data.x_train)} train, {len(data.x_test)} test, {data.image_shape} pixels)")
-    runs.record(out, "bn-mnist", cfg, data.source)
+    runs.record(out, EXPERIMENT, cfg, data.source)
     tensors = Tensors.build(data, cfg.threshold)
     metrics = train_both(cfg, resume, tensors)
     summary = summarize(cfg, metrics, final_population_accuracy(cfg, tensors))
@@ -302,7 +303,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
 
 def load_config(run_dir) -> Config:
-    return runs.load_config(run_dir, Config)
+    return runs.load_config(run_dir, Config, EXPERIMENT)
 
 
 def plot(run_dir) -> Path:

@@ -155,7 +155,7 @@ def table(summary: dict) -> str:
 
 
 def load_config(run_dir) -> Config:
-    return runs.load_config(run_dir, Config)
+    return runs.load_config(run_dir, Config, Config.EXPERIMENT)
 
 
 def plot(run_dir) -> Path:

@@ -101,9 +101,29 @@ def record(out: Path, experiment: str, cfg, data_source: str) -> None:
     (Path(out) / "config.json").write_text(json.dumps(entry, indent=1))
 
 
-def load_config(run_dir, config_cls):
-    """The config a run recorded; settings this version no longer has are dropped."""
-    entry = json.loads((Path(run_dir) / "config.json").read_text())
+def read_record(run_dir) -> dict:
+    """What :func:`record` wrote; a folder that holds no run is refused with what it lacks."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a bnlab run folder: it has no config.json "
+                          "(bnlab reproduce writes one when a run starts)")
+    try:
+        entry = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} cannot be read: {err}") from err
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        raise ConfigError(f"{path} holds no run's settings (a 'config' entry)")
+    return entry
+
+
+def load_config(run_dir, config_cls, experiment: str):
+    """The config a run of ``experiment`` recorded; settings this version no longer has are dropped.
+    A run of another experiment is refused (its settings would be dropped silently)."""
+    entry = read_record(run_dir)
+    recorded = entry.get("experiment", "bn-mnist")  # (the first runs did not record it)
+    if recorded != experiment:
+        raise ConfigError(f"{run_dir} holds a {recorded} run, not {experiment}; continue it with "
+                          f"bnlab reproduce {recorded} --resume {run_dir}")
     known = {f.name for f in dataclasses.fields(config_cls)}
     return config_cls(**{k: v for k, v in entry["config"].items() if k in known})
 
@@ -114,7 +134,12 @@ def write_metrics(out: Path, summary: dict) -> None:
 
 
 def read_metrics(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "metrics.json").read_text())
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        experiment = read_record(run_dir).get("experiment", "bn-mnist")
+        raise ConfigError(f"{run_dir} has no metrics.json: the run has not finished; continue it with "
+                          f"bnlab reproduce {experiment} --resume {run_dir}")
+    return json.loads(path.read_text())
 
 
 def save_figure(fig, run_dir, dpi: int) -> Path:

@@ -38,6 +38,7 @@ from bnlab.experiments import runs
 from bnlab.experiments.runs import ConfigError
 from bnlab.train import LoopConfig, fit, has_checkpoint
 
+EXPERIMENT = "small-batch"
 METHODS = ("bn", "gn", "brn", "cbn-naive", "cbn")
 POPULATION_EXAMPLES = 4096  # training examples (at least 50 batches) behind the population statistics
 
@@ -208,11 +209,11 @@ class RunTask:
 
 def run(cfg: Config, resume: bool = False) -> dict:
     """Train every (method, batch size) run; write the table, metrics and figure into ``cfg.out``."""
-    cfg = runs.with_out(cfg, "small-batch")
+    cfg = runs.with_out(cfg, EXPERIMENT)
     out = runs.claim(cfg.out, resume)
     data = load_dataset(cfg.data_dir, cfg.download)
     print(f"data: {data.source} ({len(data.x_train)} train, {len(data.x_test)} test)")
-    runs.record(out, "small-batch", cfg, data.source)
+    runs.record(out, EXPERIMENT, cfg, data.source)
     batches, methods = cfg.batches(), cfg.method_names()
     if cfg.nproc > 1:
         methods.append("syncbn")
@@ -282,7 +283,7 @@ def table(summary: dict) -> str:
 
 
 def load_config(run_dir) -> Config:
-    return runs.load_config(run_dir, Config)
+    return runs.load_config(run_dir, Config, EXPERIMENT)
 
 
 def plot(run_dir) -> Path:

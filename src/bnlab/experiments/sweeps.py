@@ -171,7 +171,7 @@ def experiment(config_cls):
         return sweep(cfg, data, resume)
 
     def load_config(run_dir):
-        return runs.load_config(run_dir, config_cls)
+        return runs.load_config(run_dir, config_cls, config_cls.EXPERIMENT)
 
     return run, sweep, load_config
 
