@@ -21,11 +21,14 @@ def whole_batch():
     return x, dy
 
 
-def worker(rank, world, store, split, out):
+def worker(rank, world, store, split, out, source="bnlab"):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     x, dy = whole_batch()
     start, stop = (0, split) if rank == 0 else (split, SHAPE[0])
-    layer = bnlab.SyncBatchNorm(SHAPE[1], dtype=torch.float64, momentum=0.3)
+    if source == "torch":  # a model built with torch's SyncBatchNorm, which refuses CPU tensors here
+        layer = bnlab.convert(torch.nn.SyncBatchNorm(SHAPE[1], dtype=torch.float64, momentum=0.3))
+    else:
+        layer = bnlab.SyncBatchNorm(SHAPE[1], dtype=torch.float64, momentum=0.3)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
         layer.bias.copy_(torch.tensor([0.0, -1.0, 1.0], dtype=torch.float64))
@@ -41,10 +44,11 @@ def worker(rank, world, store, split, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("split", [5, 8], ids=["uneven", "empty-rank"])
-def test_two_gloo_processes_equal_whole_batch_bn(split, tmp_path):
+@pytest.mark.parametrize("split, source", [(5, "bnlab"), (8, "bnlab"), (3, "torch")],
+                         ids=["uneven", "empty-rank", "converted-from-torch"])
+def test_two_gloo_processes_equal_whole_batch_bn(split, source, tmp_path):
     store = tmp_path / "store"
-    mp.spawn(worker, args=(2, str(store), split, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(store), split, str(tmp_path), source), nprocs=2, join=True)
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     x, dy = whole_batch()
     reference = torch.nn.BatchNorm2d(SHAPE[1], dtype=torch.float64, momentum=0.3)
@@ -86,6 +90,19 @@ def test_convert_swaps_plain_bn_layers_only():
     assert [type(m).__name__ for m in converted] == ["Conv2d", "SyncBatchNorm", "SyncBatchNorm", "BatchRenorm1d",
                                                      "GhostBatchNorm1d"]
     assert torch.equal(converted[1].running_mean, torch.full((4,), 0.5))
+
+
+@pytest.mark.parametrize("convert", [bnlab.convert, bnlab.SyncBatchNorm.convert])
+def test_torch_sync_batch_norm_becomes_bnlabs_with_its_group_state_and_frozen_parameters(convert):
+    group = object()  # (a stand-in: the group is only carried over here)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4, momentum=None, process_group=group))
+    net[1].running_var.fill_(2.0)
+    net[1].num_batches_tracked.fill_(7)
+    net[1].weight.requires_grad_(False)
+    converted = convert(net)[1]
+    assert type(converted) is bnlab.SyncBatchNorm and converted.process_group is group
+    assert converted.stats == "cumulative" and int(converted.num_batches_tracked) == 7
+    assert torch.equal(converted.running_var, torch.full((4,), 2.0)) and not converted.weight.requires_grad
 
 
 def test_one_value_over_the_whole_group_is_an_error():

@@ -23,7 +23,9 @@ from torch import nn
 from bnlab import functional as F
 from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
 
-PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)
+# (torch's SyncBatchNorm too: it refuses CPU tensors in a process group)
+PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d,
+                     BatchNorm3d)
 
 
 def _world(group) -> int:
@@ -131,15 +133,20 @@ class SyncBatchNorm(BatchNorm):
 
     @classmethod
     def convert(cls, model: nn.Module, process_group=None) -> nn.Module:
-        """Swap every plain batch-norm layer (torch.nn's BatchNorm1d/2d/3d, bnlab's BatchNorm*) for a
-        SyncBatchNorm with the same state. Layers of other kinds (Batch Renorm, ghost BN, BN with a
-        fused activation) are left as they are."""
+        """Swap every plain batch-norm layer (torch.nn's BatchNorm1d/2d/3d and SyncBatchNorm, bnlab's
+        BatchNorm*) for a SyncBatchNorm with the same state, requires_grad and mode. A torch
+        SyncBatchNorm keeps its process group unless ``process_group`` is given. Layers of other
+        kinds (Batch Renorm, ghost BN, BN with a fused activation) are left as they are."""
         if type(model) in PLAIN_BATCH_NORMS:
             ref = model.weight if model.affine else model.running_mean
+            group = process_group if process_group is not None else getattr(model, "process_group", None)
             new = cls(model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats,
-                      process_group, device=ref.device if ref is not None else None,
+                      group, device=ref.device if ref is not None else None,
                       dtype=ref.dtype if ref is not None else None)
             new.load_state_dict(model.state_dict())
+            if model.affine:
+                new.weight.requires_grad_(model.weight.requires_grad)
+                new.bias.requires_grad_(model.bias.requires_grad)
             return new.train(model.training)
         for name, child in model.named_children():
             setattr(model, name, cls.convert(child, process_group))

@@ -130,7 +130,8 @@ TORCH_TO_BNLAB = {
 
 
 def convert(model: nn.Module, **kwargs) -> nn.Module:
-    """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` for bnlab's, keeping its state.
+    """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` for bnlab's, keeping its state
+    (``torch.nn.SyncBatchNorm`` for :class:`bnlab.SyncBatchNorm`, with its process group).
 
     Parameters, buffers, device, dtype, requires_grad and train/eval mode carry over; ``kwargs``
     (``stats=``, ``backend=``) go to the new layers. Returns the model (a new layer when ``model``
@@ -149,6 +150,10 @@ def convert(model: nn.Module, **kwargs) -> nn.Module:
 
 def _converted(module: nn.Module, kwargs) -> nn.Module | None:
     cls = TORCH_TO_BNLAB.get(type(module))
+    if type(module) is nn.SyncBatchNorm:  # bnlab's runs on any backend, gloo on the CPU included
+        from bnlab.distributed import SyncBatchNorm
+
+        cls, kwargs = SyncBatchNorm, {"process_group": module.process_group, **kwargs}
     if cls is None:
         return None
     ref = module.weight if module.affine else module.running_mean
