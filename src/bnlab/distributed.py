@@ -106,9 +106,12 @@ class SyncBatchNorm(BatchNorm):
     it is BN over the local batch. The running statistics fold in the global mean and unbiased
     variance, identically on every rank. BN's state_dict keys.
 
-    Example (torchrun --nproc-per-node 2 train.py):
-        >>> dist.init_process_group("gloo")
-        >>> model = bnlab.SyncBatchNorm.convert(model)
+    Example (in each process of ``torchrun --nproc-per-node 2 train.py``, after
+    ``dist.init_process_group("gloo")``):
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> model = SyncBatchNorm.convert(model)
+        >>> type(model[1]).__name__
+        'SyncBatchNorm'
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,

@@ -62,8 +62,8 @@ class CrossIterationBatchNorm(BatchNorm):
     iterations before the last ``window - 1`` are plain BN and store nothing.
 
     Example:
-        >>> conv, cbn = nn.Conv2d(3, 16, 3, bias=False), CrossIterationBatchNorm2d(16, window=4, burn_in=100)
-        >>> cbn.pair(conv)
+        >>> conv = nn.Conv2d(3, 16, 3, bias=False)
+        >>> cbn = CrossIterationBatchNorm2d(16, window=4, burn_in=100).pair(conv)
         >>> y = cbn(conv(torch.randn(4, 3, 32, 32)))
     """
 
@@ -321,6 +321,13 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
     Finds the pairs by tracing the model with torch.fx; the BN state carries over. A BN fed by
     anything else (an addition, an activation, a function) is refused with its name, since its
     statistics could not be compensated.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        ...                     nn.Flatten(), nn.Linear(8 * 26 * 26, 10, bias=False), nn.BatchNorm1d(10))
+        >>> net = cross_iteration(net, window=4, burn_in=1000)  # plain BN for 1000 steps, then pooled
+        >>> type(net[1]).__name__, type(net[5]).__name__
+        ('CrossIterationBatchNorm2d', 'CrossIterationBatchNorm1d')
     """
     import torch.fx
 

@@ -27,8 +27,13 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     were in eval mode on purpose, such as the frozen BN layers of a fine-tuned backbone.
 
     Example:
+        >>> import bnlab
+        >>> net = nn.Sequential(nn.Linear(4, 8), bnlab.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+        >>> x_test, y_test = torch.randn(16, 4), torch.randint(0, 2, (16,))
         >>> with bnlab.evaluating(net):
         ...     accuracy = (net(x_test).argmax(1) == y_test).float().mean()
+        >>> net.training, net[1].num_batches_tracked.item()   # back in training mode, nothing folded in
+        (True, 0)
     """
     modes = _modes(model)
     model.eval()
@@ -69,7 +74,11 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
         forward: optional ``forward(model, batch)``; by default ``model(batch[0] or batch)``.
 
     Example:
-        >>> recalibrate(net, (x for x, _ in train_loader))
+        >>> net = nn.Sequential(nn.Linear(4, 8), BatchNorm1d(8))
+        >>> train_loader = [(torch.randn(32, 4) * 3 + 1, None) for _ in range(50)]
+        >>> net = recalibrate(net, (x for x, _ in train_loader))    # (a DataLoader, in practice)
+        >>> net[1].running_mean.shape, net[1].num_batches_tracked.item()   # (the count left as it was)
+        (torch.Size([8]), 0)
     """
     layers = [m for m in model.modules()
               if is_batch_norm(m) and m.track_running_stats and getattr(m, "running_var", None) is not None]
@@ -137,8 +146,10 @@ def convert(model: nn.Module, **kwargs) -> nn.Module:
     (``stats=``, ``backend=``) go to the new layers. Returns the model (a new layer when ``model``
     itself is a batch-norm layer).
 
-    Example:
-        >>> net = convert(torchvision.models.resnet18())
+    Example (``convert(torchvision.models.resnet18())`` for a whole network):
+        >>> net = convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=None)))
+        >>> type(net[1]).__module__, net[1].stats
+        ('bnlab.modules.batch', 'cumulative')
     """
     new = _converted(model, kwargs)
     if new is not None:
