@@ -26,7 +26,7 @@ def no_mnist(tmp_path, monkeypatch):
     (["bn-mnist", "--workers", "0"], r"--workers must be in \[1, 2\]"),
     (["small-batch", "--batch-sizes", "8,x"], "--batch-sizes takes a comma-separated list of int values"),
     (["small-batch", "--batch-sizes", "8,1"], "--batch-sizes must each be at least 2"),
-    (["small-batch", "--examples", "10"], "--examples must be at least 32, got 10"),
+    (["small-batch", "--examples", "10"], r"--examples must be at least 32 \(the largest batch size\), got 10"),
     (["small-batch", "--burn-in", "2"], r"--burn-in must be in \[0, 1\]"),
     (["small-batch", "--methods", "bn,ln"], "unknown method 'ln'"),
     (["small-batch", "--nproc", "3"], "--nproc 3 must divide every batch size"),  # (was raised mid-run)

@@ -202,6 +202,20 @@ def test_cross_iteration_converts_pairs_and_refuses_others():
         bnlab.cross_iteration(bad)
 
 
+def test_cross_iteration_keeps_each_layers_momentum_convention():
+    """A cumulative average (torch's momentum=None, bnlab's stats="cumulative") stays one, with its
+    batch count; it used to become an EMA of momentum 0.1."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4, momentum=None), nn.Conv2d(4, 4, 1),
+                        bnlab.BatchNorm2d(4, momentum=0.3, stats="cumulative"), nn.Conv2d(4, 4, 1),
+                        nn.BatchNorm2d(4, momentum=0.05))
+    for _ in range(3):
+        net(torch.randn(4, 1, 6, 6))
+    bnlab.cross_iteration(net)
+    conventions = [(net[i].stats, int(net[i].num_batches_tracked)) for i in (1, 3, 5)]
+    assert conventions == [("cumulative", 3), ("cumulative", 3), ("ema", 3)]
+    assert net[5].momentum == 0.05
+
+
 def test_unpaired_or_detached_use_is_a_clear_error():
     layer = bnlab.CrossIterationBatchNorm2d(4)
     with pytest.raises(RuntimeError, match="not paired"):

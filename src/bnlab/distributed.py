@@ -114,12 +114,12 @@ class SyncBatchNorm(BatchNorm):
         'SyncBatchNorm'
     """
 
+    passes_empty_batch = False  # an empty rank still joins the collectives
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  process_group=None, device=None, dtype=None, **kwargs):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.process_group = process_group
-
-    passes_empty_batch = False  # an empty rank still joins the collectives
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_features:

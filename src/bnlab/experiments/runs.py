@@ -23,8 +23,8 @@ POSITIVE = (lambda v: v > 0, "positive")
 NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
 
 
-def at_least(low):
-    return (lambda v: v >= low, f"at least {low}")
+def at_least(low, why: str = ""):
+    return (lambda v: v >= low, f"at least {low}" + (f" ({why})" if why else ""))
 
 
 def within(low, high, *, open_high: bool = False):

@@ -63,7 +63,7 @@ class Config:
 
     def __post_init__(self):
         # (batch 2 at least: the fully connected layer's BN sees one value per example)
-        runs.check(self, examples=runs.at_least(max(self.batches())), base_lr=runs.POSITIVE,
+        runs.check(self, examples=runs.at_least(max(self.batches()), "the largest batch size"), base_lr=runs.POSITIVE,
                    momentum=runs.within(0, 1, open_high=True), weight_decay=runs.NON_NEGATIVE,
                    window=runs.POSITIVE, burn_in=runs.within(0, 1), seed=runs.NON_NEGATIVE,
                    checkpoint_every=runs.POSITIVE, nproc=runs.POSITIVE)

@@ -357,8 +357,9 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         old = modules[name]
         cls = CrossIterationBatchNorm2d if isinstance(producer, nn.Conv2d) else CrossIterationBatchNorm1d
         ref = old.weight if old.affine else old.running_mean
-        new = cls(old.num_features, window, burn_in, compensate, old.eps, old.momentum if old.momentum is not None
-                  else 0.1, old.affine, device=ref.device, dtype=ref.dtype).pair(producer)
+        cumulative = old.momentum is None or getattr(old, "stats", None) == "cumulative"  # (kept, not made EMA)
+        new = cls(old.num_features, window, burn_in, compensate, old.eps, None if cumulative else old.momentum,
+                  old.affine, device=ref.device, dtype=ref.dtype).pair(producer)
         new.load_state_dict(old.state_dict(), strict=False)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new.train(old.training))
