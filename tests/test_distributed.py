@@ -101,6 +101,7 @@ def test_torch_sync_batch_norm_becomes_bnlabs_with_its_group_state_and_frozen_pa
     net[1].weight.requires_grad_(False)
     converted = convert(net)[1]
     assert type(converted) is bnlab.SyncBatchNorm and converted.process_group is group
+    assert bnlab.SyncBatchNorm.convert(bnlab.BatchNorm1d(4, momentum=0.3, stats="cumulative")).stats == "cumulative"
     assert converted.stats == "cumulative" and int(converted.num_batches_tracked) == 7
     assert torch.equal(converted.running_var, torch.full((4,), 2.0)) and not converted.weight.requires_grad
 

@@ -143,8 +143,9 @@ class SyncBatchNorm(BatchNorm):
         if type(model) in PLAIN_BATCH_NORMS:
             ref = model.weight if model.affine else model.running_mean
             group = process_group if process_group is not None else getattr(model, "process_group", None)
-            new = cls(model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats,
-                      group, device=ref.device if ref is not None else None,
+            cumulative = getattr(model, "stats", None) == "cumulative"  # (else momentum=None says so)
+            new = cls(model.num_features, model.eps, None if cumulative else model.momentum, model.affine,
+                      model.track_running_stats, group, device=ref.device if ref is not None else None,
                       dtype=ref.dtype if ref is not None else None)
             new.load_state_dict(model.state_dict())
             if model.affine:
