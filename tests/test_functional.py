@@ -146,3 +146,17 @@ def test_bad_backend_and_single_value_errors():
         F.batch_norm(torch.randn(1, 3), None, None, training=True)
     with pytest.raises(ValueError, match="needs running_mean"):
         F.batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_vectors_of_the_wrong_length_are_refused_not_read_past(training):
+    """torch.native_batch_norm takes a (4,) weight for 3 channels silently (a wrong output); torch's
+    F.batch_norm checks in Python, and so does bnlab's."""
+    x, ones, zeros = torch.randn(4, 3), torch.ones(3), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\).*got \(4,\)"):
+        F.batch_norm(x, zeros, ones, torch.ones(4), zeros, training=training)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(3,\)"):
+        F.batch_norm(x, zeros, torch.ones(2), training=training)
+    if training:
+        with pytest.raises(ValueError, match="momentum.*in \\[0, 1\\]; got 1.5"):
+            F.batch_norm(x, zeros, ones, training=True, momentum=1.5)

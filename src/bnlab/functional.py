@@ -262,8 +262,16 @@ def batch_norm(
         >>> torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-6)
         True
     """
+    c = input.shape[1] if input.dim() > 1 else 0
+    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if v is not None and tuple(v.shape) != (c,):  # (torch's native kernel would read past or short)
+            raise ValueError(f"batch_norm: {name} must have shape ({c},), one value per channel of the input "
+                             f"{tuple(input.shape)}; got {tuple(v.shape)}")
+    if training and running_mean is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"batch_norm: momentum is the new batch's weight in the running average, in [0, 1]; "
+                         f"got {momentum}")
     if training:
-        check_input(input, input.shape[1] if input.dim() > 1 else 0, True)
+        check_input(input, c, True)
         if input.numel() == 0:
             return empty_batch(input, weight, bias)
         return batch_norm_train(input, weight, bias, eps, backend, running_mean, running_var, momentum)[0]
