@@ -70,8 +70,36 @@ def test_load_mnist_checks_md5_and_shapes(tmp_path, gz):
     ds = D.load_mnist(tmp_path, files=table)
     assert ds.x_train.shape == (12, 16) and ds.x_test.shape == (5, 16) and ds.image_shape == (4, 4)
     assert ds.y_train.tolist() == [i % 10 for i in range(12)] and ds.num_classes == 10
-    with pytest.raises(D.DataError, match="MD5 .* does not match"):
-        D.load_mnist(tmp_path)  # the real MNIST checksums
+    # Against the real MNIST checksums no file matches: another dataset in MNIST's layout, said so
+    other = D.load_mnist(tmp_path)
+    assert other.name == "idx" and "not MNIST" in other.source
+    assert np.array_equal(other.x_train, ds.x_train) and np.array_equal(other.y_test, ds.y_test)
+
+
+def test_a_damaged_mnist_copy_is_refused_naming_the_file(tmp_path):
+    """Some files with MNIST's MD5 and one without is a corrupt copy, not another dataset."""
+    table = tiny_mnist(tmp_path)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    D.write_idx(labels, np.arange(5, dtype=np.uint8)[::-1])  # (valid IDX, other labels)
+    with pytest.raises(D.DataError, match="t10k-labels-idx1-ubyte.gz: MD5 .* other MNIST files match.*corrupt"):
+        D.load_mnist(tmp_path, files=table)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "train-labels-idx1-ubyte.gz").write_bytes(b"<html>not found</html>"),
+     "not an IDX file.*not MNIST either"),
+    (lambda f: D.write_idx(f / "t10k-labels-idx1-ubyte.gz", np.arange(4, dtype=np.uint8)),
+     "5 images but 4 labels"),
+    (lambda f: D.write_idx(f / "t10k-images-idx3-ubyte.gz", np.zeros((5, 3, 3), np.uint8)),
+     r"training images are \(4, 4\), test images \(3, 3\)"),
+    (lambda f: D.write_idx(f / "train-images-idx3-ubyte.gz", np.zeros((12, 16), np.float32)),
+     "expected uint8 images"),
+])
+def test_another_idx_dataset_has_its_structure_checked(tmp_path, damage, message):
+    tiny_mnist(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(D.DataError, match=message):
+        D.load_mnist(tmp_path)
 
 
 class _Server:
@@ -122,7 +150,7 @@ def test_search_order_and_embedded_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "env"))
     assert D.find_mnist() == tmp_path / "env" / "mnist"
     assert D.find_mnist(tmp_path / "env" / "mnist") == tmp_path / "env" / "mnist"
-    with pytest.raises(D.DataError, match="no MNIST there"):
+    with pytest.raises(D.DataError, match="no dataset in MNIST's layout there"):
         D.load_dataset(tmp_path / "empty")
 
 

@@ -63,3 +63,25 @@ def test_unknown_method_and_indivisible_nproc_are_refused(tmp_path, no_mnist):
     with pytest.raises(ValueError, match="must divide"):
         small_batch.run(small_batch.Config(out=str(tmp_path / "b"), examples=40, batch_sizes="3", methods="bn",
                                            nproc=2))
+
+
+def test_any_idx_dataset_in_mnists_layout_runs_with_data_dir(tmp_path, capsys):
+    """The issue's "any IDX dataset with --data-dir": 10x10 images of 3 classes (not MNIST, so no
+    MD5 to match) train end to end, and the run records where its data came from."""
+    import numpy as np
+
+    from bnlab import data as D
+
+    folder, rng = tmp_path / "idx", np.random.default_rng(0)
+    folder.mkdir()
+    for split, n in (("train", 64), ("t10k", 20)):
+        D.write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 10, 10), dtype=np.uint8))
+        D.write_idx(folder / f"{split}-labels-idx1-ubyte.gz", (np.arange(n) % 3).astype(np.uint8))
+    out = tmp_path / "run"
+    assert cli.main(["reproduce", "small-batch", "--data-dir", str(folder), "--examples", "32", "--batch-sizes", "4",
+                     "--methods", "bn,cbn", "--out", str(out)]) == 0
+    assert "IDX dataset in MNIST's layout" in capsys.readouterr().out
+    record = json.loads((out / "config.json").read_text())
+    assert "not MNIST" in record["data"] and str(folder) in record["data"]
+    accuracy = json.loads((out / "metrics.json").read_text())["accuracy"]
+    assert set(accuracy) == {"bn", "cbn"} and all(0.0 <= accuracy[m]["4"] <= 1.0 for m in accuracy)

@@ -4,8 +4,10 @@ Where MNIST is looked for: ``data_dir`` (``--data-dir``) alone when it is given;
 folder in the environment variable ``BNLAB_DATA`` (or its ``mnist/`` subfolder), then the cache
 ``~/.cache/bnlab/mnist``.
 Each file may be gzip-compressed (``*.gz``, the published form) or raw; either way its MD5 is
-checked against the published one. When none is found and no download is asked for, the 8x8
-digits bundled with scikit-learn stand in, and the caller says so.
+checked against the published one. A folder whose files all differ from MNIST's holds another
+dataset in MNIST's layout (Fashion-MNIST, say), read with its structure checked
+(:func:`load_mnist`). When none is found and no download is asked for, the 8x8 digits bundled
+with scikit-learn stand in, and the caller says so.
 """
 
 from __future__ import annotations
@@ -75,32 +77,57 @@ def find_mnist(data_dir=None) -> Path | None:
     return None
 
 
-def _verify(path: Path, name: str, files) -> None:
+def _expected_md5(path: Path, name: str, files) -> str:
     gz_md5, raw_md5 = files[name]
-    expected = gz_md5 if path.suffix == ".gz" else raw_md5
-    actual = md5(path)
-    if actual != expected:
-        raise DataError(f"{path}: MD5 {actual} does not match the published {expected}; the file is corrupt "
-                        "or not MNIST. Delete it and download it again")
+    return gz_md5 if path.suffix == ".gz" else raw_md5
 
 
 def load_mnist(folder, files=MNIST_FILES) -> Dataset:
-    """Read and MD5-check the four MNIST files in ``folder``."""
+    """Read the four files of MNIST's layout in ``folder``.
+
+    MNIST itself when every file has its published MD5. When none has, the folder holds another
+    dataset in the same layout (Fashion-MNIST, KMNIST, your own): it is read with its structure
+    checked (IDX headers and sizes, uint8 images, as many labels as images) and its ``source``
+    says it is not MNIST. Some files MNIST's and some not is a damaged MNIST copy: refused, naming
+    the file.
+    """
     folder = Path(folder)
-    arrays = {}
+    paths = {}
     for name in files:
-        path = _file_in(folder, name)
-        if path is None:
+        paths[name] = _file_in(folder, name)
+        if paths[name] is None:
             raise DataError(f"{folder}: {name}[.gz] is missing")
-        _verify(path, name, files)
-        arrays[name] = read_idx(path)
+    actual = {name: md5(path) for name, path in paths.items()}
+    wrong = [name for name, path in paths.items() if actual[name] != _expected_md5(path, name, files)]
+    if 0 < len(wrong) < len(files):
+        path = paths[wrong[0]]
+        raise DataError(f"{path}: MD5 {actual[wrong[0]]} does not match the published "
+                        f"{_expected_md5(path, wrong[0], files)}, while the folder's other MNIST files match: "
+                        "the file is corrupt. Delete it and download it again")
+    is_mnist = not wrong
+    arrays = {}
+    for name, path in paths.items():
+        try:
+            arrays[name] = read_idx(path)
+        except DataError as err:
+            raise DataError(f"{err} (it is not MNIST either: its MD5 is not the published one)"
+                            if not is_mnist else str(err)) from err
     x_train, x_test = arrays["train-images-idx3-ubyte"], arrays["t10k-images-idx3-ubyte"]
-    for images, labels in [(x_train, "train-labels-idx1-ubyte"), (x_test, "t10k-labels-idx1-ubyte")]:
-        if len(images) != len(arrays[labels]):
-            raise DataError(f"{folder}: {len(images)} images but {len(arrays[labels])} labels in {labels}")
+    for images, name in ((x_train, "train-images-idx3-ubyte"), (x_test, "t10k-images-idx3-ubyte")):
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise DataError(f"{paths[name]}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{folder}: training images are {x_train.shape[1:]}, test images {x_test.shape[1:]}")
+    for images, name in ((x_train, "train-labels-idx1-ubyte"), (x_test, "t10k-labels-idx1-ubyte")):
+        labels = arrays[name]
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
+            raise DataError(f"{paths[name]}: expected labels 0, 1, 2, ... (N,), got {labels.dtype} {labels.shape}")
+        if len(images) != len(labels):
+            raise DataError(f"{folder}: {len(images)} images but {len(labels)} labels in {name}")
     return Dataset(
-        name="mnist",
-        source=f"MNIST from {folder}",
+        name="mnist" if is_mnist else "idx",
+        source=f"MNIST from {folder}" if is_mnist else
+        f"an IDX dataset in MNIST's layout from {folder} (not MNIST: no file has MNIST's MD5)",
         image_shape=tuple(x_train.shape[1:]),
         x_train=x_train.reshape(len(x_train), -1),
         y_train=arrays["train-labels-idx1-ubyte"].astype(np.int64),
@@ -174,5 +201,5 @@ def load_dataset(data_dir=None, download: bool = False) -> Dataset:
         return load_mnist(folder)
     if data_dir is not None:
         missing = [n for n in MNIST_FILES if _file_in(Path(data_dir), n) is None]
-        raise DataError(f"{data_dir}: no MNIST there (missing {', '.join(missing)}[.gz])")
+        raise DataError(f"{data_dir}: no dataset in MNIST's layout there (missing {', '.join(missing)}[.gz])")
     return load_digits()
