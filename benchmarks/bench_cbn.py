@@ -1,6 +1,6 @@
 """Training-step time of the small-batch experiment's network with CBN against BN, at batch 4.
 
-    python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--parts] [--variants]
+    python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--parts] [--variants] [--norm-cost]
 
 Three networks train on the same MNIST-sized random batches with SGD + momentum, measured in one
 run, interleaved in blocks: bnlab's cross-iteration layers (window 4, past their burn-in), bnlab's
@@ -11,6 +11,9 @@ ratios CBN / BN and CBN / torch's BN.
 inside the CBN network's steps (per step, summed over its four layers), each numba kernel call
 inside the steps against the same call repeated alone, the OpenMP runtimes loaded, and one
 isolated comparison behind a choice in the code (a Linear producer's d nu/dW).
+
+``--norm-cost`` adds the same network without normalization layers (identities) to the run, and
+prints what the normalization layers cost in each network's step (its step minus that one's).
 
 ``--variants`` adds three CBN networks to the same run, to say where CBN's cost lies: the layer
 on torch ops (``backend="native"``); the same with the derivatives taken as the official code takes
@@ -102,6 +105,11 @@ VARIANTS = {
 
 
 def network(method: str) -> nn.Module:
+    if method == "none":  # the step without normalization: what the layers cost is the difference
+        net = SmallConvNet("bn", steps=10**6, cfg=Config(burn_in=0.0), classes=10)
+        net.norms = nn.ModuleList(nn.Identity() for _ in net.norms)
+        net.fc_norm = nn.Identity()
+        return net
     if method == "torch-bn":
         net = SmallConvNet("bn", steps=10**6, cfg=Config(burn_in=0.0), classes=10)
         net.norms = nn.ModuleList(nn.BatchNorm2d(norm.num_features) for norm in net.norms)
@@ -195,6 +203,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--parts", action="store_true", help="also time the pieces of CBN's step")
     parser.add_argument("--variants", action="store_true", help="also time three CBN variants in the same run")
+    parser.add_argument("--norm-cost", action="store_true",
+                        help="also time the network without normalization: what the layers cost")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.rand(args.steps, args.batch, 1, 28, 28)
@@ -202,6 +212,8 @@ def main() -> None:
     nets = {m: network(m) for m in ("bn", "torch-bn", "cbn")}
     if args.variants:
         nets.update((name, make()) for name, make in VARIANTS.items())
+    if args.norm_cost:
+        nets["none"] = network("none")
     opts = {m: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9) for m, n in nets.items()}
     times = {m: [] for m in nets}
     for block in range(0, args.steps, 50):
@@ -217,6 +229,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     print(f"BN step {bn * 1e3:.3f} ms, torch's BN step {torch_bn * 1e3:.3f} ms, CBN step {cbn * 1e3:.3f} ms; "
           f"ratio CBN/BN {cbn / bn:.2f}, CBN/torch's BN {cbn / torch_bn:.2f}")
+    if args.norm_cost:
+        none = statistics.median(times["none"][20:])
+        cost = {m: statistics.median(times[m][20:]) - none for m in ("bn", "torch-bn", "cbn")}
+        print(f"without normalization {none * 1e3:.3f} ms; the normalization layers cost BN {cost['bn'] * 1e3:.3f} ms, "
+              f"torch's BN {cost['torch-bn'] * 1e3:.3f} ms, CBN {cost['cbn'] * 1e3:.3f} ms a step "
+              f"({cost['cbn'] / cost['bn']:.2f}x BN's)")
     for name in VARIANTS if args.variants else ():
         step = statistics.median(times[name][20:])
         print(f"  {name}: {step * 1e3:.3f} ms, {step / bn:.2f}x BN")
