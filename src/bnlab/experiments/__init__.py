@@ -11,7 +11,7 @@ def experiment_of(run_dir):
     """The experiment module that wrote ``run_dir`` (its config.json names it)."""
     from bnlab.experiments.runs import read_record
 
-    name = read_record(run_dir).get("experiment", "bn-mnist")
+    name = read_record(run_dir)["experiment"]
     if name not in EXPERIMENTS:
         raise ConfigError(f"{run_dir} holds a run of {name!r}, which this version of bnlab does not know")
     return EXPERIMENTS[name]

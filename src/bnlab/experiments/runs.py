@@ -102,7 +102,8 @@ def record(out: Path, experiment: str, cfg, data_source: str) -> None:
 
 
 def read_record(run_dir) -> dict:
-    """What :func:`record` wrote; a folder that holds no run is refused with what it lacks."""
+    """What :func:`record` wrote (``experiment`` filled in for the first runs, which did not record
+    it: they were bn-mnist's); a folder that holds no run is refused with what it lacks."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a bnlab run folder: it has no config.json "
@@ -113,6 +114,7 @@ def read_record(run_dir) -> dict:
         raise ConfigError(f"{path} cannot be read: {err}") from err
     if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
         raise ConfigError(f"{path} holds no run's settings (a 'config' entry)")
+    entry.setdefault("experiment", "bn-mnist")
     return entry
 
 
@@ -120,7 +122,7 @@ def load_config(run_dir, config_cls, experiment: str):
     """The config a run of ``experiment`` recorded; settings this version no longer has are dropped.
     A run of another experiment is refused (its settings would be dropped silently)."""
     entry = read_record(run_dir)
-    recorded = entry.get("experiment", "bn-mnist")  # (the first runs did not record it)
+    recorded = entry["experiment"]
     if recorded != experiment:
         raise ConfigError(f"{run_dir} holds a {recorded} run, not {experiment}; continue it with "
                           f"bnlab reproduce {recorded} --resume {run_dir}")
@@ -136,7 +138,7 @@ def write_metrics(out: Path, summary: dict) -> None:
 def read_metrics(run_dir) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
-        experiment = read_record(run_dir).get("experiment", "bn-mnist")
+        experiment = read_record(run_dir)["experiment"]
         raise ConfigError(f"{run_dir} has no metrics.json: the run has not finished; continue it with "
                           f"bnlab reproduce {experiment} --resume {run_dir}")
     return json.loads(path.read_text())
