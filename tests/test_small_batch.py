@@ -86,6 +86,22 @@ def test_batch_renorm_inference_and_non_finite_guard():
     assert torch.equal(layer.running_std, before) and int(layer.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("source", [torch.nn.BatchNorm2d, bnlab.BatchNorm2d])
+def test_a_bn_checkpoint_loads_into_batch_renorm_with_bns_inference(source):
+    """Switching a trained model's BN to Batch Renorm for small batches: the BN state_dict loads
+    (sigma = sqrt(running_var + eps)) and inference outputs stay BN's."""
+    bn = source(3, momentum=0.5, eps=1e-3, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    for seed in range(3):
+        bn(data((8, 3, 4, 4), seed)[0] * (seed + 1))
+    renorm = bnlab.BatchRenorm2d(3, eps=1e-3, dtype=torch.float64)
+    renorm.load_state_dict(bn.state_dict())
+    assert int(renorm.num_batches_tracked) == 3
+    x = data((2, 3, 4, 4), seed=7)[0]
+    torch.testing.assert_close(renorm.eval()(x), bn.eval()(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape, vbs", [((10, 3), 4), ((6, 2, 3, 3), 2), ((8, 3, 5), 8)])
 def test_ghost_bn_matches_reference_and_running_stats_average_the_ghost_batches(shape, vbs):
     x, dy = data(shape)

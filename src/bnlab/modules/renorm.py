@@ -18,7 +18,8 @@ class BatchRenorm(BatchNorm):
     ``running_mean``, ``running_std``; rate ``momentum``, the new batch's weight). The limits follow
     the paper's schedule in ``num_batches_tracked``: (1, 0), plain BN, for ``warmup`` steps, then
     relaxed linearly to ``r_max`` at ``r_max_steps`` and ``d_max`` at ``d_max_steps``. With
-    r_max=1 and d_max=0 it is BN. Inference: y = weight * (x - mu) / sigma + bias.
+    r_max=1 and d_max=0 it is BN. Inference: y = weight * (x - mu) / sigma + bias. A BN layer's
+    state_dict loads into it (sigma = sqrt(running_var + eps)), with the same inference outputs.
 
     Example:
         >>> layer = BatchRenorm2d(64, r_max=3.0, d_max=5.0)   # for micro-batches of 4, say
@@ -50,6 +51,12 @@ class BatchRenorm(BatchNorm):
                 f"d_max={self.d_max}, warmup={self.warmup}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A BN checkpoint (torch's or bnlab's: running_var, no running_std) loads with
+        # sigma = sqrt(running_var + eps), so inference gives BN's outputs; training goes on from
+        # its num_batches_tracked in the limits' schedule.
+        var_key, std_key = prefix + "running_var", prefix + "running_std"
+        if var_key in state_dict and std_key not in state_dict:
+            state_dict[std_key] = (state_dict.pop(var_key) + self.eps).sqrt()
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
