@@ -1,6 +1,13 @@
 """Shared test helpers: float64 by default, and where the shared MNIST files live."""
 
+import os
 from pathlib import Path
+
+# Triton reads TRITON_INTERPRET when it is first imported, and torch.compile (tests/test_compile.py)
+# imports it too: set it here, before any test module, so the Triton tests run their kernels on the
+# CPU whichever module imports Triton first (BNLAB_TEST_DEVICE=cuda runs them on a GPU instead).
+if os.environ.get("BNLAB_TEST_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

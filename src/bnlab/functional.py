@@ -16,6 +16,8 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Inputs of these dtypes are normalized with float32 statistics.
@@ -378,27 +380,47 @@ def batch_norm_act_train(
         # The kernel leaves the buffers alone for a channel whose statistics are not finite.
         return y, mean, invstd, tracking and stats_are_finite(mean, invstd)
     if backend == "fused" or (backend == "auto" and use_fused(x, act)):
-        from bnlab.autograd import BatchNormActFunction  # autograd builds on this module
-
-        y, mean, invstd = BatchNormActFunction.apply(x, weight, bias, eps, act, slope)
-        folded = False
-        if running_mean is not None and running_var is not None:
-            var_biased = invstd.reciprocal().square() - eps
-            buffers = (running_mean, running_var)
-            if all(t.is_cpu and t.dtype in FUSED_DTYPES for t in buffers):  # one numba call, not a dozen torch ops
-                from bnlab.kernels import cpu_fused
-
-                folded = cpu_fused.fold_running(mean.numpy(), var_biased.numpy(), values_per_channel(x),
-                                                running_mean.numpy(), running_var.numpy(), momentum)
-            else:
-                folded = update_running_stats_(
-                    running_mean, running_var, mean, var_biased, values_per_channel(x), momentum
-                )
-        return y, mean.to(running_mean.dtype if running_mean is not None else x.dtype), invstd, folded
+        return _fused_act_train(x, weight, bias, eps, act, slope, running_mean, running_var, momentum)
     y, mean, invstd, folded = batch_norm_train(
         x, weight, bias, eps, backend, running_mean, running_var, momentum
     )
     return activation(y, act, slope), mean, invstd, folded
+
+
+def eager_under_compile(fn):
+    """``fn``, run eagerly inside code that torch.compile traces (a graph break there), for code
+    dynamo cannot trace: numba kernels on NumPy views, or in-place updates a compiled backward
+    would read. Outside torch.compile it costs one check, where torch.compiler.disable's wrapper
+    added about 2 us a call to the cross-iteration layer's step (a throwaway A/B on one layer)."""
+    disabled = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return disabled(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
+
+    return call
+
+
+@eager_under_compile  # (numba kernels: dynamo cannot trace them)
+def _fused_act_train(x, weight, bias, eps, act, slope, running_mean, running_var, momentum):
+    """:func:`batch_norm_act_train` on the fused CPU kernels."""
+    from bnlab.autograd import BatchNormActFunction  # autograd builds on this module
+
+    y, mean, invstd = BatchNormActFunction.apply(x, weight, bias, eps, act, slope)
+    folded = False
+    if running_mean is not None and running_var is not None:
+        var_biased = invstd.reciprocal().square() - eps
+        buffers = (running_mean, running_var)
+        if all(t.is_cpu and t.dtype in FUSED_DTYPES for t in buffers):  # one numba call, not a dozen torch ops
+            from bnlab.kernels import cpu_fused
+
+            folded = cpu_fused.fold_running(mean.numpy(), var_biased.numpy(), values_per_channel(x),
+                                            running_mean.numpy(), running_var.numpy(), momentum)
+        else:
+            folded = update_running_stats_(
+                running_mean, running_var, mean, var_biased, values_per_channel(x), momentum
+            )
+    return y, mean.to(running_mean.dtype if running_mean is not None else x.dtype), invstd, folded
 
 
 def renorm_limits(step: int, r_max: float, d_max: float, warmup: int, r_max_steps: int, d_max_steps: int):

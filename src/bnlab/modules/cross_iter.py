@@ -114,6 +114,11 @@ class CrossIterationBatchNorm(BatchNorm):
         self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
         return self
 
+    @F.eager_under_compile  # (with _capture: numba kernels and NumPy views)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    @F.eager_under_compile
     def _capture(self, module, args, output):
         """The producer's forward hook: keep its input for the derivatives of this iteration's
         statistics. A conv's weight gradient from its output (d nu/dW up to 2/m) is taken here,

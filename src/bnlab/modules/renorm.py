@@ -59,6 +59,9 @@ class BatchRenorm(BatchNorm):
             state_dict[std_key] = (state_dict.pop(var_key) + self.eps).sqrt()
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
+    # Eager under torch.compile: a compiled graph recomputes r from running_std in the backward,
+    # after the in-place update of the moving statistics (autograd's version check then fails).
+    @F.eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if not self.training:
