@@ -567,11 +567,13 @@ def second_moment_derivative(x: torch.Tensor, u: torch.Tensor, producer: torch.n
 
 def conv_weight_gradient(g: torch.Tensor, u: torch.Tensor, producer: torch.nn.Conv2d) -> torch.Tensor:
     """sum over the batch and the output positions of g_j * patch, weight-shaped: the gradient a
-    Conv2d's weight gets from ``g`` at its output, on torch's weight-gradient kernel alone."""
+    Conv2d's weight gets from ``g`` at its output, on torch's weight-gradient kernel alone, in the
+    weight's dtype (under autocast the conv's output is float16/bfloat16, its input and weight not)."""
     _check_producer(g, producer)  # (an unsupported padding is named here, whoever calls first)
+    weight = producer.weight.detach()
     return torch.ops.aten.convolution_backward(
-        g.detach(), u, producer.weight.detach(), None, producer.stride, producer.padding, producer.dilation, False,
-        (0, 0), producer.groups, (False, True, False))[1]
+        g.detach().to(weight.dtype), u.to(weight.dtype), weight, None, producer.stride, producer.padding,
+        producer.dilation, False, (0, 0), producer.groups, (False, True, False))[1]
 
 
 def compensation_terms(dmu: torch.Tensor, dnu: torch.Tensor, weight: torch.Tensor):

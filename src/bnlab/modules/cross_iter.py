@@ -176,6 +176,9 @@ class CrossIterationBatchNorm(BatchNorm):
         u, output, gradient = captured
         if output is not x:  # (something between the producer and this layer: take x's own)
             gradient = None
+        dtype = x.dtype
+        if dtype in F.LOW_PRECISION:  # autocast: statistics, window and derivatives in float32, as BN's
+            x, u = x.float(), u.float()
         iteration = int(self.iteration)
         if not self._stores(iteration):
             y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
@@ -189,7 +192,7 @@ class CrossIterationBatchNorm(BatchNorm):
                 y, folded = self._train_torch(x, u, gradient, pooling, slot)
         if not self._recalibrating:
             self.iteration.add_(1)
-        return y, folded
+        return y.to(dtype), folded
 
     def _derivatives(self, x: torch.Tensor, u: torch.Tensor, gradient: torch.Tensor | None):
         """This batch's d mu/dW ``(G, F)`` and d nu/dW ``(C, F)`` from torch's ops (:mod:`bnlab.functional`);

@@ -1,4 +1,5 @@
-"""Models with bnlab's layers train under torch.compile and match eager training step by step.
+"""Models with bnlab's layers train under torch.compile and match eager training step by step;
+cross-iteration BN trains under torch.autocast (the other layers' low precision is tested with them).
 
 The layers built on numba kernels (the fused BN + activation, cross-iteration BN) and Batch Renorm
 (whose moving statistics change in place after the graph used them) run eagerly inside a compiled
@@ -44,3 +45,34 @@ def test_compiled_training_matches_eager(name):
     torch.testing.assert_close(compiled[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-6)
     for key, value in eager.state_dict().items():  # running statistics, CBN's window, counters
         torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("producer", ["conv", "linear"])
+def test_cross_iteration_bn_trains_under_autocast_close_to_float32(producer):
+    """Under torch.autocast the producer's output is bfloat16 while its input and weight stay
+    float32: the layer takes its statistics, window and derivatives in float32 (as BN does for
+    low precision) and returns bfloat16. Before, the conv's d nu/dW mixed the dtypes and oneDNN
+    refused it."""
+    def make():
+        torch.manual_seed(0)
+        body = (nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)) if producer == "conv" else \
+            (nn.Linear(5, 8), nn.BatchNorm1d(8))
+        return bnlab.cross_iteration(nn.Sequential(*body, nn.ReLU()), window=3)
+
+    full, mixed = make(), make()
+    shape = (8, 3, 12, 12) if producer == "conv" else (8, 5)
+    for step in range(5):  # (two window entries filled, then pooled and compensated)
+        x = torch.randn(shape)
+        y_full = full(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_mixed = mixed(x)
+        assert y_mixed.dtype == torch.bfloat16
+        torch.testing.assert_close(y_mixed.float(), y_full, rtol=0.05, atol=0.05)
+        for net, y in ((full, y_full), (mixed, y_mixed)):
+            y.float().square().mean().backward()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p -= 0.01 * p.grad
+                    p.grad = None
+    torch.testing.assert_close(mixed[1].running_var, full[1].running_var, rtol=0.02, atol=0.01)
+    assert mixed[1].window_valid.all() and torch.isfinite(mixed[1].window_dnu).all()
