@@ -65,9 +65,8 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
         E[x] = mean over batches of mu_B,   Var[x] = mean over batches of m/(m-1) * sigma2_B,
 
     where m is the number of values per channel in that batch (the paper's m/(m-1) E_B[sigma2_B]
-    when every batch has the same size); Batch Renorm's moving standard deviation becomes
-    sqrt(Var[x] + eps), so its inference is Algorithm 2's too. Parameters, ``num_batches_tracked``,
-    train/eval modes and all other state are left as they were.
+    when every batch has the same size). Parameters, ``num_batches_tracked``, train/eval modes and
+    all other state are left as they were.
 
     Args:
         model: a module holding bnlab or torch.nn batch-norm layers.
@@ -81,10 +80,13 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
         >>> net[1].running_mean.shape, net[1].num_batches_tracked.item()   # (the count left as it was)
         (torch.Size([8]), 0)
     """
-    layers = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats and _spread(m) is not None]
+    layers = [m for m in model.modules()
+              if is_batch_norm(m) and m.track_running_stats and getattr(m, "running_var", None) is not None]
     modes = _modes(model)
-    saved = {layer: (layer.running_mean.clone(), _spread(layer).clone(), layer.num_batches_tracked.clone())
-             for layer in layers}
+    saved = {
+        layer: (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+        for layer in layers
+    }
     sums = {layer: [0.0, 0.0, 0] for layer in layers}
 
     def record(layer, args):
@@ -117,23 +119,16 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
         for layer in pooled:
             layer.__dict__["_batch_statistics"] = False
         _restore(modes)
-        for layer, (mean, spread, count) in saved.items():
+        for layer, (mean, var, count) in saved.items():
             layer.running_mean.copy_(mean)
-            _spread(layer).copy_(spread)
+            layer.running_var.copy_(var)
             layer.num_batches_tracked.copy_(count)
     for layer, (sum_mean, sum_var, n) in sums.items():
         if n == 0:
             raise ValueError("recalibrate: no batch reached a batch-norm layer; pass at least one batch")
         layer.running_mean.copy_(sum_mean / n)
-        var = sum_var / n
-        _spread(layer).copy_(var if getattr(layer, "running_var", None) is not None else (var + layer.eps).sqrt())
+        layer.running_var.copy_(sum_var / n)
     return model
-
-
-def _spread(layer: nn.Module) -> torch.Tensor | None:
-    """A layer's running variance, or Batch Renorm's moving standard deviation (eps inside)."""
-    var = getattr(layer, "running_var", None)
-    return var if var is not None else getattr(layer, "running_std", None)
 
 
 TORCH_TO_BNLAB = {
