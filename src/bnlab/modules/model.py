@@ -66,7 +66,9 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
 
     where m is the number of values per channel in that batch (the paper's m/(m-1) E_B[sigma2_B]
     when every batch has the same size). Parameters, ``num_batches_tracked``, train/eval modes and
-    all other state are left as they were.
+    all other state are left as they were. Batch Renorm keeps its moving mean and standard
+    deviation: its training already normalizes towards them (r and d), so they are what its
+    inference should use (the paper's point); Group Norm has no statistics to recompute.
 
     Args:
         model: a module holding bnlab or torch.nn batch-norm layers.
