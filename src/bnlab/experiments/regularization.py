@@ -21,7 +21,6 @@ from typing import ClassVar
 
 from bnlab.data import load_dataset
 from bnlab.experiments import runs, sweeps
-from bnlab.experiments.runs import ConfigError
 from bnlab.train import LoopConfig, fit, has_checkpoint
 
 VARIANTS = ("plain", "weight-decay", "dropout", "bn")
@@ -41,12 +40,10 @@ class Config(sweeps.SweepConfig):
     def __post_init__(self):
         super().__post_init__()
         runs.check(self, lr=runs.POSITIVE, weight_decay=runs.NON_NEGATIVE, dropout=runs.within(0, 1, open_high=True))
-        unknown = [v for v in self.variant_names() if v not in VARIANTS]
-        if unknown:
-            raise ConfigError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+        self.variant_names()
 
     def variant_names(self) -> list[str]:
-        return runs.parse_list(self, "variants")
+        return runs.parse_list(self, "variants", choices=VARIANTS, what="variant")
 
     def quick(self) -> "Config":
         """A few epochs: the demo and CI."""
@@ -55,8 +52,7 @@ class Config(sweeps.SweepConfig):
 
 def task(cfg: Config, variant: str, data, x, y, test=None) -> sweeps.SweepTask:
     """The run of one variant on the training images ``x, y``, measured on ``test`` (the data's test set)."""
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    runs.check_choice(variant, VARIANTS, "variant")
     return sweeps.SweepTask(cfg, None, cfg.lr, variant == "bn", x, y, data.num_classes,
                             dropout=cfg.dropout if variant == "dropout" else 0.0,
                             weight_decay=cfg.weight_decay if variant == "weight-decay" else 0.0,
@@ -71,7 +67,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
           f"{len(data.x_test)} test)")
     variants = cfg.variant_names()
     (x, y), test = sweeps.training_images(cfg, data), sweeps.test_set(data)
-    tasks = {v: task(cfg, v, data, x, y, test) for v in variants}  # (an unknown variant is refused before any file)
+    tasks = {v: task(cfg, v, data, x, y, test) for v in variants}
     out = runs.claim(cfg.out, resume)
     runs.record(out, Config.EXPERIMENT, cfg, data.source)
     steps_per_epoch = max(1, cfg.train_examples // cfg.batch)

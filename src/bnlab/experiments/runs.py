@@ -49,9 +49,15 @@ def check(cfg, **rules) -> None:
             raise ConfigError(f"{flag(name)} must be {must}, got {value!r}")
 
 
-def parse_list(cfg, name: str, kind=str) -> list:
-    """A comma-separated field as a list of ``kind``; an empty list or a value ``kind`` cannot
-    read is refused."""
+def check_choice(value, choices, what: str) -> None:
+    """Refuse a ``value`` that is not one of ``choices``, naming them (``what``: "method", say)."""
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+
+
+def parse_list(cfg, name: str, kind=str, choices=None, what: str = "") -> list:
+    """A comma-separated field as a list of ``kind``; an empty list, a value ``kind`` cannot read,
+    or one outside ``choices`` (when given; ``what`` names them) is refused."""
     text = getattr(cfg, name)
     try:
         values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
@@ -59,6 +65,8 @@ def parse_list(cfg, name: str, kind=str) -> list:
         values = []
     if not values:
         raise ConfigError(f"{flag(name)} takes a comma-separated list of {kind.__name__} values, got {text!r}")
+    for value in values if choices is not None else ():
+        check_choice(value, choices, what)
     return values
 
 

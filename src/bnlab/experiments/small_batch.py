@@ -67,9 +67,7 @@ class Config:
                    momentum=runs.within(0, 1, open_high=True), weight_decay=runs.NON_NEGATIVE,
                    window=runs.POSITIVE, burn_in=runs.within(0, 1), seed=runs.NON_NEGATIVE,
                    checkpoint_every=runs.POSITIVE, nproc=runs.POSITIVE)
-        unknown = [m for m in self.method_names() if m not in METHODS]
-        if unknown:
-            raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        self.method_names()
         uneven = [b for b in self.batches() if b % self.nproc]
         if uneven:
             raise ConfigError(f"--nproc {self.nproc} must divide every batch size (got {uneven[0]})")
@@ -82,7 +80,7 @@ class Config:
         return sizes
 
     def method_names(self) -> list[str]:
-        return runs.parse_list(self, "methods")
+        return runs.parse_list(self, "methods", choices=METHODS, what="method")
 
     def quick(self) -> "Config":
         """A few hundred steps per run: the demo and CI."""

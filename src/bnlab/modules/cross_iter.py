@@ -114,11 +114,7 @@ class CrossIterationBatchNorm(BatchNorm):
         self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
         return self
 
-    @F.eager_under_compile  # (with _capture: numba kernels and NumPy views)
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)
-
-    @F.eager_under_compile
+    @F.eager_under_compile  # (with _train: numba kernels and NumPy views)
     def _capture(self, module, args, output):
         """The producer's forward hook: keep its input for the derivatives of this iteration's
         statistics. A conv's weight gradient from its output (d nu/dW up to 2/m) is taken here,
@@ -164,6 +160,7 @@ class CrossIterationBatchNorm(BatchNorm):
         """Inside :func:`bnlab.recalibrate`: batch statistics as BN's, nothing stored or counted."""
         return self.__dict__.get("_batch_statistics", False)
 
+    @F.eager_under_compile
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         producer, captured = self.producer, self.__dict__["_input"]
         self.__dict__["_input"] = None

@@ -59,20 +59,16 @@ class BatchRenorm(BatchNorm):
             state_dict[std_key] = (state_dict.pop(var_key) + self.eps).sqrt()
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_renorm_eval(x, self.weight, self.bias, self.running_mean, self.running_std)
+
     # Eager under torch.compile: a compiled graph recomputes r from running_std in the backward,
     # after the in-place update of the moving statistics (autograd's version check then fails).
     @F.eager_under_compile
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if not self.training:
-            return F.batch_renorm_eval(x, self.weight, self.bias, self.running_mean, self.running_std)
-        if x.numel() == 0:
-            return F.empty_batch(x, self.weight, self.bias)
+    def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         r_max, d_max = self.limits()
-        y, folded = F.batch_renorm_train(x, self.weight, self.bias, self.running_mean, self.running_std,
-                                         r_max, d_max, self.eps, self.momentum)
-        self.count_batch_(folded)
-        return y
+        return F.batch_renorm_train(x, self.weight, self.bias, self.running_mean, self.running_std,
+                                    r_max, d_max, self.eps, self.momentum)
 
 
 class BatchRenorm1d(BatchRenorm):
