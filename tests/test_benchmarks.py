@@ -59,3 +59,29 @@ def test_official_style_derivatives_equal_the_layers():
             torch.testing.assert_close(theirs[name], value, rtol=1e-4, atol=1e-6 * value.abs().max().item())
             checked += 1
     assert checked == 16  # four layers: d mu/dW, d nu/dW and their products with the weights
+
+
+def test_cbn_drift_diagnostic_measures_mean_shifts_in_standard_deviations():
+    """benchmarks/cbn_weight_norms.py, which the README quotes: a producer whose output moves by a
+    known amount drifts by that amount, in units of its standard deviation; the script runs."""
+    spec = importlib.util.spec_from_file_location("cbn_weight_norms", ROOT / "benchmarks" / "cbn_weight_norms.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    from bnlab.experiments.small_batch import Config, SmallConvNet
+
+    torch.manual_seed(0)
+    net = SmallConvNet("bn", steps=10, cfg=Config(), classes=10)
+    probe = torch.rand(16, 1, 28, 28)
+    before = diag.producer_moments(net, probe)
+    assert net.training  # (measured in inference mode, the model's mode kept)
+    with torch.no_grad():
+        net.fc.weight[:, :] = 0.0  # fc's output: every channel's mean to 0
+    after = diag.producer_moments(net, probe)
+    moved = diag.drift(before, after)
+    assert moved[:3] == [0.0, 0.0, 0.0]
+    mean, sd = before[3]
+    assert abs(moved[3] - float((mean.abs() / sd).median())) < 1e-6 and moved[3] > 0.1
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cbn_weight_norms.py"), "--examples", "80",
+                          "--batch", "4", "--every", "10", "--burn-in", "0.5", "--lr-drop", "0.1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "burn-in to step 10" in out and out.count("test accuracy") == 2, out

@@ -458,3 +458,32 @@ def test_a_trained_layer_deep_copies_and_pickles():
         assert getattr(layer, name).data_ptr() != getattr(twin[1], name).data_ptr() or getattr(layer, name).numel() == 0
     restored = pickle.loads(pickle.dumps(model))
     assert torch.equal(restored[1].window_dnu, layer.window_dnu)
+
+
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_shift_of_the_mean_gets_1_minus_1_over_k_of_its_gradient(kind, backend):
+    """Why CBN needs a low learning rate (the layer's docstring): under BN the gradient with respect
+    to a uniform shift of a channel, sum_i dL/dx_i, is zero; under CBN, with the window's statistics
+    equal to the batch's (the same batch k times, the producer frozen), it is (1 - 1/k) gamma / sigma
+    sum_i dL/dy_i: the share of the mean that comes from the past."""
+    k = 4
+    producer, cbn = pair(kind, k, backend=backend)
+    with torch.no_grad():
+        cbn.weight.uniform_(0.5, 2.0)
+    u = inputs(kind, batch=4)
+    for _ in range(k):
+        x = producer(u).detach().requires_grad_()
+        producer(u)  # (the hook takes the producer's input)
+        y = cbn(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    dims = [d for d in range(x.dim()) if d != 1]
+    sigma = x.detach().var(dims, unbiased=False).add(cbn.eps).sqrt()
+    expected = (1 - 1 / k) * cbn.weight.detach() / sigma * dy.sum(dims)
+    torch.testing.assert_close(x.grad.sum(dims), expected, rtol=1e-8, atol=1e-10)
+    assert expected.abs().min() > 1e-3  # (a real gradient, not 0 = 0)
+    bn = (bnlab.BatchNorm1d if kind == "linear" else bnlab.BatchNorm2d)(cbn.num_features, dtype=torch.float64)
+    xb = x.detach().clone().requires_grad_()
+    bn(xb).backward(dy)
+    assert xb.grad.sum(dims).abs().max() < 1e-10

@@ -85,3 +85,29 @@ def test_any_idx_dataset_in_mnists_layout_runs_with_data_dir(tmp_path, capsys):
     assert "not MNIST" in record["data"] and str(folder) in record["data"]
     accuracy = json.loads((out / "metrics.json").read_text())["accuracy"]
     assert set(accuracy) == {"bn", "cbn"} and all(0.0 <= accuracy[m]["4"] <= 1.0 for m in accuracy)
+
+
+@pytest.mark.parametrize("drop", [1.0, 0.1])
+def test_lr_drop_divides_the_learning_rate_where_cbn_starts_pooling(no_mnist, drop):
+    """``--lr-drop``: every method's learning rate is base_lr * batch / 32 until the burn-in's end,
+    the step CBN's layers start pooling, and ``drop`` times that after it; a resumed run, which
+    starts at a later step, follows the same schedule."""
+    from bnlab.data import load_dataset
+
+    cfg = small_batch.Config(examples=40, burn_in=0.5, lr_drop=drop)
+    task = small_batch.RunTask(cfg, "cbn", 4, load_dataset(None, False))
+    assert task.steps == 10 and all(norm.burn_in == 5 for norm in (*task.model.norms, task.model.fc_norm))
+    rates = []
+    for step in range(task.steps):
+        task.train_step(step)
+        rates.append(task.opt.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.02 * 4 / 32] * 5 + [0.02 * 4 / 32 * drop] * 5)
+    resumed = small_batch.RunTask(cfg, "cbn", 4, load_dataset(None, False))
+    resumed.train_step(7)
+    assert resumed.opt.param_groups[0]["lr"] == pytest.approx(0.02 * 4 / 32 * drop)
+
+
+def test_lr_drop_outside_0_1_is_refused():
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"--lr-drop must be in \(0, 1\]"):
+            small_batch.Config(lr_drop=bad)

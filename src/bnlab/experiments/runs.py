@@ -27,10 +27,10 @@ def at_least(low, why: str = ""):
     return (lambda v: v >= low, f"at least {low}" + (f" ({why})" if why else ""))
 
 
-def within(low, high, *, open_high: bool = False):
-    if open_high:
-        return (lambda v: low <= v < high, f"in [{low}, {high})")
-    return (lambda v: low <= v <= high, f"in [{low}, {high}]")
+def within(low, high, *, open_low: bool = False, open_high: bool = False):
+    above = (lambda v: v > low) if open_low else (lambda v: v >= low)
+    below = (lambda v: v < high) if open_high else (lambda v: v <= high)
+    return (lambda v: above(v) and below(v), f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}")
 
 
 def flag(name: str) -> str:

@@ -19,6 +19,9 @@ it size-agnostic (the 8x8 digits).
 Methods: "bn" (bnlab.BatchNorm2d), "gn" (torch.nn.GroupNorm, 4 groups), "brn" (bnlab.BatchRenorm2d,
 the paper's schedule scaled to the run: warm-up 5% of the steps, r_max 3 at 40%, d_max 5 at 25%),
 "cbn-naive" and "cbn" (bnlab.CrossIterationBatchNorm2d, window 4, burn-in 50% of the steps).
+``lr_drop`` (``--lr-drop 0.1``) multiplies every method's learning rate by that factor from the
+burn-in's end on, as the official CBN detection configs do (CBN from the 1x schedule's first 10x
+drop); the default 1 keeps it constant.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class Config:
     window: int = 4  # CBN: iterations pooled (the official code's 4)
     # (the official detection config: 8 of 12 epochs; 0.1 made CBN unstable here)
     burn_in: float = 0.5  # CBN: fraction of the steps run as plain BN first
+    # (the official CBN detection config starts CBN where its schedule divides the learning rate by 10)
+    lr_drop: float = 1.0  # learning rate multiplied by this from the burn-in's end on, for every method
     seed: int = 0  # initial weights and batch order (the same for every method at a batch size)
     checkpoint_every: int = 2_000  # steps between checkpoints of a run
     nproc: int = 1  # > 1: also train "syncbn", each batch split over this many gloo processes
@@ -65,7 +70,8 @@ class Config:
         # (batch 2 at least: the fully connected layer's BN sees one value per example)
         runs.check(self, examples=runs.at_least(max(self.batches()), "the largest batch size"), base_lr=runs.POSITIVE,
                    momentum=runs.within(0, 1, open_high=True), weight_decay=runs.NON_NEGATIVE,
-                   window=runs.POSITIVE, burn_in=runs.within(0, 1), seed=runs.NON_NEGATIVE,
+                   window=runs.POSITIVE, burn_in=runs.within(0, 1),
+                   lr_drop=runs.within(0, 1, open_low=True), seed=runs.NON_NEGATIVE,
                    checkpoint_every=runs.POSITIVE, nproc=runs.POSITIVE)
         self.method_names()
         uneven = [b for b in self.batches() if b % self.nproc]
@@ -154,11 +160,15 @@ class RunTask:
         self.module = self.model
         if world > 1:
             self.model = nn.parallel.DistributedDataParallel(self.model)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.base_lr * batch / 32, momentum=cfg.momentum,
+        self.lr, self.lr_drop = cfg.base_lr * batch / 32, cfg.lr_drop
+        self.drop_at = int(cfg.burn_in * self.steps)  # (the step CBN starts pooling at: norm_layer's burn-in)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)
 
     def train_step(self, step: int) -> None:
+        for group in self.opt.param_groups:  # (from the step alone: a resumed run follows the same schedule)
+            group["lr"] = self.lr * (self.lr_drop if step >= self.drop_at else 1.0)
         i = torch.randint(0, len(self.x_train), (self.batch,), generator=self.sampler)[self.rank :: self.world]
         loss = nn.functional.cross_entropy(self.model(self.x_train[i]), self.y_train[i])
         self.opt.zero_grad()

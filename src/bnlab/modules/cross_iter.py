@@ -40,11 +40,16 @@ class CrossIterationBatchNorm(BatchNorm):
     statistics (the paper's "naive CBN"). The running statistics follow the current batch, as BN's;
     inference uses them, as BN.
 
-    Gradients reach the weights through the current iteration's 1/k share of the statistics only,
-    so the layer is not invariant to its producer's weight scale as BN is: started early at a high
-    learning rate, the weights and gammas grow and accuracy suffers (the small-batch experiment,
-    README). Start pooling late (the official detection config: after 8 of 12 epochs; the
-    experiment: half the steps) or use a short window.
+    Gradients reach the weights through the current iteration's 1/k share of the statistics only, so
+    the layer loses two invariances of BN. Its output is no longer invariant to the producer's
+    weight scale: started early at a high learning rate, the weights and gammas grow. And a shift of
+    a channel's mean gets (1 - 1/k) of its gradient instead of none, while the next steps' window,
+    compensated to the shifted weights, follows the shift: nothing pulls the mean back, so at a high
+    learning rate the producer's output wanders from step to step, the running statistics lag behind
+    it, the first-order compensation of nu errs more, and accuracy can collapse (the small-batch
+    experiment's quick run, README). Start pooling where the learning rate is low: the official
+    detection config turns CBN on after epoch 8 of 12, where mmdetection's 1x schedule divides the
+    learning rate by 10 (the experiment's ``--lr-drop``).
 
     The window (statistics, their weight derivatives and the derivatives' products with the
     weights they were taken at, the biases, which entries are filled) and the iteration count are
