@@ -200,6 +200,29 @@ def test_cross_iteration_converts_pairs_and_refuses_others():
     bad = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="'2' comes from '1'.*cannot be compensated"):
         bnlab.cross_iteration(bad)
+    # A BN without running statistics normalizes with batch statistics in inference: refused, not
+    # turned into a layer that would use running statistics there.
+    untracked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False, track_running_stats=False))
+    with pytest.raises(ValueError, match="'1' keeps no running statistics"):
+        bnlab.cross_iteration(untracked)
+    assert type(untracked[1]) is nn.BatchNorm2d
+
+
+def test_cross_iteration_names_the_batch_norm_layers_it_leaves():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.SyncBatchNorm(4), nn.Conv2d(4, 4, 1), bnlab.BatchNormAct2d(4),
+                        nn.Conv2d(4, 4, 1), bnlab.BatchRenorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match=r"left as they were: '1' \(SyncBatchNorm\), '3' \(BatchNormAct2d\), "
+                                         r"'5' \(BatchRenorm2d\);"):
+        bnlab.cross_iteration(net)
+    kinds = [type(m).__name__ for m in net[1::2]]
+    assert kinds == ["SyncBatchNorm", "BatchNormAct2d", "BatchRenorm2d", "CrossIterationBatchNorm2d"]
+    import warnings
+
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with warnings.catch_warnings():  # nothing left, nothing said; converted layers are not "left" either
+        warnings.simplefilter("error")
+        bnlab.cross_iteration(plain)
+        bnlab.cross_iteration(plain)
 
 
 def test_cross_iteration_keeps_each_layers_momentum_convention():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch import nn
 
 from bnlab import functional as F
 from bnlab.autograd import CrossIterationNormFunction, FusedCrossIterationNormFunction
-from bnlab.modules.batch import BatchNorm, BatchNorm1d, BatchNorm2d, name_layers
+from bnlab.modules.batch import BATCH_NORM_TYPES, BatchNorm, BatchNorm1d, BatchNorm2d, name_layers
 
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
 WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
@@ -330,7 +331,10 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
 
     Finds the pairs by tracing the model with torch.fx; the BN state carries over. A BN fed by
     anything else (an addition, an activation, a function) is refused with its name, since its
-    statistics could not be compensated.
+    statistics could not be compensated, and so is a BN without running statistics
+    (``track_running_stats=False``: it normalizes with batch statistics in inference too, which
+    cross-iteration BN does not). Other batch-norm layers (synchronized, ghost, Batch Renorm, BN
+    fused with its activation, 3-D) are left as they are, and a warning names them.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
@@ -352,10 +356,19 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         raise ValueError(f"cross_iteration: could not trace the model ({err}); pair layers by hand with "
                          "CrossIterationBatchNorm2d(...).pair(conv)") from err
     modules = dict(model.named_modules())
-    pairs = []
+    pairs, left = [], []
     for node in graph.nodes:
-        if node.op != "call_module" or type(modules[node.target]) not in plain:
+        if node.op != "call_module":
             continue
+        module = modules[node.target]
+        if type(module) not in plain:
+            if isinstance(module, BATCH_NORM_TYPES) and not isinstance(module, CrossIterationBatchNorm):
+                left.append(f"{node.target!r} ({type(module).__name__})")
+            continue
+        if not module.track_running_stats:
+            raise ValueError(f"cross_iteration: {node.target!r} keeps no running statistics (track_running_stats="
+                             "False), so it normalizes with batch statistics in inference; cross-iteration BN "
+                             "uses running statistics there. Keep it as BN, or give it running statistics first")
         source = node.args[0]
         producer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
         if not isinstance(producer, (nn.Linear, nn.Conv2d)):
@@ -363,6 +376,9 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
             raise ValueError(f"cross_iteration: the input of {node.target!r} comes from {what!r}, not from a Linear "
                              "or Conv2d layer, so its statistics cannot be compensated; keep it as BN")
         pairs.append((node.target, producer))
+    if left:
+        warnings.warn(f"cross_iteration: left as they were: {', '.join(left)}; only BatchNorm1d/2d layers (torch's "
+                      "or bnlab's) after a Linear or Conv2d become cross-iteration BN", stacklevel=2)
     for name, producer in pairs:
         old = modules[name]
         cls = CrossIterationBatchNorm2d if isinstance(producer, nn.Conv2d) else CrossIterationBatchNorm1d
