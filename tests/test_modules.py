@@ -1,5 +1,6 @@
 """bnlab.BatchNorm* against torch.nn.BatchNorm* and the paper's Algorithm 2, plus bad inputs."""
 
+import copy
 import warnings
 
 import numpy as np
@@ -227,6 +228,29 @@ def test_recalibrate_is_algorithm2_by_hand():
 def test_recalibrate_needs_a_batch():
     with pytest.raises(ValueError, match="at least one batch"):
         bnlab.recalibrate(nn.Sequential(bnlab.BatchNorm1d(2)), [])
+
+
+@pytest.mark.parametrize("layer", [bnlab.BatchNorm1d, nn.BatchNorm1d])
+def test_recalibrate_leaves_non_finite_batches_out(layer):
+    """A NaN or inf batch used to make the population statistics NaN: it is left out, as in
+    training, with a warning that counts it; when every batch is, nothing changes."""
+    torch.manual_seed(0)
+    net = bnlab.name_layers(nn.Sequential(nn.Linear(3, 4), layer(4)))
+    good = [torch.randn(6, 3) for _ in range(3)]
+    bad = good[1].clone()
+    bad[2, 0] = float("nan")
+    reference = bnlab.recalibrate(copy.deepcopy(net), good)[1]
+    with pytest.warns(UserWarning, match="1 of 4 batches reached '1' with NaN or inf values"):
+        bnlab.recalibrate(net, [good[0], bad, *good[1:]])
+    torch.testing.assert_close(net[1].running_mean, reference.running_mean)
+    torch.testing.assert_close(net[1].running_var, reference.running_var)
+    state = copy.deepcopy(net.state_dict())
+    inf = good[0].clone()
+    inf[0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"every batch \(2\) reached '1' with NaN or inf"):
+        bnlab.recalibrate(net, [bad, inf])
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), key
 
 
 def test_evaluating_uses_running_statistics_and_restores_every_mode():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterable, Iterator
 
 import torch
@@ -68,7 +69,9 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
     when every batch has the same size). Parameters, ``num_batches_tracked``, train/eval modes and
     all other state are left as they were. Batch Renorm keeps its moving mean and standard
     deviation: its training already normalizes towards them (r and d), so they are what its
-    inference should use (the paper's point); Group Norm has no statistics to recompute.
+    inference should use (the paper's point); Group Norm has no statistics to recompute. A batch
+    that reaches a layer with NaN or inf values is left out of that layer's statistics, as in
+    training, and a warning counts them; if every batch was, nothing changes and an error says so.
 
     Args:
         model: a module holding bnlab or torch.nn batch-norm layers.
@@ -90,6 +93,7 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
         for layer in layers
     }
     sums = {layer: [0.0, 0.0, 0] for layer in layers}
+    skipped = {layer: 0 for layer in layers}
 
     def record(layer, args):
         x = args[0].detach().double()
@@ -97,6 +101,9 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
         m = F.values_per_channel(x)
         if m < 2:
             raise ValueError(f"recalibrate: a batch has {m} value(s) per channel; Algorithm 2 needs m >= 2")
+        if not bool(torch.isfinite(mean).all() and torch.isfinite(var_biased).all()):
+            skipped[layer] += 1  # (as in training: a NaN or inf batch never enters the statistics)
+            return
         acc = sums[layer]
         acc[0] = acc[0] + mean
         acc[1] = acc[1] + var_biased * (m / (m - 1))
@@ -125,9 +132,17 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
             layer.num_batches_tracked.copy_(count)
-    for layer, (sum_mean, sum_var, n) in sums.items():
+    names = {layer: name or type(layer).__name__ for name, layer in model.named_modules() if layer in sums}
+    for layer, (_, _, n) in sums.items():  # (every check before any layer changes)
+        if n == 0 and skipped[layer]:
+            raise ValueError(f"recalibrate: every batch ({skipped[layer]}) reached {names[layer]!r} with NaN or inf "
+                             "values; the model's running statistics are left as they were")
         if n == 0:
             raise ValueError("recalibrate: no batch reached a batch-norm layer; pass at least one batch")
+        if skipped[layer]:
+            warnings.warn(f"recalibrate: {skipped[layer]} of {n + skipped[layer]} batches reached {names[layer]!r} "
+                          "with NaN or inf values and were left out of its population statistics", stacklevel=2)
+    for layer, (sum_mean, sum_var, n) in sums.items():
         layer.running_mean.copy_(sum_mean / n)
         layer.running_var.copy_(sum_var / n)
     return model
