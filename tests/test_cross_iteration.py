@@ -250,6 +250,35 @@ def test_unpaired_or_detached_use_is_a_clear_error():
         bnlab.CrossIterationBatchNorm2d(4).pair(nn.Conv1d(3, 4, 1))
 
 
+@pytest.mark.parametrize("backend", PATHS)
+def test_input_must_hold_the_producers_output(backend):
+    """The compensation assumes x = producer(u): anything between them that changes the values is
+    refused (it used to compensate with derivatives of the wrong function, silently); a copy of the
+    output trains as the output itself."""
+    torch.manual_seed(0)
+    u = [torch.randn(3, 4, 7, 7, dtype=torch.float64) for _ in range(4)]
+    results = []
+    for between in (lambda x: x, lambda x: x.clone().contiguous(memory_format=torch.channels_last)):
+        producer, cbn = pair("conv", 3, backend=backend)
+        for batch in u:
+            y = cbn(between(producer(batch)))
+        results.append((y, cbn.window_dnu.clone(), cbn.running_var.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    producer, cbn = pair("conv", 3, backend=backend)
+    with pytest.raises(RuntimeError, match="its input is not its producer's output"):
+        cbn(2 * producer(u[0]))
+
+
+def test_pairing_again_keeps_one_hook_on_the_current_producer():
+    first, second = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+    cbn = bnlab.CrossIterationBatchNorm2d(4).pair(first)
+    cbn.pair(first)
+    assert len(first._forward_hooks) == 1
+    cbn.pair(second)
+    assert len(first._forward_hooks) == 0 and len(second._forward_hooks) == 1 and cbn.producer is second
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_gradcheck_cross_iteration_norm_function(affine):
     from bnlab.autograd import CrossIterationNormFunction

@@ -129,5 +129,9 @@ def test_ghost_bn_with_one_virtual_batch_is_bn_and_tiny_ghost_batches_are_refuse
     x, _ = data((6, 3))
     torch.testing.assert_close(bnlab.GhostBatchNorm1d(3, virtual_batch_size=6, dtype=torch.float64)(x),
                                bnlab.BatchNorm1d(3, dtype=torch.float64)(x))
-    with pytest.raises(ValueError, match="virtual batch.*more than one value"):
+    with pytest.raises(ValueError, match=r"a batch of 5 in virtual batches of 4 leaves a last virtual batch of 1 "
+                                         r"example.*drop_last=True"):
         bnlab.GhostBatchNorm1d(3, virtual_batch_size=4)(torch.randn(5, 3))  # the last ghost batch has 1 row
+    with pytest.raises(ValueError, match="virtual batch.*more than one value"):
+        bnlab.GhostBatchNorm1d(3, virtual_batch_size=1)(torch.randn(4, 3))  # every ghost batch has 1 row
+    assert bnlab.GhostBatchNorm2d(3, virtual_batch_size=4)(torch.randn(5, 3, 2, 1)).isfinite().all()  # 2 values

@@ -476,6 +476,12 @@ def ghost_batch_norm_train(x, weight, bias, virtual_batch_size, eps=1e-5, backen
     Returns ``(y, mean, var_unbiased)``, the last two averaged over the sub-batches (each variance
     unbiased with its own m/(m-1)): what the running statistics fold in.
     """
+    n, last = x.shape[0], x.shape[0] % virtual_batch_size
+    if last and last * values_per_channel(x[:1]) < 2:
+        raise ValueError(f"ghost batch norm: a batch of {n} in virtual batches of {virtual_batch_size} leaves a last "
+                         f"virtual batch of {last} example(s), 1 value per channel, whose variance cannot be "
+                         "estimated; use a batch size that leaves none or at least 2 (DataLoader(drop_last=True) "
+                         "for a short last batch), or eval() for inference")
     outs, means, variances = [], [], []
     for chunk in torch.split(x, virtual_batch_size):
         check_input(chunk, x.shape[1], True, "ghost batch norm (a virtual batch)")

@@ -116,6 +116,9 @@ class CrossIterationBatchNorm(BatchNorm):
             shape = shape if self.compensate else (past, 0)
             if getattr(self, name).shape != shape:
                 setattr(self, name, torch.zeros(shape, dtype=self.window_mu.dtype, device=self.window_mu.device))
+        hook = self.__dict__.get("_hook")
+        if hook is not None:  # paired before: one hook, on the current producer only
+            hook.remove()
         self.__dict__["_producer"] = producer
         self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
         return self
@@ -177,8 +180,13 @@ class CrossIterationBatchNorm(BatchNorm):
             raise RuntimeError(f"{self._label()}: its producer did not run on this batch just before it; the "
                                "input must be the paired layer's output")
         u, output, gradient = captured
-        if output is not x:  # (something between the producer and this layer: take x's own)
-            gradient = None
+        if output is not x:  # (a copy, or a compiled graph's own tensor: the values must be the output's)
+            same = output.shape == x.shape and bool(((output == x) | (output.isnan() & x.isnan())).all())
+            if not same:
+                raise RuntimeError(f"{self._label()}: its input is not its producer's output (something between them "
+                                   "changed the values: an activation, dropout, a scale); the compensation assumes "
+                                   "x = producer(u). Put the layer straight after its producer, or keep BN there")
+            gradient = None  # (taken from the output, perhaps in another dtype: take x's own)
         dtype = x.dtype
         if dtype in F.LOW_PRECISION:  # autocast: statistics, window and derivatives in float32, as BN's
             x, u = x.float(), u.float()
