@@ -173,6 +173,50 @@ def test_checkpoint_resumes_cbn_exactly_and_to_moves_the_window(backend):
     assert b.window_dnu.dtype == torch.float32 and b.window_dnu_w.dtype == torch.float32
 
 
+def test_a_checkpoint_loads_before_pairing_and_a_wrong_producer_is_refused():
+    """Loading before pair() (the derivative buffers take the checkpoint's shapes) resumes exactly
+    as loading after it; pairing such a layer with a producer of other shapes is refused, not
+    answered with a zeroed window."""
+    pa, a = pair("conv", 4)
+    run(pa, a, 3, lr=0.05)
+    producer_state = {k: v.clone() for k, v in pa.state_dict().items()}
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    later = run(pa, a, 3, lr=0.05, seed=3)
+    b = bnlab.CrossIterationBatchNorm2d(6, window=4, dtype=torch.float64)
+    b.load_state_dict(state)
+    pb = PRODUCERS["conv"]().double()
+    pb.load_state_dict(producer_state)
+    for ya, yb in zip(later, run(pb, b.pair(pb), 3, lr=0.05, seed=3)):
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    c = bnlab.CrossIterationBatchNorm2d(6, window=4, dtype=torch.float64)
+    c.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"derivatives for a producer of shape \(2, 18\)"):
+        c.pair(nn.Conv2d(4, 6, 3).double())  # groups 1 instead of 2: other shapes
+    torch.testing.assert_close(c.window_dnu, state["window_dnu"], rtol=0, atol=0)
+
+
+def test_a_bn_checkpoint_loads_into_cbn_with_an_empty_window():
+    """A pretrained BN backbone's state (torch's or bnlab's) loads strictly: its parameters and
+    running statistics, the window empty and the iteration count at 0, so burn-in starts over."""
+    producer, cbn = pair("conv", 3)
+    run(producer, cbn, 4, lr=0.05)  # a window to replace
+    assert bool(cbn.window_valid.any()) and int(cbn.iteration) == 4
+    for bn in (nn.BatchNorm2d(6), bnlab.BatchNorm2d(6)):
+        bn.double()(torch.randn(8, 6, 3, 3, dtype=torch.float64))
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2.0)
+        cbn.load_state_dict(bn.state_dict())
+        for key, value in bn.state_dict().items():
+            assert torch.equal(cbn.state_dict()[key], value), key
+        assert int(cbn.iteration) == 0 and not bool(cbn.window_valid.any())
+        assert float(cbn.window_dnu.abs().sum()) == 0.0
+    window = {k: v for k, v in cbn.state_dict().items() if k.startswith("window") or k == "iteration"}
+    with pytest.raises(RuntimeError, match=r"window holds 2 past iterations \(window=3\), this layer's window=5"):
+        pair("conv", 5)[1].load_state_dict({**bn.state_dict(), **window})
+    with pytest.raises(RuntimeError, match="naive CBN's"):
+        pair("conv", 3)[1].load_state_dict(pair("conv", 3, compensate=False)[1].state_dict())
+
+
 @pytest.mark.parametrize("backend", PATHS)
 def test_burn_in_is_bn(backend):
     pa, a = pair("conv", 4, burn_in=5, backend=backend)

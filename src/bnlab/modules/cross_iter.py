@@ -54,10 +54,10 @@ class CrossIterationBatchNorm(BatchNorm):
 
     The window (statistics, their weight derivatives and the derivatives' products with the
     weights they were taken at, the biases, which entries are filled) and the iteration count are
-    buffers: a checkpoint resumes CBN
-    exactly and ``.to()`` moves them. The layer must be paired with its producer before its first
-    training forward or ``load_state_dict``: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)``
-    for a whole model.
+    buffers: a checkpoint resumes CBN exactly (loaded before or after pairing) and ``.to()`` moves
+    them. A BN checkpoint (torch's or bnlab's: a pretrained backbone) loads too, with an empty
+    window at iteration 0. The layer must be paired with its producer before its first training
+    forward: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)`` for a whole model.
 
     Speed: d mu/dW is the mean input patch and d nu/dW one weight-gradient reduction (torch's
     kernel for a conv, called from the producer's forward hook), never extra autograd passes.
@@ -115,6 +115,10 @@ class CrossIterationBatchNorm(BatchNorm):
         for name, shape in shapes.items():
             shape = shape if self.compensate else (past, 0)
             if getattr(self, name).shape != shape:
+                if bool(self.window_valid.any()):  # (a window loaded before pairing: never replaced silently)
+                    raise ValueError(f"{self._label()}: its window holds derivatives for a producer of shape "
+                                     f"{tuple(getattr(self, name).shape[1:])}, this producer's are {shape[1:]}; "
+                                     "pair it with the layer it was trained after")
                 setattr(self, name, torch.zeros(shape, dtype=self.window_mu.dtype, device=self.window_mu.device))
         hook = self.__dict__.get("_hook")
         if hook is not None:  # paired before: one hook, on the current producer only
@@ -263,6 +267,30 @@ class CrossIterationBatchNorm(BatchNorm):
             if isinstance(producer, nn.Conv2d) else (),
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A BN checkpoint (torch's or bnlab's, no window: a pretrained backbone) loads with an empty
+        # window at iteration 0, as a new layer starts: burn-in, then pooling.
+        keys = {name: prefix + name for name in ("iteration", *WINDOW_BUFFERS)}
+        if not any(key in state_dict for key in keys.values()):
+            for name, key in keys.items():
+                state_dict[key] = torch.zeros_like(getattr(self, name))
+        # Unpaired, the derivative buffers have no shape yet: take the checkpoint's (pair() checks it).
+        for name in ("window_dmu", "window_dnu"):
+            stored, own = state_dict.get(prefix + name), getattr(self, name)
+            if self.producer is None and stored is not None and own.numel() == 0 and stored.shape != own.shape:
+                setattr(self, name, torch.zeros(stored.shape, dtype=own.dtype, device=own.device))
+        stored = state_dict.get(prefix + "window_valid")
+        if stored is not None and stored.shape != self.window_valid.shape:
+            error_msgs.append(f"{prefix or type(self).__name__}: the checkpoint's window holds {stored.shape[0]} past "
+                              f"iterations (window={stored.shape[0] + 1}), this layer's window={self.window}")
+        if self.compensate and (state_dict.get(prefix + "window_dnu") is not None
+                                and state_dict[prefix + "window_dnu"].numel() == 0 and self.window_dnu.numel() > 0):
+            error_msgs.append(f"{prefix or type(self).__name__}: the checkpoint is naive CBN's (compensate=False): its "
+                              "window keeps no derivatives to compensate with; load it into compensate=False")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _apply(self, fn, *args, **kwargs):
         self.__dict__["_state"] = None  # its views would keep the old tensors alive
         return super()._apply(fn, *args, **kwargs)
@@ -394,7 +422,7 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         cumulative = old.momentum is None or getattr(old, "stats", None) == "cumulative"  # (kept, not made EMA)
         new = cls(old.num_features, window, burn_in, compensate, old.eps, None if cumulative else old.momentum,
                   old.affine, device=ref.device, dtype=ref.dtype).pair(producer)
-        new.load_state_dict(old.state_dict(), strict=False)
+        new.load_state_dict(old.state_dict())  # (a BN state: the window starts empty)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new.train(old.training))
     return name_layers(model)
