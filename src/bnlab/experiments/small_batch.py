@@ -317,6 +317,8 @@ def plot(run_dir) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend()
-    fig.suptitle("Normalizers at small batch sizes (same examples seen)")
+    cfg = load_config(run_dir)
+    schedule = f"; learning rate x{cfg.lr_drop:g} after the burn-in" if cfg.lr_drop != 1 else ""
+    fig.suptitle(f"Normalizers at small batch sizes (same examples seen{schedule})")
     fig.tight_layout()
     return runs.save_figure(fig, run_dir, dpi=120)
