@@ -63,6 +63,27 @@ def test_a_resumed_run_whose_config_was_edited_into_nonsense_is_refused(tmp_path
     assert "--epochs must be positive, got 0" in capsys.readouterr().err
 
 
+def test_resume_refuses_flags_that_would_change_the_recorded_settings(tmp_path, no_mnist, capsys):
+    """--resume used to ignore every other flag silently; now a flag that changes a recorded setting
+    is refused with the recorded value, while repeating the original command line with --resume
+    added, or changing how the run runs (--checkpoint-every), continues it."""
+    from bnlab.experiments import small_batch
+
+    out = tmp_path / "run"
+    first = ["reproduce", "small-batch", "--quick", "--examples", "40", "--batch-sizes", "4", "--methods", "bn",
+             "--out", str(out)]
+    assert cli.main(first) == 0
+    capsys.readouterr()
+    for flags, message in [(["--lr-drop", "0.1"], r"--lr-drop 0.1 \(recorded: 1.0\)"),
+                           (["--methods", "bn,gn", "--seed", "3"], r"--methods bn,gn \(recorded: bn\), --seed 3"),
+                           (["--quick"], r"--quick's --examples 1600 \(recorded: 40\)")]:
+        assert cli.main(["reproduce", "small-batch", "--resume", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "would change them" in err, err
+    assert cli.main([*first, "--resume", str(out), "--checkpoint-every", "7"]) == 0
+    assert small_batch.load_config(out).examples == 40
+
+
 def run_folder(tmp_path, config_text: str):
     out = tmp_path / "run"
     out.mkdir()

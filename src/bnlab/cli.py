@@ -70,7 +70,8 @@ def _config(module, args):
                  if getattr(args, f.name) is not None}
     if args.resume:
         cfg = module.load_config(args.resume)
-        return dataclasses.replace(cfg, out=args.resume, **{k: v for k, v in overrides.items() if k == "workers"})
+        _refuse_changes(cfg, module.Config().quick() if args.quick else None, overrides, args.resume)
+        return dataclasses.replace(cfg, out=args.resume, **{k: v for k, v in overrides.items() if k in RESUMABLE})
     cfg = module.Config()
     if args.quick:
         cfg = cfg.quick()
@@ -78,6 +79,24 @@ def _config(module, args):
     from bnlab.experiments.runs import with_out
 
     return with_out(cfg, args.experiment)  # a new folder each run: nothing earlier is overwritten
+
+
+RESUMABLE = ("workers", "checkpoint_every", "download")  # how a resumed run runs, not what it computes
+
+
+def _refuse_changes(recorded, quick, overrides: dict, run_dir: str) -> None:
+    """A resumed run keeps the settings it recorded: a flag (or ``--quick``) that would change one
+    is refused, naming it, instead of being ignored; flags that repeat the recorded values pass."""
+    asked = {k: ("", v) for k, v in overrides.items()}
+    if quick is not None:  # --quick's own settings, where no flag overrides them
+        for f in dataclasses.fields(quick):
+            if getattr(quick, f.name) != f.default and f.name not in asked:
+                asked[f.name] = ("--quick's ", getattr(quick, f.name))
+    changed = [f"{by}--{k.replace('_', '-')} {v} (recorded: {getattr(recorded, k)})" for k, (by, v) in asked.items()
+               if k not in RESUMABLE and not (k == "out" and Path(v) == Path(run_dir)) and getattr(recorded, k) != v]
+    if changed:
+        raise ConfigError(f"--resume {run_dir} continues the run with the settings it recorded; "
+                          f"{', '.join(changed)} would change them. Start a new run for other settings")
 
 
 def main(argv: list[str] | None = None) -> int:
