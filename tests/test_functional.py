@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnlab
 from bnlab import functional as F
 from bnlab import reference as R
 from conftest import rel_err
@@ -160,3 +161,13 @@ def test_vectors_of_the_wrong_length_are_refused_not_read_past(training):
     if training:
         with pytest.raises(ValueError, match="momentum.*in \\[0, 1\\]; got 1.5"):
             F.batch_norm(x, zeros, ones, training=True, momentum=1.5)
+
+
+def test_triton_by_name_on_a_cpu_tensor_says_what_it_needs(monkeypatch):
+    """Triton's own error here was "0 active drivers ([]). There should only be one."."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install bnlab[triton])")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton' runs on CUDA tensors .* got a tensor on cpu"):
+        F.batch_norm(torch.randn(4, 3), None, None, training=True, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' runs on CUDA tensors"):
+        bnlab.BatchNormAct2d(3, backend="triton")(torch.randn(4, 3, 2, 2))

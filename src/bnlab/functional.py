@@ -17,6 +17,7 @@ Conventions, stated once:
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -317,6 +318,18 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
+def check_triton(x: torch.Tensor) -> None:
+    """``backend="triton"`` asked for by name: say why it cannot run here, before Triton's own error
+    (on a CPU tensor: "0 active drivers")."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        raise ValueError("backend='triton' needs Triton: pip install 'bnlab[triton]'") from err
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for "
+                         f"tests), got a tensor on {x.device}; backend='auto' picks the fastest available")
+
+
 # Activations the fused CPU kernels win on. SiLU and sigmoid need exp, which numba computes one
 # value at a time (no vector math library here), and measured 0.4-0.5x torch's speed on most shapes
 # (benchmarks/RESULTS.md); plain BN stays with torch's kernels too. backend="fused" still runs them.
@@ -369,6 +382,8 @@ def batch_norm_act_train(
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if backend == "fused" and not fused_act_supported(x):
         raise ValueError(f"backend='fused' takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
+    if backend == "triton":
+        check_triton(x)
     if backend == "triton" or (backend == "auto" and use_triton(x)):
         from bnlab.autograd import TritonBatchNormActFunction  # autograd builds on this module
 
