@@ -84,6 +84,17 @@ def test_resume_refuses_flags_that_would_change_the_recorded_settings(tmp_path, 
     assert small_batch.load_config(out).examples == 40
 
 
+@pytest.mark.parametrize("experiment", ["bn-mnist", "small-batch", "init-sweep", "regularization", "hparam-search"])
+def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, no_mnist, capsys, experiment):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out, message in [(afile, "is a file, not a folder"), (afile / "sub", "cannot make the run folder")]:
+        assert cli.main(["reproduce", experiment, "--quick", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bnlab: error: --out ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert afile.read_text() == "mine"
+
+
 def run_folder(tmp_path, config_text: str):
     out = tmp_path / "run"
     out.mkdir()

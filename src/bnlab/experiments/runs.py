@@ -96,9 +96,14 @@ def claim(out: Path, resume: bool, records: tuple[str, ...] = ()) -> Path:
     """Make the run folder ``out``; a folder that holds a run's checkpoints (or one of the files
     named in ``records``) is only ever resumed."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; pick another --out")
     if not resume and (any(out.glob(f"**/{CHECKPOINT}")) or any((out / name).exists() for name in records)):
         raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # (a file on the path, no permission, a read-only disk)
+        raise ConfigError(f"--out {out}: cannot make the run folder ({err.strerror}: {err.filename})") from err
     return out
 
 
