@@ -337,3 +337,16 @@ def test_property_eval_output_depends_on_buffers_only(seed):
     x = torch.randn(4, 3, generator=g, dtype=torch.float64)
     alone = torch.cat([layer(x[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(layer(x), alone)  # no dependence on the other examples
+
+
+@pytest.mark.parametrize("cls", [bnlab.BatchNorm2d, bnlab.BatchRenorm2d, bnlab.GhostBatchNorm2d])
+def test_a_keras_style_momentum_is_warned_about_at_the_users_line(cls):
+    """Keras' momentum=0.99 (the old average's weight) means the opposite here: the running
+    statistics would follow the last batches. Legal, so a warning, pointing at the caller's line."""
+    with pytest.warns(UserWarning, match=r"Keras' momentum=0.99 is momentum=0.01 here") as record:
+        layer = cls(3, momentum=0.99)
+    assert record[0].filename == __file__ and layer.momentum == 0.99
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for momentum in (0.1, 0.5, 1.0, None, 0.0):
+            cls(3, momentum=momentum)

@@ -9,6 +9,7 @@ other normalizer of the package derives from :class:`BatchNorm`.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -76,6 +77,10 @@ class BatchNorm(nn.Module):
             raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
         if stats == "ema" and not (momentum is not None and 0.0 <= momentum <= 1.0):
             raise ValueError(f"stats='ema' needs 0 <= momentum <= 1 (weight of the new batch), got {momentum}")
+        if stats == "ema" and 0.5 < momentum < 1.0:  # (Keras' and TensorFlow's 0.9-0.999 mean the opposite)
+            warnings.warn(f"momentum={momentum} is the new batch's weight here (PyTorch's convention), so the running "
+                          f"statistics follow the last few batches; Keras' momentum={momentum} is "
+                          f"momentum={1 - momentum:.4g} here", stacklevel=_caller_level())
         if backend not in F.BACKENDS:
             raise ValueError(f"backend must be one of {F.BACKENDS}, got {backend!r}")
         if num_features < 1:
@@ -257,6 +262,15 @@ class BatchNormAct2d(BatchNormAct):
 
     ranks = (4,)
 
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel of the first caller outside bnlab (a subclass's __init__ calls
+    BatchNorm's: the warning should point at the user's line, not at bnlab's)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("bnlab."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, BatchNorm)
