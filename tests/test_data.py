@@ -152,6 +152,9 @@ def test_search_order_and_embedded_fallback(tmp_path, monkeypatch):
     assert D.find_mnist(tmp_path / "env" / "mnist") == tmp_path / "env" / "mnist"
     with pytest.raises(D.DataError, match="no dataset in MNIST's layout there"):
         D.load_dataset(tmp_path / "empty")
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "elsewhere"))  # set, but no MNIST: not the digits silently
+    with pytest.raises(D.DataError, match="BNLAB_DATA=.*elsewhere: no MNIST there, nor in its mnist/ subfolder"):
+        D.load_dataset()
 
 
 def test_real_mnist_when_present(mnist_dir):

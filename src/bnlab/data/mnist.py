@@ -192,7 +192,8 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
 def load_dataset(data_dir=None, download: bool = False) -> Dataset:
     """MNIST if it is found (or downloaded when ``download``), else the embedded digits.
 
-    An explicit ``data_dir`` that does not hold MNIST is an error, not a silent fallback.
+    An explicit ``data_dir`` that does not hold MNIST is an error, not a silent fallback, and so is a
+    ``$BNLAB_DATA`` where no MNIST is found.
     """
     folder = find_mnist(data_dir)
     if folder is None and download:
@@ -202,4 +203,7 @@ def load_dataset(data_dir=None, download: bool = False) -> Dataset:
     if data_dir is not None:
         missing = [n for n in MNIST_FILES if _file_in(Path(data_dir), n) is None]
         raise DataError(f"{data_dir}: no dataset in MNIST's layout there (missing {', '.join(missing)}[.gz])")
+    if os.environ.get("BNLAB_DATA"):  # set on purpose: as explicit as --data-dir, so no silent digits either
+        raise DataError(f"BNLAB_DATA={os.environ['BNLAB_DATA']}: no MNIST there, nor in its mnist/ subfolder (nor in "
+                        f"the cache {CACHE}); point it at the four MNIST files, or unset it for the bundled digits")
     return load_digits()
