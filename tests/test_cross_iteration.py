@@ -213,8 +213,19 @@ def test_a_bn_checkpoint_loads_into_cbn_with_an_empty_window():
     window = {k: v for k, v in cbn.state_dict().items() if k.startswith("window") or k == "iteration"}
     with pytest.raises(RuntimeError, match=r"window holds 2 past iterations \(window=3\), this layer's window=5"):
         pair("conv", 5)[1].load_state_dict({**bn.state_dict(), **window})
-    with pytest.raises(RuntimeError, match="naive CBN's"):
-        pair("conv", 3)[1].load_state_dict(pair("conv", 3, compensate=False)[1].state_dict())
+    naive_producer, naive = pair("conv", 3, compensate=False)
+    fresh = {k: v.clone() for k, v in naive.state_dict().items()}
+    run(naive_producer, naive, 3, lr=0.05)
+    with pytest.raises(RuntimeError, match="naive CBN's"):  # a filled window without derivatives
+        pair("conv", 3)[1].load_state_dict(naive.state_dict())
+    pair("conv", 3)[1].load_state_dict(fresh)  # (an empty one needs none)
+    bnlab.CrossIterationBatchNorm2d(6, window=3, dtype=torch.float64).load_state_dict(fresh)  # (unpaired)
+    compensated = pair("conv", 3)
+    run(*compensated, 3, lr=0.05)
+    plain = pair("conv", 3, compensate=False)[1]  # the ablation, continued naive: derivatives dropped
+    plain.load_state_dict(compensated[1].state_dict())
+    torch.testing.assert_close(plain.window_mu, compensated[1].window_mu, rtol=0, atol=0)
+    assert plain.window_dnu.numel() == 0
 
 
 @pytest.mark.parametrize("backend", PATHS)

@@ -275,6 +275,15 @@ class CrossIterationBatchNorm(BatchNorm):
         if not any(key in state_dict for key in keys.values()):
             for name, key in keys.items():
                 state_dict[key] = torch.zeros_like(getattr(self, name))
+        derivatives = [prefix + "window_dmu", prefix + "window_dnu"]
+        stored, valid = state_dict.get(derivatives[1]), state_dict.get(prefix + "window_valid")
+        if stored is not None and valid is not None and (not self.compensate or stored.numel() == 0):
+            if self.compensate and bool(valid.any()):
+                error_msgs.append(f"{prefix or type(self).__name__}: the checkpoint is naive CBN's (compensate=False): "
+                                  "its window keeps no derivatives to compensate with; load it into compensate=False")
+            else:  # derivatives this layer does not keep (naive), or none stored yet: not needed
+                for key in derivatives:
+                    state_dict[key] = torch.zeros_like(getattr(self, key[len(prefix):]))
         # Unpaired, the derivative buffers have no shape yet: take the checkpoint's (pair() checks it).
         for name in ("window_dmu", "window_dnu"):
             stored, own = state_dict.get(prefix + name), getattr(self, name)
@@ -284,10 +293,6 @@ class CrossIterationBatchNorm(BatchNorm):
         if stored is not None and stored.shape != self.window_valid.shape:
             error_msgs.append(f"{prefix or type(self).__name__}: the checkpoint's window holds {stored.shape[0]} past "
                               f"iterations (window={stored.shape[0] + 1}), this layer's window={self.window}")
-        if self.compensate and (state_dict.get(prefix + "window_dnu") is not None
-                                and state_dict[prefix + "window_dnu"].numel() == 0 and self.window_dnu.numel() > 0):
-            error_msgs.append(f"{prefix or type(self).__name__}: the checkpoint is naive CBN's (compensate=False): its "
-                              "window keeps no derivatives to compensate with; load it into compensate=False")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
