@@ -86,10 +86,17 @@ def test_convert_swaps_plain_bn_layers_only():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), bnlab.BatchNorm1d(2),
                               bnlab.BatchRenorm1d(2), bnlab.GhostBatchNorm1d(2))
     net[1].running_mean.fill_(0.5)
-    converted = bnlab.SyncBatchNorm.convert(net)
+    with pytest.warns(UserWarning, match=r"left as they were: '3' \(BatchRenorm1d\), '4' \(GhostBatchNorm1d\);"):
+        converted = bnlab.SyncBatchNorm.convert(net)
     assert [type(m).__name__ for m in converted] == ["Conv2d", "SyncBatchNorm", "SyncBatchNorm", "BatchRenorm1d",
                                                      "GhostBatchNorm1d"]
     assert torch.equal(converted[1].running_mean, torch.full((4,), 0.5))
+    import warnings
+
+    with warnings.catch_warnings():  # nothing left, nothing said; converting again leaves nothing either
+        warnings.simplefilter("error")
+        plain = bnlab.SyncBatchNorm.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
+        bnlab.SyncBatchNorm.convert(plain)
 
 
 @pytest.mark.parametrize("convert", [bnlab.convert, bnlab.SyncBatchNorm.convert])

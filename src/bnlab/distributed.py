@@ -16,12 +16,14 @@ the parameters' gradients across ranks).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from bnlab import functional as F
-from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
+from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm, name_layers
 
 # (torch's SyncBatchNorm too: it refuses CPU tensors in a process group)
 PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d,
@@ -139,7 +141,17 @@ class SyncBatchNorm(BatchNorm):
         """Swap every plain batch-norm layer (torch.nn's BatchNorm1d/2d/3d and SyncBatchNorm, bnlab's
         BatchNorm*) for a SyncBatchNorm with the same state, requires_grad and mode. A torch
         SyncBatchNorm keeps its process group unless ``process_group`` is given. Layers of other
-        kinds (Batch Renorm, ghost BN, BN with a fused activation) are left as they are."""
+        kinds (Batch Renorm, ghost BN, BN with a fused activation, cross-iteration BN) are left as
+        they are, and a warning names them."""
+        left = [f"{name!r} ({type(m).__name__})" for name, m in model.named_modules()
+                if is_batch_norm(m) and type(m) not in PLAIN_BATCH_NORMS and not isinstance(m, cls)]
+        if left:
+            warnings.warn(f"SyncBatchNorm.convert: left as they were: {', '.join(left)}; only plain batch norms "
+                          "(torch's or bnlab's BatchNorm1d/2d/3d) become synchronized", stacklevel=2)
+        return cls._convert(model, process_group)
+
+    @classmethod
+    def _convert(cls, model: nn.Module, process_group) -> nn.Module:
         if type(model) in PLAIN_BATCH_NORMS:
             ref = model.weight if model.affine else model.running_mean
             group = process_group if process_group is not None else getattr(model, "process_group", None)
@@ -153,5 +165,5 @@ class SyncBatchNorm(BatchNorm):
                 new.bias.requires_grad_(model.bias.requires_grad)
             return new.train(model.training)
         for name, child in model.named_children():
-            setattr(model, name, cls.convert(child, process_group))
+            setattr(model, name, cls._convert(child, process_group))
         return name_layers(model)
