@@ -229,6 +229,22 @@ def test_a_bn_checkpoint_loads_into_cbn_with_an_empty_window():
 
 
 @pytest.mark.parametrize("backend", PATHS)
+def test_reset_running_stats_empties_the_window_and_keeps_the_iteration(backend):
+    """After the reset the next step pools nothing from before it: the window holds only batches
+    seen since, so two steps later (window 3) the layer gives what a fresh layer that saw just
+    those two batches, past its burn-in, gives."""
+    producer, cbn = pair("conv", 3, backend=backend)
+    run(producer, cbn, 4)  # (lr 0: the producer stays as it is)
+    cbn.reset_running_stats()
+    assert int(cbn.iteration) == 4 and not bool(cbn.window_valid.any()) and float(cbn.window_mu.abs().sum()) == 0
+    assert torch.equal(cbn.running_var, torch.ones(6)) and int(cbn.num_batches_tracked) == 0
+    after = run(producer, cbn, 2, seed=10)
+    fresh_producer, fresh = pair("conv", 3, backend=backend)
+    torch.testing.assert_close(run(fresh_producer, fresh, 2, seed=10), after, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fresh.running_mean, cbn.running_mean, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", PATHS)
 def test_burn_in_is_bn(backend):
     pa, a = pair("conv", 4, burn_in=5, backend=backend)
     pb, b = pair("conv", 1, backend=backend)

@@ -142,6 +142,14 @@ class CrossIterationBatchNorm(BatchNorm):
             gradient = F.conv_weight_gradient(output, u, module)
         self.__dict__["_input"] = (u, output, gradient)
 
+    def reset_running_stats(self) -> None:
+        """BN's reset, and the window emptied too: its entries are statistics of past batches. The
+        iteration count, which the burn-in counts, is kept."""
+        super().reset_running_stats()
+        if "window_valid" in self._buffers:  # (BatchNorm.__init__ resets before the window exists)
+            for name in WINDOW_BUFFERS:
+                getattr(self, name).zero_()
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, window={self.window}, burn_in={self.burn_in}, compensate={self.compensate}"
 
