@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 
 from bnlab.data import DataError
-from bnlab.experiments import ConfigError
+from bnlab.experiments import ConfigError, runs
 from bnlab.train import CheckpointError
 
 
@@ -36,13 +36,12 @@ def _field_flags(parser: argparse.ArgumentParser, config_cls) -> None:
                 comments[name] = rest.split("#", 1)[1].strip()
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
         helptext = f"{comments.get(f.name, '')} (default: {f.default})"
         if hints[f.name] is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=helptext)
+            parser.add_argument(runs.flag(f.name), action="store_true", default=None, help=helptext)
         else:
             kind = {int: int, float: float}.get(hints[f.name], str)
-            parser.add_argument(flag, type=kind, default=None, help=helptext)
+            parser.add_argument(runs.flag(f.name), type=kind, default=None, help=helptext)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +75,7 @@ def _config(module, args):
     if args.quick:
         cfg = cfg.quick()
     cfg = dataclasses.replace(cfg, **overrides)
-    from bnlab.experiments.runs import with_out
-
-    return with_out(cfg, args.experiment)  # a new folder each run: nothing earlier is overwritten
+    return runs.with_out(cfg, args.experiment)  # a new folder each run: nothing earlier is overwritten
 
 
 RESUMABLE = ("workers", "checkpoint_every", "download")  # how a resumed run runs, not what it computes
@@ -92,7 +89,7 @@ def _refuse_changes(recorded, quick, overrides: dict, run_dir: str) -> None:
         for f in dataclasses.fields(quick):
             if getattr(quick, f.name) != f.default and f.name not in asked:
                 asked[f.name] = ("--quick's ", getattr(quick, f.name))
-    changed = [f"{by}--{k.replace('_', '-')} {v} (recorded: {getattr(recorded, k)})" for k, (by, v) in asked.items()
+    changed = [f"{by}{runs.flag(k)} {v} (recorded: {getattr(recorded, k)})" for k, (by, v) in asked.items()
                if k not in RESUMABLE and not (k == "out" and Path(v) == Path(run_dir)) and getattr(recorded, k) != v]
     if changed:
         raise ConfigError(f"--resume {run_dir} continues the run with the settings it recorded; "

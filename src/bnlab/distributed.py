@@ -16,14 +16,13 @@ the parameters' gradients across ranks).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from bnlab import functional as F
-from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm, name_layers
+from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
+from bnlab.modules.batch import momentum_argument, warn_left
 
 # (torch's SyncBatchNorm too: it refuses CPU tensors in a process group)
 PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d,
@@ -143,11 +142,8 @@ class SyncBatchNorm(BatchNorm):
         SyncBatchNorm keeps its process group unless ``process_group`` is given. Layers of other
         kinds (Batch Renorm, ghost BN, BN with a fused activation, cross-iteration BN) are left as
         they are, and a warning names them."""
-        left = [f"{name!r} ({type(m).__name__})" for name, m in model.named_modules()
-                if is_batch_norm(m) and type(m) not in PLAIN_BATCH_NORMS and not isinstance(m, cls)]
-        if left:
-            warnings.warn(f"SyncBatchNorm.convert: left as they were: {', '.join(left)}; only plain batch norms "
-                          "(torch's or bnlab's BatchNorm1d/2d/3d) become synchronized", stacklevel=2)
+        warn_left(model, lambda m: type(m) in PLAIN_BATCH_NORMS or isinstance(m, cls), "SyncBatchNorm.convert",
+                  "only plain batch norms (torch's or bnlab's BatchNorm1d/2d/3d) become synchronized")
         return cls._convert(model, process_group)
 
     @classmethod
@@ -155,8 +151,7 @@ class SyncBatchNorm(BatchNorm):
         if type(model) in PLAIN_BATCH_NORMS:
             ref = model.weight if model.affine else model.running_mean
             group = process_group if process_group is not None else getattr(model, "process_group", None)
-            cumulative = getattr(model, "stats", None) == "cumulative"  # (else momentum=None says so)
-            new = cls(model.num_features, model.eps, None if cumulative else model.momentum, model.affine,
+            new = cls(model.num_features, model.eps, momentum_argument(model), model.affine,
                       model.track_running_stats, group, device=ref.device if ref is not None else None,
                       dtype=ref.dtype if ref is not None else None)
             new.load_state_dict(model.state_dict())

@@ -281,6 +281,21 @@ def is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, BATCH_NORM_TYPES)
 
 
+def momentum_argument(layer: nn.Module) -> float | None:
+    """``layer``'s momentum as the constructors take it: None for a cumulative average (torch's
+    ``momentum=None``, bnlab's ``stats="cumulative"``), so a converted layer keeps its convention."""
+    return None if layer.momentum is None or getattr(layer, "stats", None) == "cumulative" else layer.momentum
+
+
+def warn_left(model: nn.Module, converted, who: str, becomes: str) -> None:
+    """A converter's warning naming the batch-norm layers of ``model`` it leaves as they are: those
+    for which ``converted(layer)`` (what it swaps, or has swapped before) is false."""
+    left = [f"{name!r} ({type(m).__name__})" for name, m in model.named_modules() if is_batch_norm(m)
+            and not converted(m)]
+    if left:
+        warnings.warn(f"{who}: left as they were: {', '.join(left)}; {becomes}", stacklevel=_caller_level())
+
+
 def name_layers(model: nn.Module) -> nn.Module:
     """Give every bnlab layer its qualified name in ``model``, so its warnings say which layer."""
     for name, module in model.named_modules():

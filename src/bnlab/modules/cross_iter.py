@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -11,7 +10,7 @@ from torch import nn
 
 from bnlab import functional as F
 from bnlab.autograd import CrossIterationNormFunction, FusedCrossIterationNormFunction
-from bnlab.modules.batch import BATCH_NORM_TYPES, BatchNorm, BatchNorm1d, BatchNorm2d, name_layers
+from bnlab.modules.batch import BatchNorm, BatchNorm1d, BatchNorm2d, momentum_argument, name_layers, warn_left
 
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
 WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
@@ -297,10 +296,9 @@ class CrossIterationBatchNorm(BatchNorm):
             stored, own = state_dict.get(prefix + name), getattr(self, name)
             if self.producer is None and stored is not None and own.numel() == 0 and stored.shape != own.shape:
                 setattr(self, name, torch.zeros(stored.shape, dtype=own.dtype, device=own.device))
-        stored = state_dict.get(prefix + "window_valid")
-        if stored is not None and stored.shape != self.window_valid.shape:
-            error_msgs.append(f"{prefix or type(self).__name__}: the checkpoint's window holds {stored.shape[0]} past "
-                              f"iterations (window={stored.shape[0] + 1}), this layer's window={self.window}")
+        if valid is not None and valid.shape != self.window_valid.shape:
+            error_msgs.append(f"{prefix or type(self).__name__}: the checkpoint's window holds {valid.shape[0]} past "
+                              f"iterations (window={valid.shape[0] + 1}), this layer's window={self.window}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -405,15 +403,11 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         raise ValueError(f"cross_iteration: could not trace the model ({err}); pair layers by hand with "
                          "CrossIterationBatchNorm2d(...).pair(conv)") from err
     modules = dict(model.named_modules())
-    pairs, left = [], []
+    pairs = []
     for node in graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or type(modules[node.target]) not in plain:
             continue
         module = modules[node.target]
-        if type(module) not in plain:
-            if isinstance(module, BATCH_NORM_TYPES) and not isinstance(module, CrossIterationBatchNorm):
-                left.append(f"{node.target!r} ({type(module).__name__})")
-            continue
         if not module.track_running_stats:
             raise ValueError(f"cross_iteration: {node.target!r} keeps no running statistics (track_running_stats="
                              "False), so it normalizes with batch statistics in inference; cross-iteration BN "
@@ -425,16 +419,14 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
             raise ValueError(f"cross_iteration: the input of {node.target!r} comes from {what!r}, not from a Linear "
                              "or Conv2d layer, so its statistics cannot be compensated; keep it as BN")
         pairs.append((node.target, producer))
-    if left:
-        warnings.warn(f"cross_iteration: left as they were: {', '.join(left)}; only BatchNorm1d/2d layers (torch's "
-                      "or bnlab's) after a Linear or Conv2d become cross-iteration BN", stacklevel=2)
+    warn_left(model, lambda m: type(m) in plain or isinstance(m, CrossIterationBatchNorm), "cross_iteration",
+              "only BatchNorm1d/2d layers (torch's or bnlab's) after a Linear or Conv2d become cross-iteration BN")
     for name, producer in pairs:
         old = modules[name]
         cls = CrossIterationBatchNorm2d if isinstance(producer, nn.Conv2d) else CrossIterationBatchNorm1d
         ref = old.weight if old.affine else old.running_mean
-        cumulative = old.momentum is None or getattr(old, "stats", None) == "cumulative"  # (kept, not made EMA)
-        new = cls(old.num_features, window, burn_in, compensate, old.eps, None if cumulative else old.momentum,
-                  old.affine, device=ref.device, dtype=ref.dtype).pair(producer)
+        new = cls(old.num_features, window, burn_in, compensate, old.eps, momentum_argument(old), old.affine,
+                  device=ref.device, dtype=ref.dtype).pair(producer)
         new.load_state_dict(old.state_dict())  # (a BN state: the window starts empty)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new.train(old.training))
