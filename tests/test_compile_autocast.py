@@ -8,6 +8,8 @@ failed autograd's version check. The "aot_eager" backend exercises dynamo and AO
 both failures were) without inductor's slow code generation.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -76,3 +78,41 @@ def test_cross_iteration_bn_trains_under_autocast_close_to_float32(producer):
                     p.grad = None
     torch.testing.assert_close(mixed[1].running_var, full[1].running_var, rtol=0.02, atol=0.01)
     assert mixed[1].window_valid.all() and torch.isfinite(mixed[1].window_dnu).all()
+
+
+GUARDED = {
+    "bn": lambda: bnlab.BatchNorm2d(8),
+    "bn on bnlab's autograd function": lambda: bnlab.BatchNorm2d(8, backend="autograd"),
+    "ghost": lambda: bnlab.GhostBatchNorm2d(8, virtual_batch_size=4),
+}
+
+
+@pytest.mark.parametrize("name", GUARDED)
+def test_the_running_statistics_guard_compiles_into_one_graph(name):
+    """The guard against non-finite batches, traced by torch.compile, is a choice between tensors
+    instead of a branch on a value read on the host: no graph break at each layer (there was one
+    or two), and a NaN batch still leaves the buffers as they were and is not counted."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    eager, compiled = conv_net(GUARDED[name]()), conv_net(GUARDED[name]())
+    compiled.load_state_dict(eager.state_dict())
+    assert torch._dynamo.explain(compiled)(torch.randn(8, 3, 6, 6)).graph_break_count == 0
+    compiled.load_state_dict(eager.state_dict())
+    step = torch.compile(compiled, backend="aot_eager")
+    for i in range(3):
+        x = torch.randn(8, 3, 6, 6)
+        if i == 1:
+            x[2, 1, 0, 0] = float("nan")
+            before = {k: v.clone() for k, v in compiled[1].state_dict().items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (eager warns; compiled cannot)
+            y_eager, y_compiled = eager(x), step(x)
+        y_eager.sum().backward()
+        y_compiled.sum().backward()
+        if i == 1:
+            for key, value in compiled[1].state_dict().items():
+                assert torch.equal(value, before[key]), key
+    assert int(compiled[1].num_batches_tracked) == 2
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -109,6 +109,48 @@ def test_non_finite_batch_does_not_poison_running_stats_and_warns_with_layer_nam
     assert int(net[1].num_batches_tracked) == 2
 
 
+def _paired(window, burn_in, backend="auto"):
+    net = bnlab.cross_iteration(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)), window, burn_in)
+    net[1].backend = backend
+    return net
+
+
+NON_FINITE_LAYERS = {
+    "bn": lambda: bnlab.BatchNorm2d(3),
+    "bn-act": lambda: bnlab.BatchNormAct2d(3),  # (small: BN on torch's kernel, then the activation)
+    "bn-act-fused": lambda: bnlab.BatchNormAct2d(3, backend="fused"),
+    "ghost": lambda: bnlab.GhostBatchNorm2d(3, virtual_batch_size=2),
+    "batch-renorm": lambda: bnlab.BatchRenorm2d(3),
+    "sync (no process group)": lambda: bnlab.SyncBatchNorm(3),
+    "cross-iteration, burn-in": lambda: _paired(2, burn_in=10),
+    "cross-iteration, pooling": lambda: _paired(2, burn_in=0),
+    "cross-iteration on torch ops, burn-in": lambda: _paired(2, 10, "native"),
+}
+
+
+@pytest.mark.parametrize("name", NON_FINITE_LAYERS)
+def test_a_non_finite_batch_backpropagates_like_torch_and_leaves_the_buffers(name):
+    """A NaN batch gives NaN gradients, as torch's BN does (so torch.amp.GradScaler can skip the
+    step), and leaves the buffers as they were. Before, BN on torch's kernel undid the kernel's
+    update in the buffers the kernel had saved for its backward, and backward() raised autograd's
+    in-place error instead."""
+    torch.manual_seed(0)
+    layer = NON_FINITE_LAYERS[name]()
+    layer(torch.randn(4, 3, 2, 2)).sum().backward()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = torch.randn(4, 3, 2, 2)
+    bad[0, 0, 0, 0] = float("nan")
+    bad.requires_grad_()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        y = layer(bad)
+    y.sum().backward()
+    assert bad.grad[:, 0].isnan().any()
+    for key, value in layer.state_dict().items():
+        if not key.endswith("iteration"):  # (cross-iteration BN counts the step, as its burn-in's clock)
+            assert torch.equal(value, before[key]), key
+    layer(torch.randn(4, 3, 2, 2)).sum().backward()  # and training goes on
+
+
 @pytest.mark.parametrize(
     "layer, x, message",
     [

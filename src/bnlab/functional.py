@@ -126,10 +126,16 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, backend="autograd"):
     return dx.to(x.dtype), dgamma, dbeta
 
 
+def finite_statistics(mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor, False when the batch held a NaN or inf: it reaches the mean, or makes the
+    variance infinite (invstd 0) or NaN. One reduction: a non-finite term makes the whole sum
+    non-finite."""
+    return torch.isfinite(mean.sum() + invstd.reciprocal().sum())
+
+
 def stats_are_finite(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
-    """False when the batch held a NaN or inf: it reaches the mean, or makes the variance infinite
-    (invstd 0) or NaN. One reduction: a non-finite term makes the whole sum non-finite."""
-    return bool(torch.isfinite(mean.sum() + invstd.reciprocal().sum()))
+    """:func:`finite_statistics` read on the host."""
+    return bool(finite_statistics(mean, invstd))
 
 
 @torch.no_grad()
@@ -148,11 +154,31 @@ def update_running_stats_(running_mean, running_var, mean, var_biased, m, moment
     """
     correction = 1.0 if m is None else m / (m - 1)  # m=None: var_biased is already unbiased
     mean, var_biased = mean.to(running_mean.dtype), var_biased.to(running_var.dtype)
-    if not bool(torch.isfinite(mean.sum() + var_biased.sum() * correction)):
-        return False  # (checked in the buffers' dtype: a float64 variance may overflow float32)
+    # (checked in the buffers' dtype: a float64 variance may overflow float32)
+    finite = torch.isfinite(mean.sum() + var_biased.sum() * correction)
+    if torch.compiler.is_compiling():  # traced: the same update, chosen without a branch on the values
+        assign_where_(finite, (running_mean, running_var),
+                      (running_mean.lerp(mean, momentum),
+                       running_var.mul(1.0 - momentum).add(var_biased, alpha=momentum * correction)))
+        return finite
+    if not bool(finite):
+        return False
     running_mean.lerp_(mean, momentum)
     running_var.mul_(1.0 - momentum).add_(var_biased, alpha=momentum * correction)
     return True
+
+
+def assign_where_(condition: torch.Tensor, buffers, candidates) -> None:
+    """buffer <- candidate if ``condition`` (a 0-d bool tensor), else unchanged, in place.
+
+    The running-statistics guard as torch.compile traces it: ``if bool(finite)`` would read the
+    value on the host, a graph break at every normalization layer; this keeps one graph. Without
+    the host read there is no warning either: a skipped batch shows as one batch fewer in
+    ``num_batches_tracked``.
+    """
+    with torch.no_grad():
+        for buffer, candidate in zip(buffers, candidates):
+            buffer.copy_(torch.where(condition, candidate, buffer))
 
 
 def batch_norm_train(
@@ -191,15 +217,23 @@ def batch_norm_train(
             running_mean, running_var, mean, var_biased, values_per_channel(x), momentum
         )
         return y, mean, torch.rsqrt(var_biased + eps), folded
-    backup = (running_mean.clone(), running_var.clone()) if tracking else None
-    y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+    # The kernel updates the buffers it is given in place and keeps them for its backward: give it
+    # copies, and copy them back only for a finite batch. (Undoing the update in the buffers
+    # themselves bumped their version, and the backward of a NaN batch failed autograd's check.)
+    updated = (running_mean.clone(), running_var.clone()) if tracking else (None, None)
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, *updated, True, momentum, eps)
     mean, invstd = mean.detach(), invstd.detach()
-    folded = tracking
-    if tracking and not stats_are_finite(mean, invstd):
-        with torch.no_grad():  # undo the kernel's update: a bad batch must not poison the buffers
-            running_mean.copy_(backup[0])
-            running_var.copy_(backup[1])
-        folded = False
+    if not tracking:
+        return y, mean, invstd, False
+    if torch.compiler.is_compiling():  # (traced: see assign_where_)
+        folded = finite_statistics(mean, invstd)
+        assign_where_(folded, (running_mean, running_var), updated)
+    else:
+        folded = stats_are_finite(mean, invstd)  # a bad batch must not poison the buffers
+        if folded:
+            with torch.no_grad():
+                running_mean.copy_(updated[0])
+                running_var.copy_(updated[1])
     return y, mean, invstd, folded
 
 

@@ -33,7 +33,9 @@ class BatchNorm(nn.Module):
       the equal-weight average of every batch seen, as in Algorithm 2.
 
     A batch whose statistics are not finite is not folded in (a warning names the layer), and
-    ``num_batches_tracked`` counts the batches that were. An empty batch (N = 0) passes through
+    ``num_batches_tracked`` counts the batches that were; its backward gives NaN gradients, as
+    torch's does, for ``torch.amp.GradScaler`` to skip the step. Under torch.compile the same
+    guard is one graph, without the warning (it would read the statistics on the host). An empty batch (N = 0) passes through
     as an empty output, with nothing folded in or counted (torch returns it too, but counts it).
     Inference: the running statistics (Algorithm 2's affine transform); with
     ``track_running_stats=False`` batch statistics are used in both modes, as in torch.
@@ -176,9 +178,14 @@ class BatchNorm(nn.Module):
         )
         return y, folded
 
-    def count_batch_(self, folded: bool) -> None:
-        """Count a batch folded into the running statistics, or warn that it was skipped."""
-        if folded:
+    def count_batch_(self, folded: "bool | torch.Tensor") -> None:
+        """Count a batch folded into the running statistics, or warn that it was skipped.
+
+        Under torch.compile ``folded`` is a 0-d bool tensor (:func:`bnlab.functional.assign_where_`):
+        counted without reading it on the host, so without the warning."""
+        if isinstance(folded, torch.Tensor):
+            self.num_batches_tracked.add_(folded.to(self.num_batches_tracked.dtype))
+        elif folded:
             self.num_batches_tracked.add_(1)
         else:
             warnings.warn(
