@@ -272,6 +272,23 @@ def test_recalibrate_needs_a_batch():
         bnlab.recalibrate(nn.Sequential(bnlab.BatchNorm1d(2)), [])
 
 
+@pytest.mark.parametrize("norm", [lambda: nn.GroupNorm(2, 4), lambda: bnlab.BatchRenorm1d(4),
+                                  lambda: bnlab.BatchNorm1d(4, track_running_stats=False)])
+def test_recalibrate_says_when_a_model_has_nothing_to_recalibrate(norm):
+    """Before, it ran every batch through the model and changed nothing, silently."""
+    net = nn.Sequential(nn.Linear(3, 4), norm())
+    state = copy.deepcopy(net.state_dict())
+
+    def batches():
+        raise AssertionError("no batch should run")
+        yield
+
+    with pytest.warns(UserWarning, match="Sequential has no batch-norm layer with running statistics.*no batch"):
+        assert bnlab.recalibrate(net, batches()) is net
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
 @pytest.mark.filterwarnings("ignore:.*non-finite batch statistics:RuntimeWarning")  # (the layer's own, tested apart)
 @pytest.mark.parametrize("layer", [bnlab.BatchNorm1d, nn.BatchNorm1d])
 def test_recalibrate_leaves_non_finite_batches_out(layer):

@@ -56,6 +56,13 @@ def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
 
 
 @torch.no_grad()
+def population_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` whose running statistics :func:`recalibrate` recomputes: batch norms
+    (bnlab's or torch's) that keep a running mean and variance."""
+    return [m for m in model.modules()
+            if is_batch_norm(m) and m.track_running_stats and getattr(m, "running_var", None) is not None]
+
+
 def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
     """Ioffe & Szegedy 2015, Algorithm 2: population statistics for every BN layer of ``model``.
 
@@ -85,8 +92,12 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
         >>> net[1].running_mean.shape, net[1].num_batches_tracked.item()   # (the count left as it was)
         (torch.Size([8]), 0)
     """
-    layers = [m for m in model.modules()
-              if is_batch_norm(m) and m.track_running_stats and getattr(m, "running_var", None) is not None]
+    layers = population_layers(model)
+    if not layers:  # (not an error: a pipeline may recalibrate any model; but no batch is run for nothing)
+        warnings.warn(f"recalibrate: {type(model).__name__} has no batch-norm layer with running statistics (Batch "
+                      "Renorm's moving averages, Group Norm and track_running_stats=False keep none to recompute); "
+                      "nothing to do, no batch was run", stacklevel=2)
+        return model
     modes = _modes(model)
     saved = {
         layer: (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
