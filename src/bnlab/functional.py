@@ -17,6 +17,7 @@ Conventions, stated once:
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -126,16 +127,22 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, backend="autograd"):
     return dx.to(x.dtype), dgamma, dbeta
 
 
+def statistics_sum(mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """sum over channels of mu + sigma, not finite when the batch held a NaN or inf: it reaches the
+    mean, or makes the variance infinite (invstd 0) or NaN. One reduction: a non-finite term makes
+    the whole sum non-finite."""
+    return (mean + invstd.reciprocal()).sum()
+
+
 def finite_statistics(mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
-    """A 0-d bool tensor, False when the batch held a NaN or inf: it reaches the mean, or makes the
-    variance infinite (invstd 0) or NaN. One reduction: a non-finite term makes the whole sum
-    non-finite."""
-    return torch.isfinite(mean.sum() + invstd.reciprocal().sum())
+    """:func:`stats_are_finite` as a 0-d bool tensor, for torch.compile (:func:`assign_where_`)."""
+    return torch.isfinite(statistics_sum(mean, invstd))
 
 
 def stats_are_finite(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
-    """:func:`finite_statistics` read on the host."""
-    return bool(finite_statistics(mean, invstd))
+    """False when the batch held a NaN or inf (:func:`statistics_sum`). The sum is read on the host
+    and checked there: half the cost of torch.isfinite on it, which is a few ops on a 0-d tensor."""
+    return math.isfinite(float(statistics_sum(mean, invstd)))
 
 
 @torch.no_grad()
@@ -155,13 +162,14 @@ def update_running_stats_(running_mean, running_var, mean, var_biased, m, moment
     correction = 1.0 if m is None else m / (m - 1)  # m=None: var_biased is already unbiased
     mean, var_biased = mean.to(running_mean.dtype), var_biased.to(running_var.dtype)
     # (checked in the buffers' dtype: a float64 variance may overflow float32)
-    finite = torch.isfinite(mean.sum() + var_biased.sum() * correction)
+    total = mean.sum() + var_biased.sum() * correction
     if torch.compiler.is_compiling():  # traced: the same update, chosen without a branch on the values
+        finite = torch.isfinite(total)
         assign_where_(finite, (running_mean, running_var),
                       (running_mean.lerp(mean, momentum),
                        running_var.mul(1.0 - momentum).add(var_biased, alpha=momentum * correction)))
         return finite
-    if not bool(finite):
+    if not math.isfinite(float(total)):
         return False
     running_mean.lerp_(mean, momentum)
     running_var.mul_(1.0 - momentum).add_(var_biased, alpha=momentum * correction)
