@@ -119,6 +119,7 @@ NON_FINITE_LAYERS = {
     "bn": lambda: bnlab.BatchNorm2d(3),
     "bn-act": lambda: bnlab.BatchNormAct2d(3),  # (small: BN on torch's kernel, then the activation)
     "bn-act-fused": lambda: bnlab.BatchNormAct2d(3, backend="fused"),
+    "bn-act on the Triton kernels (interpreted)": lambda: bnlab.BatchNormAct2d(3, backend="triton"),
     "ghost": lambda: bnlab.GhostBatchNorm2d(3, virtual_batch_size=2),
     "batch-renorm": lambda: bnlab.BatchRenorm2d(3),
     "sync (no process group)": lambda: bnlab.SyncBatchNorm(3),

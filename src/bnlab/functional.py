@@ -430,12 +430,18 @@ def batch_norm_act_train(
         from bnlab.autograd import TritonBatchNormActFunction  # autograd builds on this module
 
         tracking = running_mean is not None and running_var is not None
+        previous = torch.empty((2, x.shape[1]), dtype=running_mean.dtype, device=x.device) if tracking else None
         y, mean, invstd = TritonBatchNormActFunction.apply(
             x, weight, bias, eps, act, slope, running_mean if tracking else None,
-            running_var if tracking else None, momentum,
+            running_var if tracking else None, momentum, previous,
         )
-        # The kernel leaves the buffers alone for a channel whose statistics are not finite.
-        return y, mean, invstd, tracking and stats_are_finite(mean, invstd)
+        # The kernel folds in each channel whose statistics are finite: undo them all when one was not
+        folded = tracking and stats_are_finite(mean, invstd)
+        if tracking and not folded:
+            with torch.no_grad():
+                running_mean.copy_(previous[0])
+                running_var.copy_(previous[1])
+        return y, mean, invstd, folded
     if backend == "fused" or (backend == "auto" and use_fused(x, act)):
         return _fused_act_train(x, weight, bias, eps, act, slope, running_mean, running_var, momentum)
     y, mean, invstd, folded = batch_norm_train(
