@@ -70,6 +70,19 @@ def test_batch_renorm_with_r_max_1_and_d_max_0_is_bn(seed, steps):
     torch.testing.assert_close(brn.running_mean, bn.running_mean)
 
 
+def test_batch_renorm_with_momentum_none_averages_every_batch_equally():
+    """momentum=None, BN's cumulative average, is accepted by the constructor: the first forward
+    used to fail inside lerp_ on None."""
+    layer = bnlab.BatchRenorm1d(2, dtype=torch.float64, momentum=None)
+    sigmas = []
+    for seed in range(3):
+        x = data((6, 2), seed)[0] * (seed + 1)
+        layer(x)
+        sigmas.append(torch.sqrt(x.var(0, unbiased=False) + layer.eps))
+    torch.testing.assert_close(layer.running_std, torch.stack(sigmas).mean(0), rtol=1e-12, atol=0)
+    assert int(layer.num_batches_tracked) == 3
+
+
 def test_batch_renorm_inference_and_non_finite_guard():
     layer = bnlab.BatchRenorm1d(2, dtype=torch.float64)
     with torch.no_grad():

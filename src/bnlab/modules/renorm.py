@@ -15,7 +15,8 @@ class BatchRenorm(BatchNorm):
     Training: y = weight * ((x - mu_B) / sigma_B * r + d) + bias with sigma_B = sqrt(sigma2_B + eps),
     r = clip(sigma_B / sigma, 1/r_max_t, r_max_t) and d = clip((mu_B - mu) / sigma, -d_max_t, d_max_t)
     held constant in backprop, mu and sigma the moving mean and standard deviation (buffers
-    ``running_mean``, ``running_std``; rate ``momentum``, the new batch's weight). The limits follow
+    ``running_mean``, ``running_std``; rate ``momentum``, the new batch's weight, or with
+    ``momentum=None`` the equal-weight average of every batch, as BN's). The limits follow
     the paper's schedule in ``num_batches_tracked``: (1, 0), plain BN, for ``warmup`` steps, then
     relaxed linearly to ``r_max`` at ``r_max_steps`` and ``d_max`` at ``d_max_steps``. With
     r_max=1 and d_max=0 it is BN. Inference: y = weight * (x - mu) / sigma + bias. A BN layer's
@@ -68,7 +69,7 @@ class BatchRenorm(BatchNorm):
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         r_max, d_max = self.limits()
         return F.batch_renorm_train(x, self.weight, self.bias, self.running_mean, self.running_std,
-                                    r_max, d_max, self.eps, self.momentum)
+                                    r_max, d_max, self.eps, self.batch_weight())
 
 
 class BatchRenorm1d(BatchRenorm):
