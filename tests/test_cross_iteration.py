@@ -16,12 +16,15 @@ PRODUCERS = {
     "linear": lambda: nn.Linear(5, 4),
     "conv": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
     "conv-nobias": lambda: nn.Conv2d(3, 4, 2, bias=False, dilation=2),
+    # padded by the layer itself as torch's Conv2d pads them (F.conv_input); "same" is uneven for 2
+    "conv-reflect": lambda: nn.Conv2d(3, 4, 3, stride=2, padding=(1, 2), padding_mode="reflect"),
+    "conv-same": lambda: nn.Conv2d(3, 4, (2, 3), padding="same", dilation=(2, 1), bias=False),
 }
 
 
 def inputs(kind, batch=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shape = {"linear": (batch, 5), "conv": (batch, 4, 7, 7), "conv-nobias": (batch, 3, 6, 6)}[kind]
+    shape = {"linear": (batch, 5), "conv": (batch, 4, 7, 7)}.get(kind, (batch, 3, 6, 6))
     return torch.randn(shape, generator=g, dtype=torch.float64) + 0.5
 
 
@@ -522,13 +525,17 @@ def test_kernel_mean_patches_equal_unfold(kh, kw, stride, padding, dilation, gro
     np.testing.assert_allclose(out, F.mean_patches(u, conv).numpy(), rtol=1e-12, atol=1e-12)
 
 
-def test_unsupported_padding_is_a_clear_error_on_both_paths():
-    for backend in PATHS:
-        for padding in ({"padding": 1, "padding_mode": "reflect"}, {"padding": "same"}):
-            conv = nn.Conv2d(3, 4, 3, **padding)
-            layer = bnlab.CrossIterationBatchNorm2d(4, window=2, backend=backend).pair(conv)
-            with pytest.raises(ValueError, match="numeric zero padding"):
-                layer(conv(torch.randn(2, 3, 5, 5)))
+@pytest.mark.parametrize("padding", [{"padding": 1, "padding_mode": "circular"}, {"padding": "valid"},
+                                     {"padding": "same", "padding_mode": "replicate"}])
+def test_every_padding_of_conv2d_is_compensated(padding):
+    """Padding modes and string paddings used to be refused; the derivatives are taken over the
+    input padded as the conv pads it (the parametrized tests run reflect and uneven "same")."""
+    conv = nn.Conv2d(3, 4, 3, **padding).double()
+    u = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    x = conv(u)
+    mu, nu, dmu, dnu = F.producer_statistics(x, u, conv)
+    torch.testing.assert_close(dmu, torch.autograd.grad(mu.sum(), conv.weight, retain_graph=True)[0])
+    torch.testing.assert_close(dnu, torch.autograd.grad(nu.sum(), conv.weight)[0])
 
 
 def test_kernels_take_gradients_in_any_layout():

@@ -563,7 +563,7 @@ def producer_statistics(x: torch.Tensor, u: torch.Tensor, producer: torch.nn.Mod
     of the producer's weight, so each derivative is weight-shaped, row j holding d stat_j / d W_j:
         d mu_j / d W_j = the mean input patch (Linear: the mean input row)
         d nu_j / d W_j = 2 E[x_j * patch]     (one weight-gradient-shaped reduction)
-    Linear and Conv2d (any stride, padding, dilation, groups) producers.
+    Linear and Conv2d (any stride, padding and padding mode, dilation, groups) producers.
 
     Returns:
         ``(mu, nu, dmu_dW, dnu_dW)``: mean and second moment ``(C,)`` (differentiable in x), then
@@ -593,11 +593,31 @@ def _check_producer(x: torch.Tensor, producer: torch.nn.Module) -> None:
     if isinstance(producer, torch.nn.Linear):
         if x.dim() != 2:
             raise ValueError("cross-iteration BN after a Linear layer takes (N, C) activations")
-    elif isinstance(producer, torch.nn.Conv2d):
-        if producer.padding_mode != "zeros" or isinstance(producer.padding, str):
-            raise ValueError("cross-iteration BN supports Conv2d with numeric zero padding")
-    else:
+    elif not isinstance(producer, torch.nn.Conv2d):
         raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
+
+
+def _pads_explicitly(conv: torch.nn.Conv2d) -> bool:
+    return conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+
+
+def conv_padding(conv: torch.nn.Conv2d) -> tuple[int, int]:
+    """The zero padding the convolution itself applies to :func:`conv_input`'s tensor."""
+    return (0, 0) if _pads_explicitly(conv) else conv.padding
+
+
+def conv_input(u: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """A Conv2d's input as its convolution reads it, with :func:`conv_padding`.
+
+    Padding modes other than zeros (reflect, replicate, circular) and the string paddings ("same",
+    "valid", fixed amounts once the kernel is known, uneven for an even kernel) are padded here as
+    torch's Conv2d pads them (``_reversed_padding_repeated_twice``). The output is still
+    W * pad(u) + b, linear in W, so the derivatives are taken over the padded input's patches.
+    """
+    if not _pads_explicitly(conv):
+        return u
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return torch.nn.functional.pad(u, conv._reversed_padding_repeated_twice, mode=mode)
 
 
 @torch.no_grad()
@@ -612,8 +632,9 @@ def mean_patches(u: torch.Tensor, producer: torch.nn.Module) -> torch.Tensor:
         return u.mean(0, keepdim=True)
     _check_producer(u, producer)
     w = producer.weight
-    patches = torch.nn.functional.unfold(u.mean(0, keepdim=True), w.shape[2:], dilation=producer.dilation,
-                                         padding=producer.padding, stride=producer.stride)
+    mean_image = conv_input(u.mean(0, keepdim=True), producer)  # (padding is linear: the mean's is the pads' mean)
+    patches = torch.nn.functional.unfold(mean_image, w.shape[2:], dilation=producer.dilation,
+                                         padding=conv_padding(producer), stride=producer.stride)
     return patches.mean(2).view(producer.groups, -1)  # (1, C_in*kh*kw, L) -> (G, C_in/G*kh*kw)
 
 
@@ -638,10 +659,11 @@ def conv_weight_gradient(g: torch.Tensor, u: torch.Tensor, producer: torch.nn.Co
     """sum over the batch and the output positions of g_j * patch, weight-shaped: the gradient a
     Conv2d's weight gets from ``g`` at its output, on torch's weight-gradient kernel alone, in the
     weight's dtype (under autocast the conv's output is float16/bfloat16, its input and weight not)."""
-    _check_producer(g, producer)  # (an unsupported padding is named here, whoever calls first)
+    _check_producer(g, producer)
     weight = producer.weight.detach()
     return torch.ops.aten.convolution_backward(
-        g.detach().to(weight.dtype), u.to(weight.dtype), weight, None, producer.stride, producer.padding,
+        g.detach().to(weight.dtype), conv_input(u.to(weight.dtype), producer), weight, None, producer.stride,
+        conv_padding(producer),
         producer.dilation, False, (0, 0), producer.groups, (False, True, False))[1]
 
 

@@ -249,8 +249,6 @@ class CrossIterationBatchNorm(BatchNorm):
         if not all(t is None or t.dtype in F.FUSED_DTYPES for t in tensors[:7]):  # (not the valid flags)
             return None
         producer = self.producer
-        if isinstance(producer, nn.Conv2d) and (producer.padding_mode != "zeros" or isinstance(producer.padding, str)):
-            return None  # the torch path says what it does not support
         from bnlab.kernels import cpu_cbn
 
         c = self.num_features
@@ -270,7 +268,7 @@ class CrossIterationBatchNorm(BatchNorm):
             running=(mean.numpy(), var.numpy()),
             entry=(bias, w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w, valid, self.compensate),
             derivatives=(w_dmu, w_dnu),
-            geometry=(*producer.kernel_size, *producer.stride, *producer.padding, *producer.dilation)
+            geometry=(*producer.kernel_size, *producer.stride, *F.conv_padding(producer), *producer.dilation)
             if isinstance(producer, nn.Conv2d) else (),
         )
 
@@ -327,8 +325,8 @@ class CrossIterationBatchNorm(BatchNorm):
                 kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), *state.derivatives)
             else:  # d nu/dW on torch's weight-gradient kernel, scaled by 2/m in the window
                 dnu = gradient if gradient is not None else F.conv_weight_gradient(x, u, producer)
-                kernels.store_conv(slot, u.contiguous().numpy(), *state.geometry, dnu.view(x.shape[1], -1).numpy(),
-                                   2.0 / m, *state.derivatives)
+                kernels.store_conv(slot, F.conv_input(u, producer).contiguous().numpy(), *state.geometry,
+                                   dnu.view(x.shape[1], -1).numpy(), 2.0 / m, *state.derivatives)
         return y, folded
 
     def _train_torch(self, x, u, gradient, pooling: bool, slot: int) -> tuple[torch.Tensor, bool]:
