@@ -35,8 +35,9 @@ class BatchNorm(nn.Module):
     A batch whose statistics are not finite is not folded in (a warning names the layer), and
     ``num_batches_tracked`` counts the batches that were; its backward gives NaN gradients, as
     torch's does, for ``torch.amp.GradScaler`` to skip the step. Under torch.compile the same
-    guard is one graph, without the warning (it would read the statistics on the host). An empty batch (N = 0) passes through
-    as an empty output, with nothing folded in or counted (torch returns it too, but counts it).
+    guard is one graph, without the warning (it would read the statistics on the host). An empty
+    batch (N = 0) passes through as an empty output, with nothing folded in or counted (torch
+    returns it too, but counts it).
     Inference: the running statistics (Algorithm 2's affine transform); with
     ``track_running_stats=False`` batch statistics are used in both modes, as in torch.
 
