@@ -152,6 +152,34 @@ def test_a_non_finite_batch_backpropagates_like_torch_and_leaves_the_buffers(nam
     layer(torch.randn(4, 3, 2, 2)).sum().backward()  # and training goes on
 
 
+def test_grad_scaler_skips_an_overflowing_step_and_the_running_statistics_stay_finite():
+    """Mixed precision's usual overflow: an inf batch. GradScaler skips the step (its scale halves)
+    and bnlab's running statistics stay as they were; torch's BN folds the inf in for good."""
+    def train(norm):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+        opt, scaler = torch.optim.SGD(net.parameters(), lr=0.1), torch.amp.GradScaler("cpu")
+        for step in range(3):
+            x = torch.randn(4, 3, 6, 6)
+            if step == 1:
+                x[0, 0, 0, 0] = float("inf")
+                before = net[1].running_mean.clone()
+            with torch.autocast("cpu", dtype=torch.float16), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = net(x).float().square().mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            if step == 1:
+                assert scaler.get_scale() == 2.0**15  # (from 2^16: the step was skipped)
+                kept = torch.equal(net[1].running_mean, before)
+        return kept, bool(net[1].running_mean.isfinite().all())
+
+    assert train(bnlab.BatchNorm2d(4)) == (True, True)
+    assert train(nn.BatchNorm2d(4)) == (False, False)
+
+
 @pytest.mark.parametrize(
     "layer, x, message",
     [
