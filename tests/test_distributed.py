@@ -116,3 +116,36 @@ def test_torch_sync_batch_norm_becomes_bnlabs_with_its_group_state_and_frozen_pa
 def test_one_value_over_the_whole_group_is_an_error():
     with pytest.raises(ValueError, match="1 value"):
         bnlab.SyncBatchNorm(3)(torch.randn(1, 3))
+
+
+def ddp_cbn_worker(rank, world, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # (the same initial weights on both ranks)
+    net = bnlab.cross_iteration(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4)),
+                                window=3)
+    ddp = torch.nn.parallel.DistributedDataParallel(net)  # (broadcast_buffers=True, DDP's default)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own batches
+    means = []
+    for _ in range(4):
+        u = torch.randn(4, 3, 6, 6, generator=g, dtype=torch.float32) * (rank + 1) + rank
+        means.append(net[0](u).detach().mean((0, 2, 3)))  # this rank's own batch statistics
+        ddp(u).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    np.savez(os.path.join(out, f"rank{rank}.npz"), window_mu=net[1].window_mu.numpy(),
+             means=torch.stack(means).numpy(), weight=net[0].weight.detach().numpy())
+    dist.destroy_process_group()
+
+
+def test_under_ddp_each_rank_keeps_its_own_cross_iteration_window(tmp_path):
+    """DDP broadcasts rank 0's buffers before every forward; a converted model tells it to leave
+    the windows out. Before, rank 1 pooled rank 0's past statistics, and the window's derivatives
+    crossed the network every step."""
+    mp.spawn(ddp_cbn_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    np.testing.assert_array_equal(ranks[0]["weight"], ranks[1]["weight"])  # DDP trained one model
+    for r in ranks:  # iterations 2 and 3 wrote slots 0 and 1 (window 3: two past entries)
+        np.testing.assert_allclose(r["window_mu"][0], r["means"][2], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r["window_mu"][1], r["means"][3], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ranks[0]["window_mu"], ranks[1]["window_mu"])

@@ -371,6 +371,23 @@ class CrossIterationBatchNorm2d(CrossIterationBatchNorm):
     ranks = (4,)
 
 
+def _keep_windows_local(model: nn.Module, layers: list[str]) -> None:
+    """Have DistributedDataParallel leave these layers' windows out of its buffer broadcast.
+
+    DDP (``broadcast_buffers=True``, its default) copies rank 0's buffers to every rank before each
+    forward. A window is per-rank state, as in the paper and the official code: broadcast, every
+    rank would pool rank 0's past statistics with its own batch's, and the window's derivatives
+    (``window - 1`` times the producer's weights) would cross the network every step. The
+    running statistics are broadcast as BN's are. DDP reads the names from the module it wraps.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [f"{layer}.{buffer}" for layer in layers for buffer in WINDOW_BUFFERS]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, ignored + [name for name in names if name not in ignored])
+
+
 def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compensate: bool = True) -> nn.Module:
     """Convert every BN of ``model`` whose input is a Linear or Conv2d output into cross-iteration BN.
 
@@ -380,6 +397,10 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
     (``track_running_stats=False``: it normalizes with batch statistics in inference too, which
     cross-iteration BN does not). Other batch-norm layers (synchronized, ghost, Batch Renorm, BN
     fused with its activation, 3-D) are left as they are, and a warning names them.
+
+    Under DistributedDataParallel each rank keeps its own window, as in the paper: the returned
+    model tells DDP to leave the windows out of its buffer broadcast (wrap this model, not a
+    parent of it; for layers paired by hand, ``DistributedDataParallel(..., broadcast_buffers=False)``).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
@@ -428,5 +449,6 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         new.load_state_dict(old.state_dict())  # (a BN state: the window starts empty)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new.train(old.training))
+    _keep_windows_local(model, [name for name, _ in pairs])
     return name_layers(model)
 
