@@ -56,7 +56,10 @@ class CrossIterationBatchNorm(BatchNorm):
     buffers: a checkpoint resumes CBN exactly (loaded before or after pairing) and ``.to()`` moves
     them. A BN checkpoint (torch's or bnlab's: a pretrained backbone) loads too, with an empty
     window at iteration 0. The layer must be paired with its producer before its first training
-    forward: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)`` for a whole model.
+    forward: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)`` for a whole model. The window
+    is each process's own: under DistributedDataParallel a model from :func:`cross_iteration`
+    keeps it out of DDP's buffer broadcast; for layers paired by hand, wrap with
+    ``broadcast_buffers=False`` (else every rank pools rank 0's past statistics).
 
     Speed: d mu/dW is the mean input patch and d nu/dW one weight-gradient reduction (torch's
     kernel for a conv, called from the producer's forward hook), never extra autograd passes.
