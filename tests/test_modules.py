@@ -185,6 +185,9 @@ def test_grad_scaler_skips_an_overflowing_step_and_the_running_statistics_stay_f
     [
         (bnlab.BatchNorm1d(3), torch.randn(1, 3), "more than one value per channel.*eval\\(\\).*GroupNorm"),
         (bnlab.BatchNorm2d(3), torch.randn(1, 3, 1, 1), "more than one value per channel"),
+        # (no running statistics: batch statistics in eval() too, where one example came out as beta)
+        (bnlab.BatchNorm1d(3, track_running_stats=False).eval(), torch.randn(1, 3),
+         "track_running_stats=False.*batch statistics in eval\\(\\) too.*more than one value"),
         # (cross-iteration BN pools batch statistics too: the message must not suggest it)
         (bnlab.CrossIterationBatchNorm1d(3), torch.randn(1, 3), "(?s)^(?!.*BatchNorm\\*).*more than one value"),
         (bnlab.BatchNorm2d(3), torch.randn(4, 5, 2, 2), "expected 3 channels.*got 5"),

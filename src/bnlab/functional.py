@@ -254,10 +254,12 @@ def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e
     return normalize(x, running_mean.to(stat_dtype), invstd, weight, bias)
 
 
-def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_norm"):
+def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_norm", *, running_stats=True):
     """Raise a ValueError that says what is wrong and what to do, before any arithmetic.
 
-    ``name`` (a string, or a function giving one when an error is raised) names the layer."""
+    ``name`` (a string, or a function giving one when an error is raised) names the layer. A layer
+    without ``running_stats`` normalizes with batch statistics in inference too, so one value per
+    channel is refused there as well (it would come out as beta, whatever the input)."""
     def label() -> str:
         return name() if callable(name) else name
 
@@ -268,10 +270,16 @@ def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_
             f"{label()}: expected {num_features} channels in dimension 1, got {x.shape[1]} "
             f"(input shape {tuple(x.shape)}); channels-first layout (N, C, ...) is required"
         )
-    if training and values_per_channel(x) == 1:  # (an empty batch passes through: empty_batch)
+    if (training or not running_stats) and values_per_channel(x) == 1:  # (an empty batch passes: empty_batch)
+        if training:
+            why, fix = "training needs", "Use eval() for inference on one example"
+        else:
+            why = ("with track_running_stats=False it normalizes with batch statistics in eval() too, which "
+                   "need")
+            fix = "Keep running statistics (track_running_stats=True) for inference on one example"
         raise ValueError(
-            f"{label()}: training needs more than one value per channel to estimate a variance, got input "
-            f"shape {tuple(x.shape)} (1 value per channel). Use eval() for inference on one example, "
+            f"{label()}: {why} more than one value per channel to estimate a variance, got input "
+            f"shape {tuple(x.shape)} (1 value per channel). {fix}, "
             "a larger batch, or a normalizer without batch statistics (torch.nn.GroupNorm, torch.nn.LayerNorm)"
         )
 

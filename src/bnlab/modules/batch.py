@@ -144,7 +144,7 @@ class BatchNorm(nn.Module):
                 f"{type(self).__name__}: expected {expected} input, got {x.dim()}D input of shape "
                 f"{tuple(x.shape)}"
             )
-        F.check_input(x, self.num_features, self.training, self._label)
+        F.check_input(x, self.num_features, self.training, self._label, running_stats=self.track_running_stats)
 
     def batch_weight(self) -> float:
         """The new batch's weight in the running average: momentum, or 1/t for the t-th batch."""
