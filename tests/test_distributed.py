@@ -1,5 +1,6 @@
 """Synchronized BN: two gloo processes on the CPU equal BN over the whole batch."""
 
+import gc
 import os
 
 import numpy as np
@@ -135,6 +136,10 @@ def ddp_cbn_worker(rank, world, store, out):
         opt.zero_grad()
     np.savez(os.path.join(out, f"rank{rank}.npz"), window_mu=net[1].window_mu.numpy(),
              means=torch.stack(means).numpy(), weight=net[0].weight.detach().numpy())
+    # DDP's reducer must go before the group: freed after it, its last reference to the group
+    # destroys it while holding the GIL that gloo's thread waits for (a hang in torch's teardown).
+    del ddp, opt
+    gc.collect()
     dist.destroy_process_group()
 
 

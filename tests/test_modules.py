@@ -180,6 +180,28 @@ def test_grad_scaler_skips_an_overflowing_step_and_the_running_statistics_stay_f
     assert train(nn.BatchNorm2d(4)) == (False, False)
 
 
+@pytest.mark.parametrize("layer", [bnlab.BatchNorm2d, bnlab.BatchRenorm2d])
+def test_loading_running_statistics_poisoned_by_torch_warns_at_the_users_line(layer):
+    """torch's BN folds a NaN batch into its running statistics for good; a checkpoint saved after
+    it gives NaN in every inference. Loading one says so, naming the layer and the channels."""
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("nan")
+    source(x)
+    target = nn.Sequential(nn.Conv2d(3, 4, 1), layer(4))
+    with pytest.warns(RuntimeWarning, match=r"'1': the checkpoint's running_mean at 4 channel\(s\) \(0, 1, 2, 3\).*"
+                                            r"recalibrate") as caught:
+        target.load_state_dict(source.state_dict())
+    assert caught[0].filename == __file__  # (the user's line, not torch's recursion or bnlab's)
+    assert not torch.isfinite(target[1].running_mean).any()  # loaded all the same: recalibrate can mend it
+    clean = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    clean(torch.randn(4, 3, 2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target.load_state_dict(clean.state_dict())
+
+
 @pytest.mark.parametrize(
     "layer, x, message",
     [

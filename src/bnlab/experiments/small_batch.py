@@ -27,6 +27,7 @@ drop); the default 1 keeps it constant.
 from __future__ import annotations
 
 import csv
+import gc
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -279,6 +280,10 @@ def _sync_worker(rank: int, cfg: Config, batch: int, data: Dataset, resume: bool
         if rank == 0:
             (store.parent / "rows.json").write_text(json.dumps(rows))
     finally:
+        # DDP's reducer (the task's, out of scope) before the group: freed after it, by a later
+        # collection, it destroys the group holding the GIL that gloo's thread waits for, a hang
+        # seen in torch's teardown (tests/test_distributed.py)
+        gc.collect()
         dist.destroy_process_group()
 
 

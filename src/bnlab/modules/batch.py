@@ -201,7 +201,30 @@ class BatchNorm(nn.Module):
         key = prefix + "num_batches_tracked"
         if self.track_running_stats and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long)
+        warn_poisoned(state_dict, prefix, type(self).__name__)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def warn_poisoned(state_dict, prefix: str, owner: str) -> None:
+    """Warn, at the user's load_state_dict line, when a checkpoint's running statistics hold NaN,
+    inf or a negative spread: torch's BN folds a NaN batch in for good, and a checkpoint saved
+    after one gives NaN in every inference. Loaded all the same (recalibration can mend it)."""
+    found = []
+    for name in ("running_mean", "running_var", "running_std"):
+        t = state_dict.get(prefix + name)
+        if t is None or not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t) if name == "running_mean" else ~torch.isfinite(t) | (t < 0)
+        if bool(bad.any()):
+            channels = bad.nonzero().flatten().tolist()
+            found.append(f"{name} at {len(channels)} channel(s) ({', '.join(map(str, channels[:5]))}"
+                         f"{', ...' if len(channels) > 5 else ''})")
+    if found:
+        layer = repr(prefix[:-1]) if prefix else owner
+        warnings.warn(f"{layer}: the checkpoint's {' and '.join(found)} are NaN, inf or negative, "
+                      "so inference with them gives NaN (a NaN batch folded into torch's running statistics "
+                      "does this). Recompute them with bnlab.recalibrate(model, batches), or train on",
+                      RuntimeWarning, stacklevel=_caller_level(outside=("bnlab.", "torch.")))
 
 
 class BatchNorm1d(BatchNorm):
@@ -272,11 +295,12 @@ class BatchNormAct2d(BatchNormAct):
 
 
 
-def _caller_level() -> int:
-    """``warnings.warn``'s stacklevel of the first caller outside bnlab (a subclass's __init__ calls
-    BatchNorm's: the warning should point at the user's line, not at bnlab's)."""
+def _caller_level(outside: tuple[str, ...] = ("bnlab.",)) -> int:
+    """``warnings.warn``'s stacklevel of the first caller outside the packages ``outside`` (a
+    subclass's __init__ calls BatchNorm's, torch's load_state_dict recurses: the warning should
+    point at the user's line, not at bnlab's or torch's)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("bnlab."):
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(outside):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bnlab import functional as F
-from bnlab.modules.batch import BatchNorm
+from bnlab.modules.batch import BatchNorm, warn_poisoned
 
 
 class BatchRenorm(BatchNorm):
@@ -56,6 +56,7 @@ class BatchRenorm(BatchNorm):
         # sigma = sqrt(running_var + eps), so inference gives BN's outputs; training goes on from
         # its num_batches_tracked in the limits' schedule.
         var_key, std_key = prefix + "running_var", prefix + "running_std"
+        warn_poisoned(state_dict, prefix, type(self).__name__)
         if var_key in state_dict and std_key not in state_dict:
             state_dict[std_key] = (state_dict.pop(var_key) + self.eps).sqrt()
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
