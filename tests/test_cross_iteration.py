@@ -617,3 +617,61 @@ def test_a_shift_of_the_mean_gets_1_minus_1_over_k_of_its_gradient(kind, backend
     xb = x.detach().clone().requires_grad_()
     bn(xb).backward(dy)
     assert xb.grad.sum(dims).abs().max() < 1e-10
+
+
+def test_a_parametrized_producer_is_compensated_with_its_computed_weight():
+    """A producer whose weight is computed (weight norm, weight standardization through
+    torch.nn.utils.parametrize) used to fail with a KeyError on the kernels' path. Its layer now
+    takes the same steps as one after a plain conv that holds the computed weight each step."""
+    torch.manual_seed(0)
+    normed = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3).double())
+    plain = nn.Conv2d(3, 4, 3).double()
+    layers = [bnlab.CrossIterationBatchNorm2d(4, window=3, dtype=torch.float64).pair(p) for p in (normed, plain)]
+    for step in range(6):
+        with torch.no_grad():
+            plain.weight.copy_(normed.weight)
+            plain.bias.copy_(normed.bias)
+        u = inputs("conv-nobias", batch=4, seed=step)
+        ys = [layer(producer(u)) for layer, producer in zip(layers, (normed, plain))]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-9, atol=1e-11)
+        ys[0].square().mean().backward()
+        with torch.no_grad():
+            for p in normed.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+    assert layers[0]._kernel_state(ys[0]) is None and layers[1]._kernel_state(ys[1]) is not None
+    for name in WINDOW_STATE:
+        torch.testing.assert_close(getattr(layers[0], name), getattr(layers[1], name), rtol=1e-9, atol=1e-11)
+
+
+def test_a_producer_whose_forward_transforms_its_weight_is_refused():
+    """A subclass that convolves with something else than producer.weight (a weight-standardized
+    conv written as a forward) would be compensated with the wrong weights, silently."""
+    class StandardizedConv(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    conv = StandardizedConv(3, 4, 3)
+    layer = bnlab.CrossIterationBatchNorm2d(4, window=3).pair(conv)
+    with pytest.raises(ValueError, match="not the StandardizedConv of its input by producer.weight.*parametrize"):
+        layer(conv(torch.randn(4, 3, 6, 6)))
+
+
+def test_a_model_built_on_the_meta_device_converts_and_trains_after_to_empty():
+    """Large models are built without memory (torch.device("meta")), then materialized. The
+    converters read flags on the host, which a meta tensor cannot give (they raised)."""
+    with torch.device("meta"):
+        net = bnlab.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 5),
+                                          nn.BatchNorm1d(5)))
+        net = bnlab.cross_iteration(net, window=3)
+    net = net.to_empty(device="cpu")
+    for module in net.modules():
+        for reset in ("reset_parameters", "reset_running_stats"):
+            if hasattr(module, reset):
+                getattr(module, reset)()
+    assert float(net[1].running_var.sum()) == 4.0 and not net[1].window_valid.any()
+    for step in range(3):
+        net(torch.randn(4, 3, 4, 4)).square().mean().backward()
+    assert net[1].window_valid.all() and net[4].window_valid.all() and int(net[1].num_batches_tracked) == 3

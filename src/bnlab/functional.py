@@ -605,6 +605,31 @@ def _check_producer(x: torch.Tensor, producer: torch.nn.Module) -> None:
         raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
 
 
+@torch.no_grad()
+def is_plain_producer(producer: torch.nn.Module, u: torch.Tensor, output: torch.Tensor) -> bool | None:
+    """Whether ``output`` is ``producer``'s Linear or Conv2d of ``u`` by ``producer.weight`` and
+    ``producer.bias``, to 1% of its scale (low precision, a parametrization that moves on each
+    read such as spectral norm's power iteration): what cross-iteration BN's derivatives assume.
+    A subclass whose forward transforms the weight (weight standardization) fails it. None when
+    nothing finite can be compared."""
+    weight = producer.weight.detach()
+    bias = producer.bias.detach() if producer.bias is not None else None
+    u = u.to(weight.dtype)
+    if isinstance(producer, torch.nn.Linear):
+        ref = torch.nn.functional.linear(u, weight, bias)
+    else:
+        ref = torch.nn.functional.conv2d(conv_input(u, producer), weight, bias, producer.stride,
+                                         conv_padding(producer), producer.dilation, producer.groups)
+    out = output.detach().to(ref.dtype)
+    if out.shape != ref.shape:
+        return False
+    finite = torch.isfinite(out) & torch.isfinite(ref)
+    if not bool(finite.any()):
+        return None
+    scale = float(ref[finite].abs().max())
+    return bool(((out - ref).abs()[finite] <= 0.01 * scale + 1e-6).all())
+
+
 def _pads_explicitly(conv: torch.nn.Conv2d) -> bool:
     return conv.padding_mode != "zeros" or isinstance(conv.padding, str)
 

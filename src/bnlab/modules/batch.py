@@ -212,7 +212,7 @@ def warn_poisoned(state_dict, prefix: str, owner: str) -> None:
     found = []
     for name in ("running_mean", "running_var", "running_std"):
         t = state_dict.get(prefix + name)
-        if t is None or not t.is_floating_point():
+        if t is None or not t.is_floating_point() or t.is_meta:  # (meta: a model built without memory)
             continue
         bad = ~torch.isfinite(t) if name == "running_mean" else ~torch.isfinite(t) | (t < 0)
         if bool(bad.any()):

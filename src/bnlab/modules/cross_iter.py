@@ -7,6 +7,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bnlab import functional as F
 from bnlab.autograd import CrossIterationNormFunction, FusedCrossIterationNormFunction
@@ -15,6 +16,11 @@ from bnlab.modules.batch import BatchNorm, BatchNorm1d, BatchNorm2d, momentum_ar
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
 WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
                   "window_valid")
+
+
+def _any(flags: torch.Tensor) -> bool:
+    """Whether any flag is set; False for a meta tensor (a model built without memory has no window)."""
+    return not flags.is_meta and bool(flags.any())
 
 
 class _KernelState(NamedTuple):
@@ -117,7 +123,7 @@ class CrossIterationBatchNorm(BatchNorm):
         for name, shape in shapes.items():
             shape = shape if self.compensate else (past, 0)
             if getattr(self, name).shape != shape:
-                if bool(self.window_valid.any()):  # (a window loaded before pairing: never replaced silently)
+                if _any(self.window_valid):  # (a window loaded before pairing: never replaced silently)
                     raise ValueError(f"{self._label()}: its window holds derivatives for a producer of shape "
                                      f"{tuple(getattr(self, name).shape[1:])}, this producer's are {shape[1:]}; "
                                      "pair it with the layer it was trained after")
@@ -126,6 +132,7 @@ class CrossIterationBatchNorm(BatchNorm):
         if hook is not None:  # paired before: one hook, on the current producer only
             hook.remove()
         self.__dict__["_producer"] = producer
+        self.__dict__["_checked"] = False
         self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
         return self
 
@@ -139,6 +146,15 @@ class CrossIterationBatchNorm(BatchNorm):
             self.__dict__["_input"] = None
             return
         u = args[0].detach()
+        if not self.__dict__.get("_checked"):  # once per pairing: the compensation's premise
+            plain = F.is_plain_producer(module, u, output)
+            if plain is False:
+                raise ValueError(f"{self._label()}: its producer's output is not the {type(module).__name__} of its "
+                                 "input by producer.weight and producer.bias (a subclass with its own forward, such as "
+                                 "a weight-standardized conv, or a hook that changes the output?); the compensation "
+                                 "needs x = W * u + b with W = producer.weight. Transform the weight with "
+                                 "torch.nn.utils.parametrize instead, or keep BN there")
+            self.__dict__["_checked"] = plain is True
         gradient = None
         if self.compensate and isinstance(module, nn.Conv2d) and self._stores(int(self.iteration)):
             gradient = F.conv_weight_gradient(output, u, module)
@@ -236,6 +252,8 @@ class CrossIterationBatchNorm(BatchNorm):
         """
         if not (self.backend == "auto" and F.fused_act_supported(x) and x.is_contiguous()):
             return None
+        if parametrize.is_parametrized(self.producer):  # (its weight is computed on each read: no view to keep)
+            return None
         params, buffers, producer = self._parameters, self._buffers, self.producer
         tensors = (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
                    producer._parameters["weight"], producer._parameters["bias"],
@@ -286,7 +304,7 @@ class CrossIterationBatchNorm(BatchNorm):
         derivatives = [prefix + "window_dmu", prefix + "window_dnu"]
         stored, valid = state_dict.get(derivatives[1]), state_dict.get(prefix + "window_valid")
         if stored is not None and valid is not None and (not self.compensate or stored.numel() == 0):
-            if self.compensate and bool(valid.any()):
+            if self.compensate and _any(valid):
                 error_msgs.append(f"{prefix or type(self).__name__}: the checkpoint is naive CBN's (compensate=False): "
                                   "its window keeps no derivatives to compensate with; load it into compensate=False")
             else:  # derivatives this layer does not keep (naive), or none stored yet: not needed
