@@ -134,11 +134,6 @@ def statistics_sum(mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
     return (mean + invstd.reciprocal()).sum()
 
 
-def finite_statistics(mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
-    """:func:`stats_are_finite` as a 0-d bool tensor, for torch.compile (:func:`assign_where_`)."""
-    return torch.isfinite(statistics_sum(mean, invstd))
-
-
 def stats_are_finite(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
     """False when the batch held a NaN or inf (:func:`statistics_sum`). The sum is read on the host
     and checked there: half the cost of torch.isfinite on it, which is a few ops on a 0-d tensor."""
@@ -162,31 +157,32 @@ def update_running_stats_(running_mean, running_var, mean, var_biased, m, moment
     correction = 1.0 if m is None else m / (m - 1)  # m=None: var_biased is already unbiased
     mean, var_biased = mean.to(running_mean.dtype), var_biased.to(running_var.dtype)
     # (checked in the buffers' dtype: a float64 variance may overflow float32)
-    total = mean.sum() + var_biased.sum() * correction
-    if torch.compiler.is_compiling():  # traced: the same update, chosen without a branch on the values
+    return fold_if_finite_(mean.sum() + var_biased.sum() * correction, (running_mean, running_var),
+                           (running_mean.lerp(mean, momentum),
+                            running_var.mul(1.0 - momentum).add(var_biased, alpha=momentum * correction)))
+
+
+def fold_if_finite_(total: torch.Tensor, buffers, updated) -> "bool | torch.Tensor":
+    """buffers <- updated (the running statistics with the batch folded in), in place, when
+    ``total`` (a sum over the batch's statistics) is finite; else unchanged. Returns whether they
+    were folded in. (The buffers and ``updated`` need no gradient: it is not disabled here, on the
+    hot path.)
+
+    Eagerly the sum is read on the host. Traced by torch.compile, that read would break the graph at
+    every normalization layer: there each buffer takes ``torch.where(finite, updated, buffer)`` and
+    the result is the 0-d bool tensor (no warning without the host read; a skipped batch shows as
+    one batch fewer in ``num_batches_tracked``).
+    """
+    if torch.compiler.is_compiling():
         finite = torch.isfinite(total)
-        assign_where_(finite, (running_mean, running_var),
-                      (running_mean.lerp(mean, momentum),
-                       running_var.mul(1.0 - momentum).add(var_biased, alpha=momentum * correction)))
+        for buffer, new in zip(buffers, updated):
+            buffer.copy_(torch.where(finite, new, buffer))
         return finite
     if not math.isfinite(float(total)):
         return False
-    running_mean.lerp_(mean, momentum)
-    running_var.mul_(1.0 - momentum).add_(var_biased, alpha=momentum * correction)
+    for buffer, new in zip(buffers, updated):
+        buffer.copy_(new)
     return True
-
-
-def assign_where_(condition: torch.Tensor, buffers, candidates) -> None:
-    """buffer <- candidate if ``condition`` (a 0-d bool tensor), else unchanged, in place.
-
-    The running-statistics guard as torch.compile traces it: ``if bool(finite)`` would read the
-    value on the host, a graph break at every normalization layer; this keeps one graph. Without
-    the host read there is no warning either: a skipped batch shows as one batch fewer in
-    ``num_batches_tracked``.
-    """
-    with torch.no_grad():
-        for buffer, candidate in zip(buffers, candidates):
-            buffer.copy_(torch.where(condition, candidate, buffer))
 
 
 def batch_norm_train(
@@ -233,16 +229,8 @@ def batch_norm_train(
     mean, invstd = mean.detach(), invstd.detach()
     if not tracking:
         return y, mean, invstd, False
-    if torch.compiler.is_compiling():  # (traced: see assign_where_)
-        folded = finite_statistics(mean, invstd)
-        assign_where_(folded, (running_mean, running_var), updated)
-    else:
-        folded = stats_are_finite(mean, invstd)  # a bad batch must not poison the buffers
-        if folded:
-            with torch.no_grad():
-                running_mean.copy_(updated[0])
-                running_var.copy_(updated[1])
-    return y, mean, invstd, folded
+    # (a bad batch must not poison the buffers)
+    return y, mean, invstd, fold_if_finite_(statistics_sum(mean, invstd), (running_mean, running_var), updated)
 
 
 def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, backend="auto"):

@@ -185,7 +185,7 @@ def forward(x, weight, bias, eps, act, slope, running_mean=None, running_var=Non
     n, s, sn, sc, ss = _ncs(x)
     track = running_mean is not None
     if track and previous is None:
-        previous = torch.empty((2, c), dtype=running_mean.dtype, device=x.device)
+        raise ValueError("triton_bn.forward: running buffers need a (2, C) array `previous` for the values they held")
     dummy = mean
     _forward_kernel[(c,)](x, y, weight, bias, mean, invstd,
                           running_mean if track else dummy, running_var if track else dummy,

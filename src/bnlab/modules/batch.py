@@ -182,7 +182,7 @@ class BatchNorm(nn.Module):
     def count_batch_(self, folded: "bool | torch.Tensor") -> None:
         """Count a batch folded into the running statistics, or warn that it was skipped.
 
-        Under torch.compile ``folded`` is a 0-d bool tensor (:func:`bnlab.functional.assign_where_`):
+        Under torch.compile ``folded`` is a 0-d bool tensor (:func:`bnlab.functional.fold_if_finite_`):
         counted without reading it on the host, so without the warning."""
         if isinstance(folded, torch.Tensor):
             self.num_batches_tracked.add_(folded.to(self.num_batches_tracked.dtype))

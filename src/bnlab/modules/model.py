@@ -55,7 +55,6 @@ def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
         module.training = mode
 
 
-@torch.no_grad()
 def population_layers(model: nn.Module) -> list[nn.Module]:
     """The layers of ``model`` whose running statistics :func:`recalibrate` recomputes: batch norms
     (bnlab's or torch's) that keep a running mean and variance."""
@@ -63,6 +62,7 @@ def population_layers(model: nn.Module) -> list[nn.Module]:
             if is_batch_norm(m) and m.track_running_stats and getattr(m, "running_var", None) is not None]
 
 
+@torch.no_grad()
 def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
     """Ioffe & Szegedy 2015, Algorithm 2: population statistics for every BN layer of ``model``.
 
