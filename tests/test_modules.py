@@ -419,6 +419,23 @@ def test_convert_swaps_layers_and_keeps_state():
         assert torch.equal(value, state[key]), key
 
 
+def test_convert_names_the_batch_norms_it_leaves():
+    class ScaledBatchNorm(nn.BatchNorm1d):  # a subclass with its own forward: bnlab's would drop it
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    net = nn.Sequential(nn.LazyBatchNorm1d(), ScaledBatchNorm(3), nn.BatchNorm1d(3))
+    with pytest.warns(UserWarning, match=r"'0' \(LazyBatchNorm1d\), '1' \(ScaledBatchNorm\)") as caught:
+        converted = bnlab.convert(net)
+    assert caught[0].filename == __file__  # at the caller's line
+    assert type(converted[0]) is nn.LazyBatchNorm1d and type(converted[1]) is ScaledBatchNorm
+    assert type(converted[2]) is bnlab.BatchNorm1d
+    net[0](torch.randn(4, 3))  # a lazy layer becomes BatchNorm1d at its first forward, then converts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(bnlab.convert(nn.Sequential(net[0]))[0]) is bnlab.BatchNorm1d
+
+
 @settings(max_examples=20, deadline=None)
 @given(a=st.floats(0.1, 10), b=st.floats(-10, 10), seed=st.integers(0, 1000))
 def test_property_invariant_to_positive_affine_input_change(a, b, seed):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bnlab import functional as F
-from bnlab.modules.batch import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm, name_layers
+from bnlab.modules.batch import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm, name_layers, warn_left
 from bnlab.modules.cross_iter import CrossIterationBatchNorm
 
 
@@ -172,19 +172,28 @@ def convert(model: nn.Module, **kwargs) -> nn.Module:
 
     Parameters, buffers, device, dtype, requires_grad and train/eval mode carry over; ``kwargs``
     (``stats=``, ``backend=``) go to the new layers. Returns the model (a new layer when ``model``
-    itself is a batch-norm layer).
+    itself is a batch-norm layer). Other torch batch-norm layers (subclasses with their own
+    forward, an uninitialized ``LazyBatchNorm``) are left as they are, and a warning names them.
 
     Example (``convert(torchvision.models.resnet18())`` for a whole network):
         >>> net = convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=None)))
         >>> type(net[1]).__module__, net[1].stats
         ('bnlab.modules.batch', 'cumulative')
     """
-    new = _converted(model, kwargs)
+    model = name_layers(_convert_tree(model, kwargs))
+    warn_left(model, lambda m: isinstance(m, BatchNorm), "convert",
+              "only torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm themselves become bnlab's (a lazy layer after "
+              "its first forward)")
+    return model
+
+
+def _convert_tree(module: nn.Module, kwargs) -> nn.Module:
+    new = _converted(module, kwargs)
     if new is not None:
-        return name_layers(new)
-    for name, child in model.named_children():
-        setattr(model, name, convert(child, **kwargs))
-    return name_layers(model)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, _convert_tree(child, kwargs))
+    return module
 
 
 def _converted(module: nn.Module, kwargs) -> nn.Module | None:
