@@ -1,6 +1,6 @@
 """Training-step time of the small-batch experiment's network with CBN against BN, at batch 4.
 
-    python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--parts] [--variants] [--norm-cost]
+    python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--parts] [--variants] [--norm-cost] [--moments]
 
 Three networks train on the same MNIST-sized random batches with SGD + momentum, measured in one
 run, interleaved in blocks: bnlab's cross-iteration layers (window 4, past their burn-in), bnlab's
@@ -15,11 +15,15 @@ isolated comparison behind a choice in the code (a Linear producer's d nu/dW).
 ``--norm-cost`` adds the same network without normalization layers (identities) to the run, and
 prints what the normalization layers cost in each network's step (its step minus that one's).
 
-``--variants`` adds three CBN networks to the same run, to say where CBN's cost lies: the layer
+``--moments`` times a conv's d nu/dW both ways alone (torch's weight-gradient reduction, the
+patches' second moments) on a few shapes.
+
+``--variants`` adds four CBN networks to the same run, to say where CBN's cost lies: the layer
 on torch ops (``backend="native"``); the same with the derivatives taken as the official code takes
-them, two autograd passes per layer through the producer; and the fused layer with its convs' d nu/dW
+them, two autograd passes per layer through the producer; the fused layer with its convs' d nu/dW
 taken once and reused (stale derivatives: a timing of everything but that reduction, not a layer
-to train with).
+to train with); and the fused layer with every conv's d nu/dW on torch's weight-gradient kernel
+(none from the patches' second moments).
 """
 
 import argparse
@@ -37,12 +41,12 @@ from bnlab.experiments.small_batch import Config, SmallConvNet
 from bnlab.kernels import cpu_cbn
 
 
-KERNELS = {name: getattr(cpu_cbn, name) for name in ("pooled_forward", "commit", "store_conv", "store_linear",
-                                                       "pooled_backward")}  # (before --parts wraps them)
+KERNELS = {name: getattr(cpu_cbn, name) for name in ("pooled_forward", "commit", "store_conv", "store_conv_moments",
+                                                       "store_linear", "pooled_backward")}  # (before --parts wraps)
 
 
 def per_call_us(f, repeats=2000):
-    for _ in range(50):
+    for _ in range(min(50, repeats)):
         f()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -83,6 +87,16 @@ class StaleSecondMoment:
             self.__dict__["_input"] = None
 
 
+class WeightGradientOnly:
+    """The fused layer with every conv's d nu/dW on torch's weight-gradient kernel, none from the
+    patches' second moments (the layer until the tenth session: conv1 of this network takes them)."""
+
+    def pair(self, producer):
+        super().pair(producer)
+        self.__dict__["_moments"] = False
+        return self
+
+
 def cbn_variant(mixin, backend: str) -> nn.Module:
     """The experiment's network with bnlab's BN layers swapped for CBN layers (window 4, past
     their burn-in) made of ``mixin`` (or plain, None) on ``backend``."""
@@ -101,7 +115,34 @@ VARIANTS = {
     "CBN on torch ops, derivatives by two autograd passes (the official code's way)":
         lambda: cbn_variant(AutogradDerivatives, "native"),
     "CBN, d nu/dW stale (timing only)": lambda: cbn_variant(StaleSecondMoment, "auto"),
+    "CBN, every conv's d nu/dW on torch's weight-gradient kernel": lambda: cbn_variant(WeightGradientOnly, "auto"),
 }
+
+# (N, C_in, C_out, H = W, kernel, stride) with C_in * kernel^2 <= C_out: where the layer may take d nu/dW
+# from the patches' second moments instead of torch's weight-gradient reduction
+MOMENT_SHAPES = ((4, 1, 16, 28, 3, 1), (64, 1, 16, 28, 3, 1), (16, 3, 64, 32, 3, 1), (32, 3, 32, 112, 3, 1),
+                 (8, 3, 32, 224, 3, 2))
+
+
+def moments(repeats: int = 20) -> None:
+    """d nu/dW of one conv both ways, alone: torch's weight-gradient reduction (scaled by 2/m in the
+    window) against cpu_cbn.store_conv_moments (the derivatives into the window, d mu/dW included)."""
+    print("d nu/dW of a conv alone, torch's weight gradient against the patches' second moments:")
+    for n, c_in, c_out, side, k, stride in MOMENT_SHAPES:
+        conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False)
+        u = torch.randn(n, c_in, side, side)
+        x = conv(u).detach()
+        fan_in = c_in * k * k
+        weight, bias = conv.weight.detach().reshape(c_out, -1).numpy(), np.zeros(c_out, np.float32)
+        dmu, dnu = np.zeros((1, 1, fan_in), np.float32), np.zeros((1, c_out, fan_in), np.float32)
+        moment = lambda: cpu_cbn.store_conv_moments(0, u.numpy(), k, k, stride, stride, k // 2, k // 2, 1, 1,  # noqa
+                                                    weight, bias, dmu, dnu)
+        reps = max(3, repeats * 3136 // (n * side * side))
+        wgrad_us = per_call_us(lambda: F.conv_weight_gradient(x, u, conv), reps)
+        moment_us = per_call_us(moment, reps)
+        print(f"  u {(n, c_in, side, side)}, conv {c_in}->{c_out} {k}x{k} stride {stride} (F {fan_in}): "
+              f"weight gradient {wgrad_us:8.1f} us, second moments {moment_us:8.1f} us "
+              f"({wgrad_us / moment_us:.2f}x)")
 
 
 def network(method: str) -> nn.Module:
@@ -152,16 +193,16 @@ def parts(args, x, y) -> None:
 
         setattr(cpu_cbn, kernel, wrapper)
 
-    for kernel in ("pooled_forward", "commit", "store_conv", "store_linear", "pooled_backward"):
+    for kernel in KERNELS:
         per_layer(kernel)
     fused = autograd.FusedCrossIterationNormFunction
     timed("whole layer forward (_train)", modules.CrossIterationBatchNorm, "_train")
     timed("  pooled normalization, forward (compensation, pooling)", fused, "forward", static=True)
     timed("    of which the kernel pooled_forward", cpu_cbn, "pooled_forward")
     timed("  running statistics and window entry (commit)", cpu_cbn, "commit")
-    for kernel in ("store_conv", "store_linear"):
-        timed("  derivatives into the window (store_conv, store_linear)", cpu_cbn, kernel)
-    timed("d nu/dW of the convs, in the producers' hooks (torch's weight-gradient kernel)", F,
+    for kernel in ("store_conv", "store_conv_moments", "store_linear"):
+        timed("  derivatives into the window (store_conv[_moments], store_linear)", cpu_cbn, kernel)
+    timed("d nu/dW of conv2 and conv3, in the producers' hooks (torch's weight-gradient kernel)", F,
           "conv_weight_gradient")
     timed("pooled normalization, backward", fused, "backward", static=True)
     timed("  of which the kernel pooled_backward", cpu_cbn, "pooled_backward")
@@ -203,6 +244,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--parts", action="store_true", help="also time the pieces of CBN's step")
     parser.add_argument("--variants", action="store_true", help="also time three CBN variants in the same run")
+    parser.add_argument("--moments", action="store_true",
+                        help="also time a conv's d nu/dW both ways alone, on a few shapes")
     parser.add_argument("--norm-cost", action="store_true",
                         help="also time the network without normalization: what the layers cost")
     args = parser.parse_args()
@@ -240,6 +283,8 @@ def main() -> None:
         print(f"  {name}: {step * 1e3:.3f} ms, {step / bn:.2f}x BN")
     if args.parts:
         parts(args, x, y)
+    if args.moments:
+        moments()
 
 
 if __name__ == "__main__":

@@ -20,13 +20,19 @@ def load_bench_cbn():
 
 def test_bench_cbn_runs_and_reports_ratios_and_parts():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cbn.py"), "--steps", "60", "--parts",
-                          "--variants"],
+                          "--variants", "--moments"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     ratios = re.search(r"ratio CBN/BN ([\d.]+), CBN/torch's BN ([\d.]+)", out)
     assert ratios and all(float(r) > 0 for r in ratios.groups()), out
     parts = dict(re.findall(r"^\s+(\S.*?)\s+([\d.]+) ms$", out, flags=re.M))
-    assert float(parts["d nu/dW of the convs, in the producers' hooks (torch's weight-gradient kernel)"]) > 0, out
-    assert "store_linear" in out
+    assert float(parts["d nu/dW of conv2 and conv3, in the producers' hooks (torch's weight-gradient kernel)"]) > 0, out
+    assert float(parts["derivatives into the window (store_conv[_moments], store_linear)"]) > 0, out
+    # conv1 (1 -> 16 channels, fan-in 9) takes d nu/dW from its patches' second moments, the others on torch's kernel
+    stores = set(re.findall(r"^\s+(store_\w+)\s+\((.*?)\)\s+in the steps", out, flags=re.M))
+    assert stores == {("store_conv_moments", "4, 1, 28, 28"), ("store_conv", "4, 16, 14, 14"),
+                      ("store_conv", "4, 32, 7, 7"), ("store_linear", "4, 128")}, out
+    compared = re.findall(r"weight gradient\s+([\d.]+) us, second moments\s+([\d.]+) us", out)
+    assert len(compared) == len(load_bench_cbn().MOMENT_SHAPES) and all(float(a) > 0 for pair in compared for a in pair)
     # each kernel, per layer, inside the steps and alone: the four layers' pooled_backward
     per_layer = re.findall(r"^\s+pooled_backward\s+\((.*?)\)\s+in the steps\s+([\d.]+) us, alone\s+([\d.]+) us$", out,
                            flags=re.M)

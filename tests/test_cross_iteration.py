@@ -19,12 +19,17 @@ PRODUCERS = {
     # padded by the layer itself as torch's Conv2d pads them (F.conv_input); "same" is uneven for 2
     "conv-reflect": lambda: nn.Conv2d(3, 4, 3, stride=2, padding=(1, 2), padding_mode="reflect"),
     "conv-same": lambda: nn.Conv2d(3, 4, (2, 3), padding="same", dilation=(2, 1), bias=False),
+    # fan-in at most the outputs: d nu/dW from the patches' second moments on the numba kernels
+    "conv-moments": lambda: nn.Conv2d(1, 12, 3, stride=(2, 1), padding=(1, 2)),
+    "conv-moments-replicate": lambda: nn.Conv2d(2, 20, 3, padding=1, dilation=(1, 2), padding_mode="replicate",
+                                                bias=False),
 }
 
 
 def inputs(kind, batch=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shape = {"linear": (batch, 5), "conv": (batch, 4, 7, 7)}.get(kind, (batch, 3, 6, 6))
+    shape = {"linear": (batch, 5), "conv": (batch, 4, 7, 7), "conv-moments": (batch, 1, 7, 6),
+             "conv-moments-replicate": (batch, 2, 6, 7)}.get(kind, (batch, 3, 6, 6))
     return torch.randn(shape, generator=g, dtype=torch.float64) + 0.5
 
 
@@ -523,6 +528,32 @@ def test_kernel_mean_patches_equal_unfold(kh, kw, stride, padding, dilation, gro
     out = np.empty((groups, 4 // groups * kh * kw))
     cpu_cbn.mean_patches(u.numpy(), kh, kw, stride, stride, padding, padding, dilation, dilation, groups, out)
     np.testing.assert_allclose(out, F.mean_patches(u, conv).numpy(), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(0, 2), st.integers(1, 2),
+       st.integers(1, 2), st.integers(3, 9), st.integers(3, 9), st.booleans())
+def test_kernel_second_moment_derivatives_equal_the_weight_gradients(kh, kw, stride, padding, dilation, c_in, h, w,
+                                                                     bias):
+    """store_conv_moments' d nu/dW = 2/m (W S + b s) against 2/m times torch's weight gradient from
+    the conv's output, on small maps and on one whose patches take several chunks."""
+    from bnlab.kernels import cpu_cbn
+
+    if (h + 2 * padding - dilation * (kh - 1)) < 1 or (w + 2 * padding - dilation * (kw - 1)) < 1:
+        return  # no output position
+    torch.manual_seed(h * w)
+    for shape in ((3, c_in, h, w), (2, c_in, 40 * h, 30 * w)):  # (the second: >4096 positions, several chunks)
+        conv = nn.Conv2d(c_in, 5, (kh, kw), stride=stride, padding=padding, dilation=dilation, bias=bias).double()
+        u = torch.randn(shape, dtype=torch.float64) + 0.3
+        x = conv(u)
+        dmu, dnu = np.zeros((2, 1, conv.weight[0].numel())), np.zeros((2, 5, conv.weight[0].numel()))
+        b = conv.bias.detach().numpy() if bias else np.zeros(5)
+        cpu_cbn.store_conv_moments(1, u.numpy(), kh, kw, stride, stride, padding, padding, dilation, dilation,
+                                   conv.weight.detach().reshape(5, -1).numpy(), b, dmu, dnu)
+        expected = F.second_moment_derivative(x, u, conv).reshape(5, -1)
+        np.testing.assert_allclose(dnu[1], expected.numpy(), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(dmu[1], F.mean_patches(u, conv).numpy(), rtol=1e-12, atol=1e-12)
+        assert not dnu[0].any() and not dmu[0].any()  # (only the slot's entry)
 
 
 @pytest.mark.parametrize("padding", [{"padding": 1, "padding_mode": "circular"}, {"padding": "valid"},

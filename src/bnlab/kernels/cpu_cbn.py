@@ -134,6 +134,102 @@ def store_conv(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 
             win_dnu[slot, c, f] = dnu[c, f] * dnu_scale
 
 
+POSITIONS_PER_CHUNK = 4096  # at most (but one image row) the output positions of a chunk of store_conv_moments
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def store_conv_moments(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, weight, bias, win_dmu,
+                       win_dnu):
+    """Window entry ``slot``'s derivatives for a Conv2d producer of one group, from the second
+    moments of its input patches instead of a weight-gradient reduction.
+
+    With x_c(p) = <W_c, P(p)> + b_c over the m output positions p (``weight`` ``(C, F)``, ``bias``):
+        d nu_c/dW_c = 2/m sum_p x_c(p) P(p) = 2/m (W_c S + b_c s),
+        S = sum_p P(p) P(p)^T (F x F),  s = sum_p P(p) = m d mu/dW,
+    F (F + 1) / 2 products a position instead of the reduction's C F: the cheaper one where the
+    fan-in F is at most C (a first conv over 1-3 input channels) and the conv's stride along the
+    width is 1 (the layout of the patches copies rows; at stride 2 it gathers, and measured slower
+    than torch's kernel). Any stride gives the same values. Threads split the batch into
+    chunks of output rows of one image; each lays out its patches and sums their products in the
+    input's dtype (as torch's weight gradient sums them), and the chunks add up in float64.
+    """
+    n_, c_in, h, w = u.shape
+    oh = (h + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
+    ow = (w + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
+    f_ = c_in * kh * kw
+    rows = min(oh, max(1, POSITIONS_PER_CHUNK // ow))  # output rows of one image a chunk
+    per_image = (oh + rows - 1) // rows
+    partial = np.zeros((n_ * per_image, f_, f_))
+    for k in prange(n_ * per_image):
+        n, a0 = k // per_image, k % per_image * rows
+        a1 = min(oh, a0 + rows)
+        patches = np.empty((f_, (a1 - a0) * ow), dtype=u.dtype)
+        _lay_out_patches(u, n, a0, a1, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, patches)
+        _upper_gram(patches, partial[k])
+    second = np.zeros((f_, f_))
+    for k in range(n_ * per_image):
+        for f1 in range(f_):
+            for f2 in range(f1, f_):
+                second[f1, f2] += partial[k, f1, f2]
+    for f1 in range(f_):
+        for f2 in range(f1):
+            second[f1, f2] = second[f2, f1]
+    mean = np.empty((1, f_))
+    mean_patches(u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 1, mean)
+    for f in range(f_):
+        win_dmu[slot, 0, f] = mean[0, f]
+    scale = 2.0 / (n_ * oh * ow)
+    for c in range(weight.shape[0]):
+        for f2 in range(f_):
+            t = 0.0
+            for f1 in range(f_):
+                t += np.float64(weight[c, f1]) * second[f1, f2]
+            win_dnu[slot, c, f2] = t * scale + 2.0 * bias[c] * mean[0, f2]
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _lay_out_patches(u, n, a0, a1, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, out):
+    """Image ``n``'s patches at output rows [a0, a1): ``out[f, (a - a0) * OW + b]`` = patch entry f
+    (the weight's order) at output position (a, b), zero in the padding."""
+    _, c_in, h, w = u.shape
+    ow = out.shape[1] // max(a1 - a0, 1)
+    for ci in range(c_in):
+        for i in range(kh):
+            for j in range(kw):
+                col = out[(ci * kh + i) * kw + j]
+                for a in range(a0, a1):
+                    r = a * stride_h + i * dil_h - pad_h
+                    base = (a - a0) * ow
+                    if r < 0 or r >= h:
+                        col[base:base + ow] = 0
+                        continue
+                    src = u[n, ci, r]
+                    for b in range(ow):
+                        q = b * stride_w + j * dil_w - pad_w
+                        col[base + b] = src[q] if 0 <= q < w else 0
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _upper_gram(rows, out):
+    """``out[f1, f2]`` = <rows[f1], rows[f2]> for f1 <= f2 (and some f1 > f2), summed in the rows'
+    dtype, two rows by two rows: four products for four loads."""
+    f_, m = rows.shape
+    zero = rows.dtype.type(0)
+    for f1 in range(0, f_, 2):
+        g1 = min(f1 + 1, f_ - 1)  # (an odd last row pairs with itself)
+        a, b = rows[f1], rows[g1]
+        for f2 in range(f1, f_, 2):
+            g2 = min(f2 + 1, f_ - 1)
+            c, d = rows[f2], rows[g2]
+            t00, t01, t10, t11 = zero, zero, zero, zero
+            for p in range(m):
+                t00 += a[p] * c[p]
+                t01 += a[p] * d[p]
+                t10 += b[p] * c[p]
+                t11 += b[p] * d[p]
+            out[f1, f2], out[f1, g2], out[g1, f2], out[g1, g2] = t00, t01, t10, t11
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def store_linear(slot, x, u, win_dmu, win_dnu):
     """Window entry ``slot``'s derivatives for a Linear producer, ``x (N, C) = u (N, F) W^T + b``:

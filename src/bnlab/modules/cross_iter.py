@@ -31,6 +31,7 @@ class _KernelState(NamedTuple):
     running: tuple  # running_mean, running_var
     entry: tuple  # commit's window arrays
     derivatives: tuple  # store_conv's and store_linear's
+    producer: tuple  # the producer's weight (C, F) and bias (zeros without one)
     geometry: tuple  # a conv producer's kernel size, stride, padding, dilation, as store_conv takes them
 
 
@@ -133,6 +134,12 @@ class CrossIterationBatchNorm(BatchNorm):
             hook.remove()
         self.__dict__["_producer"] = producer
         self.__dict__["_checked"] = False
+        # A conv of one group with a fan-in F of at most C, at stride 1 along the width (its patches'
+        # rows are then copies): d nu/dW from the patches' second moments on the numba kernels, F (F + 1) / 2
+        # products a position instead of C F (cpu_cbn.store_conv_moments; faster than torch's reduction on
+        # the shapes in benchmarks/RESULTS.md)
+        self.__dict__["_moments"] = (self.compensate and isinstance(producer, nn.Conv2d) and groups == 1
+                                     and fan_in <= c and producer.stride[1] == 1)
         self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
         return self
 
@@ -156,7 +163,8 @@ class CrossIterationBatchNorm(BatchNorm):
                                  "torch.nn.utils.parametrize instead, or keep BN there")
             self.__dict__["_checked"] = plain is True
         gradient = None
-        if self.compensate and isinstance(module, nn.Conv2d) and self._stores(int(self.iteration)):
+        if self.compensate and isinstance(module, nn.Conv2d) and self._stores(int(self.iteration)) and not (
+                self.__dict__["_moments"] and self.backend == "auto" and u.is_cpu):
             gradient = F.conv_weight_gradient(output, u, module)
         self.__dict__["_input"] = (u, output, gradient)
 
@@ -289,6 +297,7 @@ class CrossIterationBatchNorm(BatchNorm):
             running=(mean.numpy(), var.numpy()),
             entry=(bias, w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w, valid, self.compensate),
             derivatives=(w_dmu, w_dnu),
+            producer=(weight, bias),
             geometry=(*producer.kernel_size, *producer.stride, *F.conv_padding(producer), *producer.dilation)
             if isinstance(producer, nn.Conv2d) else (),
         )
@@ -344,6 +353,9 @@ class CrossIterationBatchNorm(BatchNorm):
             producer = self.producer
             if isinstance(producer, nn.Linear):
                 kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), *state.derivatives)
+            elif gradient is None and self.__dict__["_moments"]:  # d nu/dW from the patches' second moments
+                kernels.store_conv_moments(slot, F.conv_input(u, producer).contiguous().numpy(), *state.geometry,
+                                           *state.producer, *state.derivatives)
             else:  # d nu/dW on torch's weight-gradient kernel, scaled by 2/m in the window
                 dnu = gradient if gradient is not None else F.conv_weight_gradient(x, u, producer)
                 kernels.store_conv(slot, F.conv_input(u, producer).contiguous().numpy(), *state.geometry,
