@@ -39,6 +39,7 @@ from bnlab import autograd, modules
 from bnlab import functional as F
 from bnlab.experiments.small_batch import Config, SmallConvNet
 from bnlab.kernels import cpu_cbn
+from bnlab.modules.cross_iter import moments_pay
 
 
 KERNELS = {name: getattr(cpu_cbn, name) for name in ("pooled_forward", "commit", "store_conv", "store_conv_moments",
@@ -118,10 +119,10 @@ VARIANTS = {
     "CBN, every conv's d nu/dW on torch's weight-gradient kernel": lambda: cbn_variant(WeightGradientOnly, "auto"),
 }
 
-# (N, C_in, C_out, H = W, kernel, stride) with C_in * kernel^2 <= C_out: where the layer may take d nu/dW
-# from the patches' second moments instead of torch's weight-gradient reduction
-MOMENT_SHAPES = ((4, 1, 16, 28, 3, 1), (64, 1, 16, 28, 3, 1), (16, 3, 64, 32, 3, 1), (32, 3, 32, 112, 3, 1),
-                 (8, 3, 32, 224, 3, 2))
+# (N, C_in, C_out, H = W, kernel, stride): convs on either side of each bound of the layer's rule for
+# taking d nu/dW from the patches' second moments (cross_iter.moments_pay)
+MOMENT_SHAPES = ((4, 1, 16, 28, 3, 1), (64, 1, 16, 28, 3, 1), (8, 2, 32, 64, 3, 1), (16, 3, 64, 32, 3, 1),
+                 (32, 3, 32, 112, 3, 1), (8, 3, 32, 224, 3, 2), (4, 8, 64, 28, 3, 1), (4, 3, 96, 32, 5, 1))
 
 
 def moments(repeats: int = 20) -> None:
@@ -137,12 +138,13 @@ def moments(repeats: int = 20) -> None:
         dmu, dnu = np.zeros((1, 1, fan_in), np.float32), np.zeros((1, c_out, fan_in), np.float32)
         moment = lambda: cpu_cbn.store_conv_moments(0, u.numpy(), k, k, stride, stride, k // 2, k // 2, 1, 1,  # noqa
                                                     weight, bias, dmu, dnu)
-        reps = max(3, repeats * 3136 // (n * side * side))
+        reps = max(10, repeats * 3136 // (n * side * side))
         wgrad_us = per_call_us(lambda: F.conv_weight_gradient(x, u, conv), reps)
         moment_us = per_call_us(moment, reps)
+        takes = "takes" if moments_pay(1, fan_in, c_out, stride) else "leaves"
         print(f"  u {(n, c_in, side, side)}, conv {c_in}->{c_out} {k}x{k} stride {stride} (F {fan_in}): "
               f"weight gradient {wgrad_us:8.1f} us, second moments {moment_us:8.1f} us "
-              f"({wgrad_us / moment_us:.2f}x)")
+              f"({wgrad_us / moment_us:.2f}x; the layer {takes} them)")
 
 
 def network(method: str) -> nn.Module:

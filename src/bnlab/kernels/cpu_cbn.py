@@ -146,12 +146,12 @@ def store_conv_moments(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h,
     With x_c(p) = <W_c, P(p)> + b_c over the m output positions p (``weight`` ``(C, F)``, ``bias``):
         d nu_c/dW_c = 2/m sum_p x_c(p) P(p) = 2/m (W_c S + b_c s),
         S = sum_p P(p) P(p)^T (F x F),  s = sum_p P(p) = m d mu/dW,
-    F (F + 1) / 2 products a position instead of the reduction's C F: the cheaper one where the
-    fan-in F is at most C (a first conv over 1-3 input channels) and the conv's stride along the
-    width is 1 (the layout of the patches copies rows; at stride 2 it gathers, and measured slower
-    than torch's kernel). Any stride gives the same values. Threads split the batch into
-    chunks of output rows of one image; each lays out its patches and sums their products in the
-    input's dtype (as torch's weight gradient sums them), and the chunks add up in float64.
+    F (F + 1) / 2 products a position (and C F^2 for W S) instead of the reduction's C F. Any
+    geometry gives the same values; it is the faster one only for a first conv over a few input
+    channels, at stride 1 along the width, where the patches' rows are copies (the layer's rule:
+    :func:`bnlab.modules.cross_iter.moments_pay`). Threads split the batch into chunks of output
+    rows of one image; each lays out its patches and sums their products in the input's dtype
+    (as torch's weight gradient sums them), and the chunks add up in float64.
     """
     n_, c_in, h, w = u.shape
     oh = (h + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1

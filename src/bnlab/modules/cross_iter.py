@@ -18,6 +18,17 @@ WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window
                   "window_valid")
 
 
+MOMENTS_MAX_FAN_IN = 32  # beyond, the patches' products (and W S, C F^2) cost more than torch's reduction
+
+
+def moments_pay(groups: int, fan_in: int, channels: int, stride_w: int) -> bool:
+    """Whether :func:`bnlab.kernels.cpu_cbn.store_conv_moments` beats torch's weight-gradient kernel
+    for a conv's d nu/dW: one group, a fan-in F of at most C and of at most ``MOMENTS_MAX_FAN_IN``,
+    stride 1 along the width (``benchmarks/bench_cbn.py --moments`` times both on shapes on either
+    side of each bound)."""
+    return groups == 1 and fan_in <= min(channels, MOMENTS_MAX_FAN_IN) and stride_w == 1
+
+
 def _any(flags: torch.Tensor) -> bool:
     """Whether any flag is set; False for a meta tensor (a model built without memory has no window)."""
     return not flags.is_meta and bool(flags.any())
@@ -134,12 +145,10 @@ class CrossIterationBatchNorm(BatchNorm):
             hook.remove()
         self.__dict__["_producer"] = producer
         self.__dict__["_checked"] = False
-        # A conv of one group with a fan-in F of at most C, at stride 1 along the width (its patches'
-        # rows are then copies): d nu/dW from the patches' second moments on the numba kernels, F (F + 1) / 2
-        # products a position instead of C F (cpu_cbn.store_conv_moments; faster than torch's reduction on
-        # the shapes in benchmarks/RESULTS.md)
-        self.__dict__["_moments"] = (self.compensate and isinstance(producer, nn.Conv2d) and groups == 1
-                                     and fan_in <= c and producer.stride[1] == 1)
+        # A first conv (a small fan-in, at most C): d nu/dW from its patches' second moments on the numba
+        # kernels, cheaper than torch's weight-gradient reduction there (cpu_cbn.store_conv_moments)
+        self.__dict__["_moments"] = self.compensate and isinstance(producer, nn.Conv2d) and moments_pay(
+            groups, fan_in, c, producer.stride[1])
         self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
         return self
 
