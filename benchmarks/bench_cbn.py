@@ -18,12 +18,13 @@ prints what the normalization layers cost in each network's step (its step minus
 ``--moments`` times a conv's d nu/dW both ways alone (torch's weight-gradient reduction, the
 patches' second moments) on a few shapes.
 
-``--variants`` adds four CBN networks to the same run, to say where CBN's cost lies: the layer
+``--variants`` adds five CBN networks to the same run, to say where CBN's cost lies: the layer
 on torch ops (``backend="native"``); the same with the derivatives taken as the official code takes
 them, two autograd passes per layer through the producer; the fused layer with its convs' d nu/dW
 taken once and reused (stale derivatives: a timing of everything but that reduction, not a layer
-to train with); and the fused layer with every conv's d nu/dW on torch's weight-gradient kernel
-(none from the patches' second moments).
+to train with); the fused layer with every conv's d nu/dW on torch's weight-gradient kernel
+(none from the patches' second moments); and the fused layers with the Linear's uncompensated
+(naive: a timing of everything but its window's derivatives).
 """
 
 import argparse
@@ -98,15 +99,17 @@ class WeightGradientOnly:
         return self
 
 
-def cbn_variant(mixin, backend: str) -> nn.Module:
+def cbn_variant(mixin, backend: str, naive_fc: bool = False) -> nn.Module:
     """The experiment's network with bnlab's BN layers swapped for CBN layers (window 4, past
-    their burn-in) made of ``mixin`` (or plain, None) on ``backend``."""
+    their burn-in) made of ``mixin`` (or plain, None) on ``backend``; ``naive_fc``: the Linear's
+    layer uncompensated."""
     net = network("bn")
     for name, producer, dims in (*((f"norms.{i}", conv, 2) for i, conv in enumerate(net.convs)),
                                  ("fc_norm", net.fc, 1)):
         base = (modules.CrossIterationBatchNorm1d, modules.CrossIterationBatchNorm2d)[dims - 1]
         cls = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {}) if mixin else base
-        layer = cls(producer.out_channels if dims == 2 else producer.out_features, window=4, backend=backend)
+        layer = cls(producer.out_channels if dims == 2 else producer.out_features, window=4, backend=backend,
+                    compensate=not (naive_fc and dims == 1))
         net.set_submodule(name, layer.pair(producer))
     return net
 
@@ -117,6 +120,7 @@ VARIANTS = {
         lambda: cbn_variant(AutogradDerivatives, "native"),
     "CBN, d nu/dW stale (timing only)": lambda: cbn_variant(StaleSecondMoment, "auto"),
     "CBN, every conv's d nu/dW on torch's weight-gradient kernel": lambda: cbn_variant(WeightGradientOnly, "auto"),
+    "CBN, the Linear's layer uncompensated (timing only)": lambda: cbn_variant(None, "auto", naive_fc=True),
 }
 
 # (N, C_in, C_out, H = W, kernel, stride): convs on either side of each bound of the layer's rule for
