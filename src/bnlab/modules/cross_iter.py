@@ -41,7 +41,7 @@ class _KernelState(NamedTuple):
     norm: tuple  # FusedCrossIterationNormFunction's: the kernels, gamma, beta, the window as pooled_forward reads it
     running: tuple  # running_mean, running_var
     entry: tuple  # commit's window arrays
-    derivatives: tuple  # store_conv's and store_linear's
+    derivatives: tuple  # store_conv[_moments]'s and store_linear's
     producer: tuple  # the producer's weight (C, F) and bias (zeros without one)
     geometry: tuple  # a conv producer's kernel size, stride, padding, dilation, as store_conv takes them
 
