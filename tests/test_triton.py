@@ -5,6 +5,7 @@ run on CUDA tensors by setting BNLAB_TEST_DEVICE=cuda (and unsetting TRITON_INTE
 """
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -105,3 +106,14 @@ def test_non_finite_batch_leaves_running_stats_alone():
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
     *_, folded = F.batch_norm_act_train(x.nan_to_num(), w, b, 1e-5, "relu", 0.0, "triton", rm, rv, 0.1)
     assert folded and not torch.equal(rm[0], before[0][0])
+
+
+def test_tensors_beyond_int32_offsets_are_refused_by_name_and_left_to_torch_by_auto():
+    """The kernels index in int32: a tensor of 2^31 values or more would wrap its offsets. Asked
+    for by name, Triton refuses it with the reason; "auto" gives it to torch's kernels."""
+    huge = torch.zeros(1, 2, 1).expand(2**30, 2, 1)  # (2^31 values, 8 bytes of storage)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        F.check_triton(huge)
+    F.check_triton(huge[: 2**29])  # (fits)
+    cuda_tensor = lambda numel: types.SimpleNamespace(device=torch.device("cuda"), numel=lambda: numel)  # noqa: E731
+    assert F.use_triton(cuda_tensor(2**31 - 1)) and not F.use_triton(cuda_tensor(2**31))

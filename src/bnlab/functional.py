@@ -345,9 +345,13 @@ def activation(u: torch.Tensor, act: str, slope: float = 0.01) -> torch.Tensor:
 FUSED_MIN_NUMEL = 1 << 16  # below this, torch's kernels win on call overhead (benchmarks/RESULTS.md)
 
 
+TRITON_MAX_NUMEL = 2**31 - 1  # the kernels index in int32 (offsets up to numel)
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    """``backend="auto"``'s choice of the Triton kernels: CUDA tensors, when Triton is importable."""
-    if x.device.type != "cuda":
+    """``backend="auto"``'s choice of the Triton kernels: CUDA tensors that int32 offsets can
+    address, when Triton is importable (else torch's kernels)."""
+    if x.device.type != "cuda" or x.numel() > TRITON_MAX_NUMEL:
         return False
     try:
         import triton  # noqa: F401
@@ -366,6 +370,9 @@ def check_triton(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for "
                          f"tests), got a tensor on {x.device}; backend='auto' picks the fastest available")
+    if x.numel() > TRITON_MAX_NUMEL:
+        raise ValueError(f"backend='triton' addresses tensors of up to 2^31 - 1 values (int32 offsets), got "
+                         f"{x.numel()} ({tuple(x.shape)}); backend='auto' runs torch's kernels on it")
 
 
 # Activations the fused CPU kernels win on. SiLU and sigmoid need exp, which numba computes one
