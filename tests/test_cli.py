@@ -29,6 +29,10 @@ def no_mnist(tmp_path, monkeypatch):
     (["small-batch", "--examples", "10"], r"--examples must be at least 32 \(the largest batch size\), got 10"),
     (["small-batch", "--burn-in", "2"], r"--burn-in must be in \[0, 1\]"),
     (["small-batch", "--methods", "bn,ln"], "unknown method 'ln'"),
+    # the same runs twice, and one row or column of the table for both
+    (["small-batch", "--methods", "bn,cbn,bn"], "--methods lists bn more than once"),
+    (["small-batch", "--batch-sizes", "4,8,4"], "--batch-sizes lists 4 more than once"),
+    (["regularization", "--variants", "bn,plain,bn"], "--variants lists bn more than once"),
     (["small-batch", "--nproc", "3"], "--nproc 3 must divide every batch size"),  # (was raised mid-run)
     (["init-sweep", "--batch", "0"], "--batch must be at least 2"),
     (["lr-sweep", "--lrs", "0"], "--lrs must be positive"),

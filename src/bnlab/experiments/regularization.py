@@ -43,7 +43,7 @@ class Config(sweeps.SweepConfig):
         self.variant_names()
 
     def variant_names(self) -> list[str]:
-        return runs.parse_list(self, "variants", choices=VARIANTS, what="variant")
+        return runs.parse_list(self, "variants", choices=VARIANTS, what="variant", unique=True)
 
     def quick(self) -> "Config":
         """A few epochs: the demo and CI."""

@@ -55,9 +55,10 @@ def check_choice(value, choices, what: str) -> None:
         raise ConfigError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
 
 
-def parse_list(cfg, name: str, kind=str, choices=None, what: str = "") -> list:
+def parse_list(cfg, name: str, kind=str, choices=None, what: str = "", unique: bool = False) -> list:
     """A comma-separated field as a list of ``kind``; an empty list, a value ``kind`` cannot read,
-    or one outside ``choices`` (when given; ``what`` names them) is refused."""
+    one outside ``choices`` (when given; ``what`` names them) or, with ``unique``, one given twice
+    (the same runs twice, and one row of the table for both) is refused."""
     text = getattr(cfg, name)
     try:
         values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
@@ -67,6 +68,9 @@ def parse_list(cfg, name: str, kind=str, choices=None, what: str = "") -> list:
         raise ConfigError(f"{flag(name)} takes a comma-separated list of {kind.__name__} values, got {text!r}")
     for value in values if choices is not None else ():
         check_choice(value, choices, what)
+    twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+    if unique and twice:
+        raise ConfigError(f"{flag(name)} lists {', '.join(map(str, twice))} more than once, got {text!r}")
     return values
 
 

@@ -81,14 +81,14 @@ class Config:
             raise ConfigError(f"--nproc {self.nproc} must divide every batch size (got {uneven[0]})")
 
     def batches(self) -> list[int]:
-        sizes = runs.parse_list(self, "batch_sizes", int)
+        sizes = runs.parse_list(self, "batch_sizes", int, unique=True)
         if min(sizes) < 2:
             raise ConfigError(f"--batch-sizes must each be at least 2 (BN after the fully connected layer needs "
                               f"two examples), got {self.batch_sizes!r}")
         return sizes
 
     def method_names(self) -> list[str]:
-        return runs.parse_list(self, "methods", choices=METHODS, what="method")
+        return runs.parse_list(self, "methods", choices=METHODS, what="method", unique=True)
 
     def quick(self) -> "Config":
         """A few hundred steps per run: the demo and CI."""
