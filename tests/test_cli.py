@@ -36,10 +36,13 @@ def no_mnist(tmp_path, monkeypatch):
     (["small-batch", "--nproc", "3"], "--nproc 3 must divide every batch size"),  # (was raised mid-run)
     (["init-sweep", "--batch", "0"], "--batch must be at least 2"),
     (["lr-sweep", "--lrs", "0"], "--lrs must be positive"),
+    (["lr-sweep", "--lr-log10-max", "-1", "--lr-log10-min", "-1"], "--lr-log10-max and --lr-log10-min are both -1"),
+    (["init-sweep", "--std-log10-min", "nan"], "--std-log10-min must be a finite number"),
     (["regularization", "--dropout", "1"], r"--dropout must be in \[0, 1\)"),
     (["regularization", "--variants", "bn,l1"], "unknown variant 'l1'"),
     (["hparam-search", "--trials", "0"], "--trials must be positive"),
-    (["hparam-search", "--lr-log10=-3"], "--lr-log10 takes two numbers a,b"),
+    (["hparam-search", "--lr-log10=-3"], "--lr-log10 takes two finite numbers a,b"),
+    (["hparam-search", "--weight-decay-log10=nan,-2"], "--weight-decay-log10 takes two finite numbers a,b"),
 ])
 def test_a_bad_setting_is_refused_before_anything_runs(tmp_path, no_mnist, capsys, args, message):
     out = tmp_path / "run"

@@ -55,4 +55,4 @@ def test_quick_search_picks_by_validation_measures_the_test_set_once_and_resumes
 
 def test_a_malformed_range_is_named(tmp_path, no_mnist, capsys):
     assert cli.main(["reproduce", "hparam-search", "--quick", "--lr-log10", "-3", "--out", str(tmp_path / "r")]) == 2
-    assert "--lr-log10 takes two numbers a,b" in capsys.readouterr().err
+    assert "--lr-log10 takes two finite numbers a,b" in capsys.readouterr().err

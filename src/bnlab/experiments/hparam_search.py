@@ -14,6 +14,7 @@ hyperparameters, from the same weights (He's init) on the same batches
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -52,8 +53,8 @@ class Config(sweeps.SweepConfig):
         """The exponents' ranges ``(a, b)``: the learning rate's, then the weight decay's."""
         ranges = [runs.parse_list(self, name, float) for name in ("lr_log10", "weight_decay_log10")]
         for name, values in zip(("lr_log10", "weight_decay_log10"), ranges):
-            if len(values) != 2:
-                raise ConfigError(f"{runs.flag(name)} takes two numbers a,b; got {getattr(self, name)!r}")
+            if len(values) != 2 or not all(math.isfinite(v) for v in values):
+                raise ConfigError(f"{runs.flag(name)} takes two finite numbers a,b; got {getattr(self, name)!r}")
         return [tuple(values) for values in ranges]
 
     def draws(self) -> list[tuple[float, float]]:

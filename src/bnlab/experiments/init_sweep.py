@@ -35,6 +35,7 @@ class Config(sweeps.SweepConfig):
     def __post_init__(self):
         super().__post_init__()
         runs.check(self, stds=runs.POSITIVE, lr=runs.POSITIVE)
+        sweeps.check_span(self, "std_log10_max", "std_log10_min", "stds")
 
     def quick(self) -> "Config":
         """Four stds for a few epochs: the demo and CI."""

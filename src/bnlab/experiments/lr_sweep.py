@@ -29,6 +29,7 @@ class Config(sweeps.SweepConfig):
     def __post_init__(self):
         super().__post_init__()
         runs.check(self, lrs=runs.POSITIVE)
+        sweeps.check_span(self, "lr_log10_max", "lr_log10_min", "lrs")
 
     def quick(self) -> "Config":
         """Three learning rates for a few epochs: the demo and CI."""

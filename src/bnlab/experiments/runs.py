@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ class ConfigError(ValueError):
 # Rules for :func:`check`: (test, what a value must be)
 POSITIVE = (lambda v: v > 0, "positive")
 NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
+FINITE = (math.isfinite, "a finite number")
 
 
 def at_least(low, why: str = ""):

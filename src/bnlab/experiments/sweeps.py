@@ -51,6 +51,15 @@ class SweepConfig:
                    batch=runs.at_least(2), epochs=runs.POSITIVE, eps=runs.POSITIVE, seed=runs.NON_NEGATIVE)
 
 
+def check_span(cfg, top: str, bottom: str, count: str) -> None:
+    """Refuse a log-spaced axis that cannot be drawn: exponents that are not finite, or one value
+    ``count`` times (the same runs, one point of the figure)."""
+    runs.check(cfg, **{top: runs.FINITE, bottom: runs.FINITE})
+    if getattr(cfg, count) > 1 and getattr(cfg, top) == getattr(cfg, bottom):
+        raise ConfigError(f"{runs.flag(top)} and {runs.flag(bottom)} are both {getattr(cfg, top)}: "
+                               f"{runs.flag(count)} {getattr(cfg, count)} would be one value that many times")
+
+
 def log_values(top: float, bottom: float, count: int) -> list[float]:
     """``count`` values from 10^top down to 10^bottom, log-spaced."""
     return [float(v) for v in np.logspace(top, bottom, count)]
