@@ -38,6 +38,7 @@ def no_mnist(tmp_path, monkeypatch):
     (["lr-sweep", "--lrs", "0"], "--lrs must be positive"),
     (["lr-sweep", "--lr-log10-max", "-1", "--lr-log10-min", "-1"], "--lr-log10-max and --lr-log10-min are both -1"),
     (["init-sweep", "--std-log10-min", "nan"], "--std-log10-min must be a finite number"),
+    (["bn-mnist", "--lr", "inf"], "--lr must be a finite number, got inf"),  # (inf passed "positive")
     (["regularization", "--dropout", "1"], r"--dropout must be in \[0, 1\)"),
     (["regularization", "--variants", "bn,l1"], "unknown variant 'l1'"),
     (["hparam-search", "--trials", "0"], "--trials must be positive"),
