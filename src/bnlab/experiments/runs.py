@@ -42,16 +42,16 @@ def flag(name: str) -> str:
 
 def check(cfg, **rules) -> None:
     """Refuse settings that cannot run before anything runs, naming the flag: ``rules`` map a
-    field to a rule, ``(test, what the value must be)``, e.g. ``steps=POSITIVE``; NaN and inf
-    fail every rule. The configs call
-    it from ``__post_init__``, so the command line, ``dataclasses.replace`` and a ``config.json``
-    read for ``--resume`` are all checked."""
+    field to a rule, ``(test, what the value must be)``, e.g. ``steps=POSITIVE``, and every value
+    must be finite (inf passed "positive"). The configs call it from ``__post_init__``, so the
+    command line, ``dataclasses.replace`` and a ``config.json`` read for ``--resume`` are all
+    checked."""
     for name, (test, must) in rules.items():
         value = getattr(cfg, name)
-        if isinstance(value, float) and not math.isfinite(value):  # (inf passed "positive")
-            must = FINITE[1]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not FINITE[0](value) or not test(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
             raise ConfigError(f"{flag(name)} must be {must}, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag(name)} must be {FINITE[1]}, got {value!r}")
 
 
 def check_choice(value, choices, what: str) -> None:
