@@ -127,3 +127,13 @@ def test_a_folder_that_is_not_the_run_asked_for_is_named_without_a_traceback(tmp
     assert cli.main([*command, str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bnlab: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("metrics_text, message", [("{bad", "metrics.json cannot be read"),
+                                                   ("[1, 2]", "metrics.json holds no run's results")])
+def test_plot_names_a_damaged_metrics_file_without_a_traceback(tmp_path, capsys, metrics_text, message):
+    out = run_folder(tmp_path, json.dumps({"experiment": "bn-mnist", "config": {}}))
+    (out / "metrics.json").write_text(metrics_text)
+    assert cli.main(["plot", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnlab: error: ") and message in err and len(err.strip().splitlines()) == 1, err

@@ -163,7 +163,13 @@ def read_metrics(run_dir) -> dict:
         experiment = read_record(run_dir)["experiment"]
         raise ConfigError(f"{run_dir} has no metrics.json: the run has not finished; continue it with "
                           f"bnlab reproduce {experiment} --resume {run_dir}")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} cannot be read: {err}") from err
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{path} holds no run's results (a JSON object)")
+    return summary
 
 
 def save_figure(fig, run_dir, dpi: int) -> Path:
