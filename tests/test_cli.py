@@ -129,8 +129,11 @@ def test_a_folder_that_is_not_the_run_asked_for_is_named_without_a_traceback(tmp
     assert err.startswith("bnlab: error: ") and message in err, err
 
 
-@pytest.mark.parametrize("metrics_text, message", [("{bad", "metrics.json cannot be read"),
-                                                   ("[1, 2]", "metrics.json holds no run's results")])
+@pytest.mark.parametrize("metrics_text, message", [
+    ("{bad", "metrics.json cannot be read"),
+    ("[1, 2]", "metrics.json holds no run's results"),
+    ("{}", "metrics.json lacks what the figure needs (KeyError('nets'))"),
+])
 def test_plot_names_a_damaged_metrics_file_without_a_traceback(tmp_path, capsys, metrics_text, message):
     out = run_folder(tmp_path, json.dumps({"experiment": "bn-mnist", "config": {}}))
     (out / "metrics.json").write_text(metrics_text)

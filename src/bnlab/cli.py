@@ -113,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plot":
             from bnlab.experiments import experiment_of
 
-            print(experiment_of(args.run_dir).plot(Path(args.run_dir)))
+            experiment = experiment_of(args.run_dir)
+            try:
+                print(experiment.plot(Path(args.run_dir)))
+            except (KeyError, IndexError, TypeError) as err:  # (a metrics.json edited, or of another version)
+                raise ConfigError(f"{Path(args.run_dir) / 'metrics.json'} lacks what the figure needs ({err!r}); "
+                                  f"was it written by this version of bnlab?") from err
         elif args.command == "download-mnist":
             from bnlab.data import download_mnist
 
