@@ -140,3 +140,19 @@ def test_plot_names_a_damaged_metrics_file_without_a_traceback(tmp_path, capsys,
     assert cli.main(["plot", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bnlab: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line_from_a_training_process(tmp_path, no_mnist, capsys):
+    """bn-mnist trains its two networks in two processes: a checkpoint one of them cannot read is
+    the parent's one-line error, as in one process (it was a traceback around the worker's)."""
+    out = tmp_path / "run"
+    args = ["reproduce", "bn-mnist", "--steps", "40", "--checkpoint-every", "20", "--eval-every", "20",
+            "--recalibration-batches", "2", "--probe-examples", "50", "--workers", "2"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    (out / "metrics.json").unlink()  # (as if cut short after its last checkpoint)
+    (out / "bn" / "checkpoint.safetensors").write_bytes(b"\x00" * 100)
+    capsys.readouterr()
+    assert cli.main(["reproduce", "bn-mnist", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err  # (after the progress bar's line)
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("bnlab: error: "), err
+    assert "bn/checkpoint.safetensors: the checkpoint is corrupt or not bnlab's" in err

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 import bnlab
-from bnlab.data import Dataset, load_dataset
+from bnlab.data import Dataset, DataError, load_dataset
 from bnlab.experiments import runs
 from bnlab.modules import evaluating, recalibrate
 from bnlab.kernels.binary_linear import active_lists, warm_up
 from bnlab.nets import BinaryInputSGD, SigmoidMLP, flat_active_inputs
-from bnlab.train import CHECKPOINT, LoopConfig, fit, has_checkpoint, load_checkpoint
+from bnlab.train import CHECKPOINT, CheckpointError, LoopConfig, fit, has_checkpoint, load_checkpoint
 
 EXPERIMENT = "bn-mnist"
 NETS = ("baseline", "bn")
@@ -160,6 +160,8 @@ def _worker(cfg: Config, name: str, resume: bool, data: Tensors, messages) -> No
         messages.put(("done", name, metrics))
     except KeyboardInterrupt as err:
         messages.put(("interrupted", name, str(err)))
+    except (CheckpointError, DataError, runs.ConfigError) as err:  # the parent raises it as it is: one line
+        messages.put(("refused", name, err))
     except BaseException:  # reported to the parent, which raises
         messages.put(("error", name, traceback.format_exc()))
 
@@ -206,7 +208,7 @@ def train_both(cfg: Config, resume: bool, data: Tensors) -> dict[str, list[dict]
                 results[name] = payload
             else:
                 problems.append((kind, name, payload))
-                if kind == "error":  # the other network's result would be of no use
+                if kind in ("error", "refused"):  # the other network's result would be of no use
                     for p in procs:
                         p.terminate()
                     break
@@ -215,6 +217,8 @@ def train_both(cfg: Config, resume: bool, data: Tensors) -> dict[str, list[dict]
     for kind, name, payload in problems:
         if kind == "interrupted":
             raise KeyboardInterrupt(payload)
+        if kind == "refused":
+            raise payload
         raise RuntimeError(f"training {name} failed:\n{payload}")
     return results
 
