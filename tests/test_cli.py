@@ -156,3 +156,28 @@ def test_a_damaged_checkpoint_is_named_in_one_line_from_a_training_process(tmp_p
     err = capsys.readouterr().err  # (after the progress bar's line)
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("bnlab: error: "), err
     assert "bn/checkpoint.safetensors: the checkpoint is corrupt or not bnlab's" in err
+
+
+def test_a_refusal_raised_in_a_spawned_process_is_rebuilt_from_its_traceback():
+    """torch.multiprocessing.spawn (small-batch's --nproc) hands the parent a worker's traceback as
+    text: a checkpoint, data or settings error comes back as itself, one line; others do not."""
+    import traceback
+
+    from bnlab.data import DataError
+    from bnlab.experiments import runs
+    from bnlab.train import CheckpointError
+
+    for error in (CheckpointError("run/rank1/checkpoint.safetensors: corrupt"), DataError("x: truncated"),
+                  runs.ConfigError("--steps must be positive, got 0"), RuntimeError("a bug")):
+        try:
+            try:
+                raise ValueError("the cause")
+            except ValueError as cause:
+                raise error from cause
+        except Exception:
+            text = "\n\n-- Process 1 terminated with the following error:\n" + traceback.format_exc()
+        rebuilt = runs.worker_refusal(text)
+        if isinstance(error, RuntimeError) and not isinstance(error, CheckpointError):
+            assert rebuilt is None
+        else:
+            assert type(rebuilt) is type(error) and str(rebuilt) == str(error)

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import bnlab
-from bnlab.train import CHECKPOINT
+from bnlab.data import DataError
+from bnlab.train import CHECKPOINT, CheckpointError
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,18 @@ def check(cfg, **rules) -> None:
             raise ConfigError(f"{flag(name)} must be {must}, got {value!r}")
         if not math.isfinite(value):
             raise ConfigError(f"{flag(name)} must be {FINITE[1]}, got {value!r}")
+
+
+def worker_refusal(text: str) -> Exception | None:
+    """The refusal (a checkpoint, data or settings error, one line) that a worker process raised,
+    rebuilt from the traceback text its parent gets (``torch.multiprocessing.spawn``'s), so the
+    command line says it as it says its own; None for any other error."""
+    lines = text.strip().splitlines()
+    for cls in (CheckpointError, DataError, ConfigError):
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        if lines and lines[-1].startswith(prefix):
+            return cls(lines[-1][len(prefix):])
+    return None
 
 
 def check_choice(value, choices, what: str) -> None:

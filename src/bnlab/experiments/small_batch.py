@@ -234,7 +234,13 @@ def run(cfg: Config, resume: bool = False) -> dict:
         for method in methods:
             if method == "syncbn":
                 (out / f"syncbn-b{batch}" / "store").unlink(missing_ok=True)  # a store left by an earlier run
-                torch.multiprocessing.spawn(_sync_worker, args=(cfg, batch, data, resume), nprocs=cfg.nproc)
+                try:
+                    torch.multiprocessing.spawn(_sync_worker, args=(cfg, batch, data, resume), nprocs=cfg.nproc)
+                except torch.multiprocessing.ProcessRaisedException as err:
+                    refusal = runs.worker_refusal(str(err))
+                    if refusal is None:
+                        raise
+                    raise refusal from None
                 rows = json.loads((out / f"syncbn-b{batch}" / "rows.json").read_text())
             else:
                 rows = _train(cfg, method, batch, data, resume)
