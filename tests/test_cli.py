@@ -181,3 +181,22 @@ def test_a_refusal_raised_in_a_spawned_process_is_rebuilt_from_its_traceback():
             assert rebuilt is None
         else:
             assert type(rebuilt) is type(error) and str(rebuilt) == str(error)
+
+
+def test_a_figure_says_which_data_the_run_trained_on(tmp_path):
+    """The fallback data (scikit-learn's 8x8 digits) must not pass for MNIST in a figure: every
+    experiment's figure.png carries the data its run recorded as a footnote."""
+    from bnlab.experiments import runs
+
+    out = run_folder(tmp_path, json.dumps({"experiment": "bn-mnist", "config": {},
+                                           "data": "scikit-learn's bundled 8x8 digits (MNIST not found)"}))
+    plt = runs.pyplot()
+    fig, _ = plt.subplots()
+    texts = []
+    fig.text = lambda *args, **kwargs: texts.append(args[2])  # (the footnote's string)
+    assert runs.save_figure(fig, out, dpi=50).is_file()
+    assert texts == ["data: scikit-learn's bundled 8x8 digits (MNIST not found)"]
+    fig, _ = plt.subplots()
+    fig.text = lambda *args, **kwargs: texts.append(args[2])
+    runs.save_figure(fig, tmp_path, dpi=50)  # (no run record: no footnote)
+    assert len(texts) == 1
