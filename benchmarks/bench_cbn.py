@@ -23,7 +23,7 @@ on torch ops (``backend="native"``); the same with the derivatives taken as the 
 them, two autograd passes per layer through the producer; the fused layer with its convs' d nu/dW
 taken once and reused (stale derivatives: a timing of everything but that reduction, not a layer
 to train with); the fused layer with every conv's d nu/dW on torch's weight-gradient kernel
-(none from the patches' second moments); and the fused layers with the Linear's uncompensated
+(none from the patches' second moments); and the fused layers with the Linear's layer uncompensated
 (naive: a timing of everything but its window's derivatives).
 """
 
@@ -140,7 +140,7 @@ def moments(repeats: int = 20) -> None:
         fan_in = c_in * k * k
         weight, bias = conv.weight.detach().reshape(c_out, -1).numpy(), np.zeros(c_out, np.float32)
         dmu, dnu = np.zeros((1, 1, fan_in), np.float32), np.zeros((1, c_out, fan_in), np.float32)
-        moment = lambda: cpu_cbn.store_conv_moments(0, u.numpy(), k, k, stride, stride, k // 2, k // 2, 1, 1,  # noqa
+        moment = lambda: cpu_cbn.store_conv_moments(0, u.numpy(), k, k, stride, stride, k // 2, k // 2, 1, 1,  # noqa: E731
                                                     weight, bias, dmu, dnu)
         reps = max(10, repeats * 3136 // (n * side * side))
         wgrad_us = per_call_us(lambda: F.conv_weight_gradient(x, u, conv), reps)
