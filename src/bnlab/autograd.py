@@ -107,17 +107,17 @@ class BatchNormActFunction(torch.autograd.Function):
 
 class TritonBatchNormActFunction(torch.autograd.Function):
     """act(BN(x)) with the Triton kernels of :mod:`bnlab.kernels.triton_bn` (CUDA tensors, or any
-    tensor under ``TRITON_INTERPRET=1``); the running buffers are updated inside the forward launch,
-    their values before it written into ``previous`` (:func:`bnlab.kernels.triton_bn.forward`)."""
+    tensor under ``TRITON_INTERPRET=1``); the running buffers given are updated inside the forward
+    launch (:func:`bnlab.kernels.triton_bn.forward`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, act, slope, running_mean, running_var, momentum, previous=None):
+    def forward(ctx, x, weight, bias, eps, act, slope, running_mean, running_var, momentum):
         from bnlab.kernels import triton_bn
 
         c = x.shape[1]
         w = (weight if weight is not None else torch.ones(c, device=x.device)).detach()
         b = (bias if bias is not None else torch.zeros(c, device=x.device)).detach()
-        y, mean, invstd = triton_bn.forward(x, w, b, eps, act, slope, running_mean, running_var, momentum, previous)
+        y, mean, invstd = triton_bn.forward(x, w, b, eps, act, slope, running_mean, running_var, momentum)
         ctx.save_for_backward(x, w, b, mean, invstd)
         ctx.config = (act, slope, weight is not None)
         ctx.mark_non_differentiable(mean, invstd)
@@ -133,7 +133,7 @@ class TritonBatchNormActFunction(torch.autograd.Function):
         dx, dw, db = triton_bn.backward(dy, x, w, b, mean, invstd, act, slope)
         grad_w = dw.to(w.dtype) if affine and ctx.needs_input_grad[1] else None
         grad_b = db.to(b.dtype) if affine and ctx.needs_input_grad[2] else None
-        return dx, grad_w, grad_b, None, None, None, None, None, None, None
+        return dx, grad_w, grad_b, None, None, None, None, None, None
 
 
 class CrossIterationNormFunction(torch.autograd.Function):

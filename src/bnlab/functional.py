@@ -134,12 +134,6 @@ def statistics_sum(mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
     return (mean + invstd.reciprocal()).sum()
 
 
-def stats_are_finite(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
-    """False when the batch held a NaN or inf (:func:`statistics_sum`). The sum is read on the host
-    and checked there: half the cost of torch.isfinite on it, which is a few ops on a 0-d tensor."""
-    return math.isfinite(float(statistics_sum(mean, invstd)))
-
-
 @torch.no_grad()
 def update_running_stats_(running_mean, running_var, mean, var_biased, m, momentum) -> bool:
     """Fold one batch into the running statistics, in place; skip a batch with non-finite stats.
@@ -433,18 +427,11 @@ def batch_norm_act_train(
         from bnlab.autograd import TritonBatchNormActFunction  # autograd builds on this module
 
         tracking = running_mean is not None and running_var is not None
-        previous = torch.empty((2, x.shape[1]), dtype=running_mean.dtype, device=x.device) if tracking else None
-        y, mean, invstd = TritonBatchNormActFunction.apply(
-            x, weight, bias, eps, act, slope, running_mean if tracking else None,
-            running_var if tracking else None, momentum, previous,
-        )
-        # The kernel folds in each channel whose statistics are finite: undo them all when one was not
-        folded = tracking and stats_are_finite(mean, invstd)
-        if tracking and not folded:
-            with torch.no_grad():
-                running_mean.copy_(previous[0])
-                running_var.copy_(previous[1])
-        return y, mean, invstd, folded
+        updated = (running_mean.clone(), running_var.clone()) if tracking else (None, None)  # (as batch_norm_train)
+        y, mean, invstd = TritonBatchNormActFunction.apply(x, weight, bias, eps, act, slope, *updated, momentum)
+        if not tracking:
+            return y, mean, invstd, False
+        return y, mean, invstd, fold_if_finite_(statistics_sum(mean, invstd), (running_mean, running_var), updated)
     if backend == "fused" or (backend == "auto" and use_fused(x, act)):
         return _fused_act_train(x, weight, bias, eps, act, slope, running_mean, running_var, momentum)
     y, mean, invstd, folded = batch_norm_train(
@@ -519,11 +506,10 @@ def batch_renorm_train(x, weight, bias, running_mean, running_std, r_max, d_max,
     y = x_hat * per_channel(r.to(x.dtype), nd) + per_channel(d.to(x.dtype), nd)
     if weight is not None:
         y = y * per_channel(weight.to(y.dtype), nd) + per_channel(bias.to(y.dtype), nd)
-    folded = stats_are_finite(mean, invstd)
-    if folded:
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_std.lerp_(sigma_B.to(running_std.dtype), momentum)
+    with torch.no_grad():
+        folded = fold_if_finite_(statistics_sum(mean, invstd), (running_mean, running_std),
+                                 (running_mean.lerp(mean.to(running_mean.dtype), momentum),
+                                  running_std.lerp(sigma_B.to(running_std.dtype), momentum)))
     return y, folded
 
 

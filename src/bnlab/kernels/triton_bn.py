@@ -51,7 +51,7 @@ def _act_grad(u, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, prev_ptr,
+def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr,
                     N, S, sn, sc, ss, eps, momentum, slope,
                     ACT: tl.constexpr, TRACK: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
@@ -84,17 +84,12 @@ def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, rm_ptr, rv
     tl.store(mean_ptr + c, mean)
     tl.store(invstd_ptr + c, invstd)
     if TRACK:
-        rm_old = tl.load(rm_ptr + c)
-        rv_old = tl.load(rv_ptr + c)
-        tl.store(prev_ptr + c, rm_old)  # (for the caller to undo a batch with a non-finite channel anywhere)
-        tl.store(prev_ptr + tl.num_programs(0) + c, rv_old)
-        rm = rm_old.to(tl.float32)
-        rv = rv_old.to(tl.float32)
-        ok = (mean == mean) & (var == var) & (var < float("inf")) & (tl.abs(mean) < float("inf"))
+        rm = tl.load(rm_ptr + c).to(tl.float32)
+        rv = tl.load(rv_ptr + c).to(tl.float32)
         new_rm = (1.0 - momentum) * rm + momentum * mean
         new_rv = (1.0 - momentum) * rv + momentum * var * m / (m - 1)
-        tl.store(rm_ptr + c, tl.where(ok, new_rm, rm).to(rm_ptr.dtype.element_ty))
-        tl.store(rv_ptr + c, tl.where(ok, new_rv, rv).to(rv_ptr.dtype.element_ty))
+        tl.store(rm_ptr + c, new_rm.to(rm_ptr.dtype.element_ty))
+        tl.store(rv_ptr + c, new_rv.to(rv_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -169,13 +164,11 @@ def _block(m: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(m)))
 
 
-def forward(x, weight, bias, eps, act, slope, running_mean=None, running_var=None, momentum=0.1, previous=None):
-    """Returns ``(y, mean, invstd)``; y has x's layout and dtype; updates the running buffers.
-
-    One program per channel, so a channel cannot know whether another's statistics are finite:
-    each folds its own batch in where they are, and writes the values it replaced into
-    ``previous`` ``(2, C)`` (the buffers' dtype), for the caller to restore every channel when
-    one was not (a batch is folded in whole or not at all, as on the CPU)."""
+def forward(x, weight, bias, eps, act, slope, running_mean=None, running_var=None, momentum=0.1):
+    """Returns ``(y, mean, invstd)``; y has x's layout and dtype; folds the batch into the running
+    buffers it is given, whatever its statistics (one program per channel cannot know whether
+    another's are finite: the caller passes copies and keeps them only for a finite batch,
+    :func:`bnlab.functional.fold_if_finite_`)."""
     c = x.shape[1]
     if x.dim() > 2 and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
@@ -184,12 +177,9 @@ def forward(x, weight, bias, eps, act, slope, running_mean=None, running_var=Non
     invstd = torch.empty_like(mean)
     n, s, sn, sc, ss = _ncs(x)
     track = running_mean is not None
-    if track and previous is None:
-        raise ValueError("triton_bn.forward: running buffers need a (2, C) array `previous` for the values they held")
     dummy = mean
     _forward_kernel[(c,)](x, y, weight, bias, mean, invstd,
                           running_mean if track else dummy, running_var if track else dummy,
-                          previous if track else dummy,
                           n, s, sn, sc, ss, eps, momentum, slope,
                           ACT=ACT_CODES[act], TRACK=track, BLOCK=_block(n * s))
     return y, mean, invstd
