@@ -87,8 +87,8 @@ def parse_list(cfg, name: str, kind=str, choices=None, what: str = "", unique: b
         raise ConfigError(f"{flag(name)} takes a comma-separated list of {kind.__name__} values, got {text!r}")
     for value in values if choices is not None else ():
         check_choice(value, choices, what)
-    twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
-    if unique and twice:
+    twice = sorted({v for v in values if values.count(v) > 1}, key=values.index) if unique else []
+    if twice:
         raise ConfigError(f"{flag(name)} lists {', '.join(map(str, twice))} more than once, got {text!r}")
     return values
 
