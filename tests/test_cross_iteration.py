@@ -468,7 +468,7 @@ def test_gradcheck_fused_cross_iteration_norm_function(affine):
     state = layer._kernel_state(x)
     params = (layer.weight, layer.bias) if affine else ()
 
-    stats = np.empty((4, x.shape[1]))
+    stats = np.empty((5, x.shape[1]))
 
     def f(x, *wb):
         return FusedCrossIterationNormFunction.apply(x, *(wb or (None, None)), layer.eps, True, state.norm, stats)
@@ -481,16 +481,45 @@ def test_gradcheck_fused_cross_iteration_norm_function(affine):
     expected, mu, var = CrossIterationNormFunction.apply(x, *(params or (None, None)), past_mu, past_nu, n + 1,
                                                          layer.eps)
     torch.testing.assert_close(f(x, *params), expected, rtol=1e-10, atol=1e-12)
-    # stats: the batch's mean and biased variance, then the pooled mean and 1/sqrt(sigma2 + eps)
+    # stats: the batch's mean and biased variance, the pooled mean and 1/sqrt(sigma2 + eps), and k
     torch.testing.assert_close(torch.from_numpy(stats[:2]), torch.stack([mu, var]).detach(), rtol=1e-10, atol=1e-12)
     pooled_mu = (past_mu + mu.detach()) / (n + 1)
     pooled_var = (past_nu + var.detach() + mu.detach() ** 2) / (n + 1) - pooled_mu**2
-    torch.testing.assert_close(torch.from_numpy(stats[2:]), torch.stack([pooled_mu, (pooled_var + layer.eps).rsqrt()]),
+    torch.testing.assert_close(torch.from_numpy(stats[2:4]), torch.stack([pooled_mu, (pooled_var + layer.eps).rsqrt()]),
                                rtol=1e-10, atol=1e-12)
+    assert stats[4, 0] == n + 1
     y = f(x, *params)
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):  # no double backward on the kernels
         g.sum().backward()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_replayed_cross_iteration_norm_function(affine):
+    """Activation checkpointing's replay of the fused forward: at the recorded batch, the fused
+    forward's output and statistics from the past sums it pooled; a function of x whose gradient
+    is the pooled normalization's."""
+    from bnlab.autograd import FusedCrossIterationNormFunction, ReplayedCrossIterationNormFunction
+    from bnlab.modules.cross_iter import _past_sums
+
+    producer, layer = pair("conv", 3, affine=affine)
+    run(producer, layer, 3, lr=0.05)
+    x = producer(inputs("conv", batch=2, seed=9)).detach().requires_grad_()
+    state = layer._kernel_state(x)
+    params = (layer.weight, layer.bias) if affine else ()
+    wb = params or (None, None)
+    recorded, replayed = np.empty((5, x.shape[1])), np.empty((5, x.shape[1]))
+    expected = FusedCrossIterationNormFunction.apply(x, *wb, layer.eps, True, state.norm, recorded)
+    assert recorded[4, 0] == 3  # (a full window: the compensated entries are in the sums)
+    past = _past_sums(recorded, layer.eps)
+
+    def f(x, *wb):
+        return ReplayedCrossIterationNormFunction.apply(x, *(wb or (None, None)), layer.eps, past, state.norm,
+                                                        replayed)
+
+    torch.testing.assert_close(f(x, *params), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(replayed, recorded, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(f, (x, *params))
 
 
 def test_the_kernels_follow_tensors_that_moved():

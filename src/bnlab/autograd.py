@@ -200,10 +200,10 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
     :func:`bnlab.kernels.cpu_cbn.pooled_backward`. Float32 and float64 channels-first CPU tensors;
     no double backward.
 
-    Returns y, and fills ``stats``, a NumPy ``(4, C)`` float64 array: the batch's mean and biased
+    Returns y, and fills ``stats``, a NumPy ``(5, C)`` float64 array: the batch's mean and biased
     variance (what the running statistics and the window take), then the pooled mean and
-    1/sqrt(sigma2 + eps). (An array, not a second output: autograd's bookkeeping of an output costs
-    more than the kernel on a small batch.)
+    1/sqrt(sigma2 + eps), and k at ``stats[4, 0]``. (An array, not a second output: autograd's
+    bookkeeping of an output costs more than the kernel on a small batch.)
     """
 
     @staticmethod
@@ -214,6 +214,7 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
         y = torch.empty_like(x)
         ctx.k = kernels.pooled_forward(xa, gamma, beta, eps, pool_past, *window, y.numpy().reshape(n, c, -1),
                                        stats[0], stats[1], stats[2], stats[3])
+        stats[4, 0] = ctx.k
         ctx.save_for_backward(x, weight)  # (for autograd's check that neither was modified in place)
         ctx.arrays = (kernels, xa, gamma, stats)
         return y
@@ -233,3 +234,31 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
         if weight.dtype != dgamma.dtype:
             dgamma, dbeta = dgamma.to(weight.dtype), dbeta.to(weight.dtype)
         return dx, dgamma, dbeta, None, None, None, None
+
+
+class ReplayedCrossIterationNormFunction(FusedCrossIterationNormFunction):
+    """:class:`FusedCrossIterationNormFunction` with the window's part of the pooled statistics
+    given, ``past = (sum of compensated mu, sum of max(nu, mu^2), k)`` (float64 NumPy, what the
+    forward being recomputed pooled): for activation checkpointing's recomputation in the backward,
+    when the window has changed since. The batch's moments come from x as there (NumPy, float64
+    sums), then mu_bar = (mu + past mu) / k, sigma2_bar = max((nu + past nu) / k - mu_bar^2, 0) and
+    y = gamma (x - mu_bar) / sqrt(sigma2_bar + eps) + beta. It saves what that function saves,
+    fills ``stats`` as it does, and shares its backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, past, arrays, stats):
+        kernels, gamma, beta, _ = arrays
+        past_mu, past_nu, k = past
+        n, c = x.shape[0], x.shape[1]
+        xa = x.detach().numpy().reshape(n, c, -1)
+        stats[0] = mean = xa.mean(axis=(0, 2), dtype=np.float64)
+        stats[1] = var = xa.var(axis=(0, 2), dtype=np.float64)
+        stats[2] = mu_bar = (mean + past_mu) / k
+        stats[3] = invstd = 1.0 / np.sqrt(np.maximum((var + mean * mean + past_nu) / k - mu_bar * mu_bar, 0.0) + eps)
+        stats[4, 0] = ctx.k = k
+        scale = torch.from_numpy(gamma * invstd).to(x.dtype)  # (as the kernel rounds them)
+        offset = torch.from_numpy(beta - mu_bar * gamma * invstd).to(x.dtype)
+        y = x.detach() * F.per_channel(scale, x.dim()) + F.per_channel(offset, x.dim())
+        ctx.save_for_backward(x, weight)
+        ctx.arrays = (kernels, xa, gamma, stats)
+        return y

@@ -179,6 +179,37 @@ def fold_if_finite_(total: torch.Tensor, buffers, updated) -> "bool | torch.Tens
     return True
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``, either mode) recomputing a segment to get the tensors its backward
+    needs. The layers then give the output of the forward being recomputed and change no state.
+    (torch's BN folds the batch into its running statistics a second time there:
+    pytorch/pytorch#96136.) Never inside code that torch.compile traces: a compiled backward
+    does not run the modules' forwards."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def batch_key(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's per-channel mean and biased variance in float64: how a layer finds, when
+    :func:`recomputing`, the record of the forward that normalized this batch."""
+    x = x.detach().double()
+    var, mean = torch.var_mean(x, reduce_dims(x), correction=0)
+    return mean, var
+
+
+def same_batch(mean, var, other_mean, other_var, rtol: float = 1e-5) -> bool:
+    """Whether two batches' per-channel statistics (tensors or NumPy arrays, any float dtype) agree
+    to ``rtol`` of each channel's root mean square, sqrt(mu^2 + sigma2): the same values, up to how
+    each was summed. Two different batches differ by about sigma / sqrt(m) in their means."""
+    mean, var = mean.double(), var.double()
+    other_mean, other_var = (torch.as_tensor(t).to(mean.device, torch.float64) for t in (other_mean, other_var))
+    if other_mean.shape != mean.shape:
+        return False
+    square = mean * mean + var  # (the second moment: what rounding in E[x^2] - mu^2 is relative to)
+    return bool(((mean - other_mean).abs() <= rtol * square.sqrt()).all()
+                and ((square - other_mean * other_mean - other_var).abs() <= rtol * square).all())
+
+
 def batch_norm_train(
     x, weight=None, bias=None, eps=1e-5, backend="auto", running_mean=None, running_var=None, momentum=0.1
 ):
@@ -489,7 +520,8 @@ def renorm_limits(step: int, r_max: float, d_max: float, warmup: int, r_max_step
 
 
 def batch_renorm_train(x, weight, bias, running_mean, running_std, r_max, d_max, eps=1e-5, momentum=0.01):
-    """Ioffe 2017, Batch Renormalization, training; returns ``(y, folded)``.
+    """Ioffe 2017, Batch Renormalization, training; returns ``(y, mean, invstd, folded)`` as
+    :func:`batch_norm_train` does (the batch's mean and 1/sigma_B, without gradient).
 
     sigma_B = sqrt(sigma2_B + eps), r = clip(sigma_B / sigma, 1/r_max, r_max),
     d = clip((mu_B - mu) / sigma, -d_max, d_max), y = gamma * ((x - mu_B) / sigma_B * r + d) + beta,
@@ -510,7 +542,7 @@ def batch_renorm_train(x, weight, bias, running_mean, running_std, r_max, d_max,
         folded = fold_if_finite_(statistics_sum(mean, invstd), (running_mean, running_std),
                                  (running_mean.lerp(mean.to(running_mean.dtype), momentum),
                                   running_std.lerp(sigma_B.to(running_std.dtype), momentum)))
-    return y, folded
+    return y, mean, invstd.detach(), folded
 
 
 def batch_renorm_eval(x, weight, bias, running_mean, running_std):

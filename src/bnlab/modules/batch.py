@@ -9,6 +9,7 @@ other normalizer of the package derives from :class:`BatchNorm`.
 
 from __future__ import annotations
 
+import collections
 import sys
 import warnings
 
@@ -18,6 +19,9 @@ from torch import nn
 from bnlab import functional as F
 
 STATS = ("ema", "cumulative")
+
+
+REMEMBERED = 32  # training forwards a layer remembers for activation checkpointing's recomputation
 
 
 class BatchNorm(nn.Module):
@@ -37,7 +41,9 @@ class BatchNorm(nn.Module):
     torch's does, for ``torch.amp.GradScaler`` to skip the step. Under torch.compile the same
     guard is one graph, without the warning (it would read the statistics on the host). An empty
     batch (N = 0) passes through as an empty output, with nothing folded in or counted (torch
-    returns it too, but counts it).
+    returns it too, but counts it). Under activation checkpointing (``torch.utils.checkpoint``,
+    reentrant or not) the recomputation of a forward in the backward gives that forward's output
+    and folds in or counts nothing (torch's BN folds every checkpointed batch in twice).
     Inference: the running statistics (Algorithm 2's affine transform); with
     ``track_running_stats=False`` batch statistics are used in both modes, as in torch.
 
@@ -159,10 +165,56 @@ class BatchNorm(nn.Module):
         if x.numel() == 0 and self.passes_empty_batch:
             return F.empty_batch(x, self.weight, self.bias)
         tracking = self.training and self.track_running_stats
+        if tracking and F.recomputing():  # activation checkpointing: this forward again, in the backward
+            return self._recompute(x)
         y, folded = self._train(x, tracking)
         if tracking and folded is not None:  # (None: there was no batch to fold in)
             self.count_batch_(folded)
         return y
+
+    def _recompute(self, x: torch.Tensor) -> torch.Tensor:
+        """The training output again, when activation checkpointing recomputes this forward in the
+        backward (:func:`bnlab.functional.recomputing`): the same statistics, and nothing folded
+        in or counted a second time. BN's output depends on the batch alone. Layers whose output
+        depends on state that their forward changed (Batch Renorm's moving averages,
+        cross-iteration BN's window) keep that state with :meth:`_remember` and find it with
+        :meth:`_recall`.
+
+        The same ops run as in the forward, on copies of the running statistics: the non-reentrant
+        checkpoint checks that a recomputation saves the same tensors for the backward."""
+        buffers = self._buffers
+        kept = {name: buffer for name, buffer in buffers.items() if buffer is not None}
+        try:
+            buffers.update((name, buffer.clone()) for name, buffer in kept.items())
+            return self._train(x, True)[0]
+        finally:
+            buffers.update(kept)
+
+    def _remember(self, mean, var, state) -> None:
+        """Record what a training forward's output depended on besides its batch (``state``), under
+        the batch's per-channel ``mean`` and biased ``var``, for a recomputation of that forward.
+        The last ``REMEMBERED`` forwards are kept (a checkpointed step needs its own; a backward
+        with ``retain_graph=True`` may recompute it twice)."""
+        records = self.__dict__.get("_records")
+        if records is None:
+            records = self.__dict__["_records"] = collections.deque(maxlen=REMEMBERED)
+        records.append((mean, var, state))
+
+    def _recall(self, x: torch.Tensor):
+        """The state :meth:`_remember` kept for the latest forward on the batch ``x``."""
+        mean, var = F.batch_key(x)
+        for recorded_mean, recorded_var, state in reversed(self.__dict__.get("_records") or ()):
+            if F.same_batch(mean, var, recorded_mean, recorded_var):
+                return state
+        raise RuntimeError(f"{self._label()}: recomputed inside a backward pass (activation checkpointing) on a batch "
+                           f"that none of its last {REMEMBERED} training forwards normalized. Its output depends on "
+                           "state its forward changed, so it can only repeat a forward it recorded: recompute the "
+                           "same batch (torch.utils.checkpoint with preserve_rng_state=True, its default, when "
+                           "dropout comes before the layer), or keep the layer outside the checkpointed segment")
+
+    def __getstate__(self):
+        # copy.deepcopy and pickle: the records belong to this layer's forwards, not the copy's
+        return {**super().__getstate__(), "_records": None}
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
         """Algorithm 2: the running statistics. Subclasses change what follows or precedes it."""

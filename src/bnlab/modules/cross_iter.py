@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from bnlab import functional as F
-from bnlab.autograd import CrossIterationNormFunction, FusedCrossIterationNormFunction
+from bnlab.autograd import (CrossIterationNormFunction, FusedCrossIterationNormFunction,
+                             ReplayedCrossIterationNormFunction)
 from bnlab.modules.batch import BatchNorm, BatchNorm1d, BatchNorm2d, momentum_argument, name_layers, warn_left
 
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
@@ -77,7 +78,9 @@ class CrossIterationBatchNorm(BatchNorm):
     forward: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)`` for a whole model. The window
     is each process's own: under DistributedDataParallel a model from :func:`cross_iteration`
     keeps it out of DDP's buffer broadcast; for layers paired by hand, wrap with
-    ``broadcast_buffers=False`` (else every rank pools rank 0's past statistics).
+    ``broadcast_buffers=False`` (else every rank pools rank 0's past statistics). Under activation
+    checkpointing the recomputation of a forward normalizes with the statistics that forward
+    pooled (the layer keeps them for its last 32 forwards), and stores and counts nothing.
 
     Speed: d mu/dW is the mean input patch and d nu/dW one weight-gradient reduction (torch's
     kernel for a conv, called from the producer's forward hook), never extra autograd passes.
@@ -158,7 +161,7 @@ class CrossIterationBatchNorm(BatchNorm):
         statistics. A conv's weight gradient from its output (d nu/dW up to 2/m) is taken here,
         straight after the conv, while its input and output are still in cache: the call costs
         less than after the normalization (``benchmarks/RESULTS.md``)."""
-        if not self.training:
+        if not self.training or F.recomputing():  # (a recomputation takes no derivatives: _recompute)
             self.__dict__["_input"] = None
             return
         u = args[0].detach()
@@ -239,8 +242,9 @@ class CrossIterationBatchNorm(BatchNorm):
             x, u = x.float(), u.float()
         iteration = int(self.iteration)
         if not self._stores(iteration):
-            y, _, _, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean,
-                                                 self.running_var, self.batch_weight())
+            y, mean, invstd, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend,
+                                                         self.running_mean, self.running_var, self.batch_weight())
+            self._remember(mean, invstd.reciprocal().square() - self.eps, ("bn",))
         else:
             pooling, slot = iteration >= self.burn_in, iteration % (self.window - 1)
             state = self._kernel_state(x)
@@ -251,6 +255,29 @@ class CrossIterationBatchNorm(BatchNorm):
         if not self._recalibrating:
             self.iteration.add_(1)
         return y.to(dtype), folded
+
+    def _recompute(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward again for activation checkpointing, with the pooled statistics that forward
+        normalized with (the window has changed since: an entry replaced, the producer stepped) and
+        the gradient through this batch's share, through the same autograd function; nothing
+        stored or counted."""
+        self.__dict__["_input"] = None
+        dtype = x.dtype
+        if dtype in F.LOW_PRECISION:
+            x = x.float()
+        path, *recorded = self._recall(x)
+        if path == "bn":  # the same call as the forward's, on copies of the running statistics
+            y = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean.clone(),
+                                   self.running_var.clone(), self.batch_weight())[0]
+        elif path == "pooled":
+            past_mu, past_nu, k = recorded
+            y = CrossIterationNormFunction.apply(x, self.weight, self.bias, past_mu.to(x.dtype), past_nu.to(x.dtype),
+                                                 k, self.eps)[0]
+        else:  # the numba kernels' forward, with the window's part of the statistics it wrote
+            past = _past_sums(recorded[0], self.eps)
+            y = ReplayedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, past,
+                                                         self._kernel_state(x).norm, np.empty((5, x.shape[1])))
+        return y.to(dtype)
 
     def _derivatives(self, x: torch.Tensor, u: torch.Tensor, gradient: torch.Tensor | None):
         """This batch's d mu/dW ``(G, F)`` and d nu/dW ``(C, F)`` from torch's ops (:mod:`bnlab.functional`);
@@ -354,8 +381,9 @@ class CrossIterationBatchNorm(BatchNorm):
         then (compensated, and the batch finite) the window's derivatives. ``gradient``: a conv's
         weight gradient from x, when the producer's hook took it (:meth:`_capture`)."""
         kernels = state.kernels
-        stats = np.empty((4, x.shape[1]))  # (filled by the forward; its own per call: backward reads it)
+        stats = np.empty((5, x.shape[1]))  # (filled by the forward; its own per call: backward reads it)
         y = FusedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, pooling, state.norm, stats)
+        self._remember(stats[0], stats[1], ("fused", stats))
         m = F.values_per_channel(x)
         folded = kernels.commit(stats, m, *state.running, self.batch_weight(), slot, *state.entry)
         if folded and self.compensate:
@@ -378,6 +406,7 @@ class CrossIterationBatchNorm(BatchNorm):
             past_mu, past_nu, n = self._past_statistics(filled)
             y, mu, var = CrossIterationNormFunction.apply(x, self.weight, self.bias, past_mu.to(x.dtype),
                                                           past_nu.to(x.dtype), n + 1, self.eps)
+            self._remember(mu, var, ("pooled", past_mu, past_nu, n + 1))
             with torch.no_grad():
                 folded = F.update_running_stats_(self.running_mean, self.running_var, mu, var,
                                                  F.values_per_channel(x), self.batch_weight())
@@ -385,6 +414,7 @@ class CrossIterationBatchNorm(BatchNorm):
             y, mu, invstd, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend,
                                                        self.running_mean, self.running_var, self.batch_weight())
             var = invstd.detach().reciprocal().square() - self.eps  # the batch's, as BN computed it
+            self._remember(mu, var, ("bn",))
         if folded:  # a non-finite batch never enters the window
             with torch.no_grad():
                 self.window_mu[slot] = mu
@@ -399,6 +429,17 @@ class CrossIterationBatchNorm(BatchNorm):
                     self.window_bias[slot] = producer.bias.detach() if producer.bias is not None else 0.0
                 self.window_valid[slot] = True
         return y, folded
+
+
+def _past_sums(stats: np.ndarray, eps: float):
+    """The window's part of a fused forward's pooled statistics, from what it wrote (the batch's mean
+    and variance, mu_bar, 1/sqrt(sigma2_bar + eps), k: :class:`FusedCrossIterationNormFunction`):
+    (sum of compensated mu, sum of max(nu, mu^2), k), as mu_bar = (mu + past mu) / k and
+    sigma2_bar + mu_bar^2 = (nu + past nu) / k."""
+    mean, var, mu_bar, invstd = stats[:4]
+    k = int(stats[4, 0])
+    nu_bar = 1.0 / (invstd * invstd) - eps + mu_bar * mu_bar
+    return k * mu_bar - mean, k * nu_bar - (var + mean * mean), k
 
 
 class CrossIterationBatchNorm1d(CrossIterationBatchNorm):

@@ -21,6 +21,8 @@ class BatchRenorm(BatchNorm):
     relaxed linearly to ``r_max`` at ``r_max_steps`` and ``d_max`` at ``d_max_steps``. With
     r_max=1 and d_max=0 it is BN. Inference: y = weight * (x - mu) / sigma + bias. A BN layer's
     state_dict loads into it (sigma = sqrt(running_var + eps)), with the same inference outputs.
+    Under activation checkpointing the recomputation of a forward takes r and d from the moving
+    averages that forward had (kept for the layer's last 32 forwards) and updates nothing.
 
     Example:
         >>> layer = BatchRenorm2d(64, r_max=3.0, d_max=5.0)   # for micro-batches of 4, say
@@ -69,8 +71,17 @@ class BatchRenorm(BatchNorm):
     @F.eager_under_compile
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         r_max, d_max = self.limits()
-        return F.batch_renorm_train(x, self.weight, self.bias, self.running_mean, self.running_std,
-                                    r_max, d_max, self.eps, self.batch_weight())
+        moving = (self.running_mean.clone(), self.running_std.clone())  # r and d come from them: kept for a
+        y, mean, invstd, folded = F.batch_renorm_train(  # recomputation, as the limits are
+            x, self.weight, self.bias, self.running_mean, self.running_std, r_max, d_max, self.eps, self.batch_weight())
+        self._remember(mean, invstd.reciprocal().square() - self.eps, (moving, r_max, d_max))
+        return y, folded
+
+    def _recompute(self, x: torch.Tensor) -> torch.Tensor:
+        # r and d from the moving averages and limits that the forward being recomputed had
+        (mean, std), r_max, d_max = self._recall(x)
+        return F.batch_renorm_train(x, self.weight, self.bias, mean.clone(), std.clone(), r_max, d_max, self.eps,
+                                    0.0)[0]
 
 
 class BatchRenorm1d(BatchRenorm):

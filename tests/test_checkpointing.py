@@ -1,0 +1,146 @@
+"""Activation checkpointing (torch.utils.checkpoint) recomputes a segment's forward in the backward:
+every bnlab layer must then give the output of the forward being recomputed and change no state,
+so a checkpointed model trains exactly as the plain one (torch's BN folds each batch in twice)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import bnlab
+
+STEPS = 6
+
+
+def cbn(compensate=True, backend="auto"):
+    def make():
+        net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 6),
+                            nn.BatchNorm1d(6))
+        net = bnlab.cross_iteration(net, window=3, burn_in=2, compensate=compensate)
+        for layer in (net[1], net[5]):
+            layer.backend = backend
+        return net
+    return make
+
+
+def pair(norm2d, norm1d):
+    return lambda: nn.Sequential(nn.Conv2d(2, 4, 3), norm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 6),
+                                 norm1d(6))
+
+
+RENORM = {"warmup": 1, "r_max_steps": 4, "d_max_steps": 4, "momentum": 0.3}  # r and d away from (1, 0) at once
+MODELS = {
+    "bn": pair(bnlab.BatchNorm2d, bnlab.BatchNorm1d),
+    "bn-cumulative": pair(lambda c: bnlab.BatchNorm2d(c, momentum=None), lambda c: bnlab.BatchNorm1d(c, momentum=None)),
+    "bn-act (fused kernels)": pair(lambda c: bnlab.BatchNormAct2d(c, backend="fused"), bnlab.BatchNormAct1d),
+    "ghost": pair(lambda c: bnlab.GhostBatchNorm2d(c, virtual_batch_size=2),
+                  lambda c: bnlab.GhostBatchNorm1d(c, virtual_batch_size=2)),
+    "sync (no process group)": pair(bnlab.SyncBatchNorm, bnlab.SyncBatchNorm),
+    "batch renorm": pair(lambda c: bnlab.BatchRenorm2d(c, **RENORM), lambda c: bnlab.BatchRenorm1d(c, **RENORM)),
+    "cbn": cbn(),
+    "cbn naive": cbn(compensate=False),
+    "cbn on torch ops": cbn(backend="native"),
+}
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, net, reentrant):
+        super().__init__()
+        self.net, self.reentrant = net, reentrant
+
+    def forward(self, x):
+        return checkpoint(self.net, x, use_reentrant=self.reentrant)
+
+
+def train(net, batches, projections):
+    opt = torch.optim.SGD(net.parameters(), lr=0.2)
+    for x, w in zip(batches, projections):
+        opt.zero_grad()
+        (net(x) * w).sum().backward()  # (a random projection: BN's sum of squares has no gradient)
+        opt.step()
+
+
+def batches(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(4, 2, 8, 8, generator=g, dtype=dtype).requires_grad_() for _ in range(STEPS)]
+    return xs, [torch.randn(4, 6, generator=g, dtype=dtype) for _ in range(STEPS)]
+
+
+def assert_same_state(plain, checkpointed, tol):
+    """Every tensor of the state within ``tol`` of its largest value (the counts exactly)."""
+    for (name, ours), theirs in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        if not ours.is_floating_point():
+            assert torch.equal(theirs, ours), name
+        elif ours.numel():
+            assert (theirs - ours).abs().max() <= tol * ours.abs().max(), name
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_checkpointed_model_trains_as_the_plain_one(kind, reentrant, dtype):
+    torch.manual_seed(0)
+    plain = MODELS[kind]().to(dtype)
+    twin = copy.deepcopy(plain)
+    xs, ws = batches(dtype)
+    train(plain, xs, ws)
+    train(Checkpointed(twin, reentrant), xs, ws)
+    for layer in (twin[1], twin[5]):  # each batch counted once, not once more for the recomputation
+        counts = layer.iteration if isinstance(layer, bnlab.CrossIterationBatchNorm) else layer.num_batches_tracked
+        assert int(counts) == STEPS
+    # (the fused kernels' forward is replayed from its statistics by torch ops: rounding apart, which
+    # six steps at batch 4 grow to about 1e-5 in float32)
+    assert_same_state(plain, twin, 1e-11 if dtype == torch.float64 else 1e-4)
+
+
+def test_two_checkpointed_forwards_before_one_backward():
+    """Two micro-batches in one graph: each recomputation finds its own forward's window."""
+    torch.manual_seed(0)
+    plain = cbn()().double()
+    twin = copy.deepcopy(plain)
+    xs, ws = batches(torch.float64)
+    for net, wrap in ((plain, lambda x: plain(x)), (twin, lambda x: checkpoint(twin, x, use_reentrant=False))):
+        opt = torch.optim.SGD(net.parameters(), lr=0.2)
+        for step in range(0, STEPS, 2):
+            opt.zero_grad()
+            ((wrap(xs[step]) * ws[step]).sum() + (wrap(xs[step + 1]) * ws[step + 1]).sum()).backward()
+            opt.step()
+    assert int(twin[1].iteration) == STEPS
+    assert_same_state(plain, twin, 1e-11)
+
+
+def test_a_retained_graph_recomputes_the_same_forward_twice():
+    torch.manual_seed(0)
+    net = cbn()().double()
+    xs, ws = batches(torch.float64)
+    for x in xs[:3]:  # past the burn-in: the window pools
+        net(x)
+    loss = (checkpoint(net, xs[3], use_reentrant=False) * ws[3]).sum()
+    first = torch.autograd.grad(loss, list(net.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(net.parameters()))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_recomputation_of_an_unseen_batch_is_refused():
+    """Only a forward the layer recorded can be repeated: its output depends on the window."""
+    torch.manual_seed(0)
+    net = cbn()().double()
+    net(torch.randn(4, 2, 8, 8, dtype=torch.float64))
+    other = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+
+    class RunsTheNetInItsBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            net(other)
+            return g
+
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="recomputed inside a backward pass.*checkpoint"):
+        RunsTheNetInItsBackward.apply(x).sum().backward()
