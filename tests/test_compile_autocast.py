@@ -1,5 +1,6 @@
 """Models with bnlab's layers train under torch.compile and match eager training step by step;
-cross-iteration BN trains under torch.autocast (the other layers' low precision is tested with them).
+cross-iteration BN trains under torch.autocast and in a model converted to bfloat16 or float16 (the
+other layers' low precision is tested with them).
 
 The layers built on numba kernels (the fused BN + activation, cross-iteration BN) and Batch Renorm
 (whose moving statistics change in place after the graph used them) run eagerly inside a compiled
@@ -78,6 +79,46 @@ def test_cross_iteration_bn_trains_under_autocast_close_to_float32(producer):
                     p.grad = None
     torch.testing.assert_close(mixed[1].running_var, full[1].running_var, rtol=0.02, atol=0.01)
     assert mixed[1].window_valid.all() and torch.isfinite(mixed[1].window_dnu).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("producer", ["conv", "linear"])
+@pytest.mark.parametrize("kept", ["nothing", "the layer"], ids=["model.to(dtype)", "layer kept float32"])
+def test_cross_iteration_bn_in_a_model_converted_to_low_precision(dtype, producer, kept):
+    """``model.to(torch.bfloat16)`` (or ``.half()``): the layer's parameters, running statistics and
+    producer are low precision, or the layer alone is kept float32 after a low-precision producer.
+    Its statistics, derivatives and window are float32 all the same (the window stays float32
+    through the conversion: the compensation cancels in 8 bits), close to a float32 model's.
+    Before, the first case failed in torch's kernel (mixed dtypes), the second in the compensation."""
+    def make():
+        torch.manual_seed(0)
+        body = (nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)) if producer == "conv" else (nn.Linear(5, 8), nn.BatchNorm1d(8))
+        return bnlab.cross_iteration(nn.Sequential(*body, nn.ReLU()), window=3)
+
+    full, low = make(), make().to(dtype)
+    if kept == "the layer":
+        low[1].float()
+    assert low[1].window_dnu.dtype == low[1].window_mu.dtype == torch.float32
+    shape = (8, 3, 12, 12) if producer == "conv" else (8, 5)
+    opt = torch.optim.SGD(full.parameters(), lr=0.05)
+    for step in range(5):  # (two window entries filled, then pooled and compensated)
+        with torch.no_grad():  # the float32 model's weights, rounded: the same steps for the compensation
+            for p, q in zip(low.parameters(), full.parameters()):
+                p.copy_(q)
+        x = torch.randn(shape).to(dtype)
+        y_full, y_low = full(x.float()), low(x)
+        assert y_low.dtype == dtype
+        torch.testing.assert_close(y_low.float(), y_full, rtol=0.05, atol=0.05)
+        opt.zero_grad()
+        (y_full * torch.linspace(-1, 1, y_full.numel()).view(y_full.shape)).sum().backward()
+        opt.step()
+        y_low.float().sum().backward()  # (its own backward runs too)
+        assert all(p.grad.dtype == p.dtype and torch.isfinite(p.grad).all() for p in low.parameters())
+    torch.testing.assert_close(low[1].running_var.float(), full[1].running_var, rtol=0.03, atol=0.01)
+    torch.testing.assert_close(low[1].window_nu, full[1].window_nu, rtol=0.03, atol=0.01)
+    assert int(low[1].iteration) == 5 and low[1].window_valid.all()
+    with bnlab.evaluating(low):
+        assert low(x).dtype == dtype
 
 
 GUARDED = {

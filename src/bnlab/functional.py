@@ -704,9 +704,11 @@ def second_moment_derivative(x: torch.Tensor, u: torch.Tensor, producer: torch.n
 def conv_weight_gradient(g: torch.Tensor, u: torch.Tensor, producer: torch.nn.Conv2d) -> torch.Tensor:
     """sum over the batch and the output positions of g_j * patch, weight-shaped: the gradient a
     Conv2d's weight gets from ``g`` at its output, on torch's weight-gradient kernel alone, in the
-    weight's dtype (under autocast the conv's output is float16/bfloat16, its input and weight not)."""
+    weight's dtype, float32 at least (under autocast the conv's output is float16/bfloat16, its
+    input and weight not; a model converted whole has all three in low precision)."""
     _check_producer(g, producer)
     weight = producer.weight.detach()
+    weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
     return torch.ops.aten.convolution_backward(
         g.detach().to(weight.dtype), conv_input(u.to(weight.dtype), producer), weight, None, producer.stride,
         conv_padding(producer),

@@ -81,6 +81,9 @@ class CrossIterationBatchNorm(BatchNorm):
     ``broadcast_buffers=False`` (else every rank pools rank 0's past statistics). Under activation
     checkpointing the recomputation of a forward normalizes with the statistics that forward
     pooled (the layer keeps them for its last 32 forwards), and stores and counts nothing.
+    Low precision (``torch.autocast``, or ``model.half()``/``.to(torch.bfloat16)``): the statistics,
+    derivatives and window are float32, and the window's buffers stay float32 through a conversion
+    (the compensation's differences would cancel in 8 or 11 bits); the output has the input's dtype.
 
     Speed: d mu/dW is the mean input patch and d nu/dW one weight-gradient reduction (torch's
     kernel for a conv, called from the producer's forward hook), never extra autograd passes.
@@ -198,11 +201,9 @@ class CrossIterationBatchNorm(BatchNorm):
         past = slice(0, filled) if bool(self.window_valid[:filled].all()) else self.window_valid
         mu, nu = self.window_mu[past], self.window_nu[past]
         if self.compensate:
-            producer = self.producer
             mu, nu = F.compensated_window(
                 mu, nu, self.window_dmu[past], self.window_dnu[past], self.window_dmu_w[past], self.window_dnu_w[past],
-                self.window_bias[past], producer.weight.detach(),
-                producer.bias.detach() if producer.bias is not None else None)
+                self.window_bias[past], *self._producer_weights())
         return mu.sum(0), torch.maximum(nu, mu * mu).sum(0), mu.shape[0]
 
     def _stores(self, iteration: int) -> bool:
@@ -238,13 +239,12 @@ class CrossIterationBatchNorm(BatchNorm):
                                    "x = producer(u). Put the layer straight after its producer, or keep BN there")
             gradient = None  # (taken from the output, perhaps in another dtype: take x's own)
         dtype = x.dtype
-        if dtype in F.LOW_PRECISION:  # autocast: statistics, window and derivatives in float32, as BN's
-            x, u = x.float(), u.float()
+        if dtype in F.LOW_PRECISION:  # (autocast, or a model converted whole: statistics, window and
+            x, u = x.float(), u.float()  # derivatives in float32, as BN's statistics)
         iteration = int(self.iteration)
         if not self._stores(iteration):
-            y, mean, invstd, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend,
-                                                         self.running_mean, self.running_var, self.batch_weight())
-            self._remember(mean, invstd.reciprocal().square() - self.eps, ("bn",))
+            y, mean, var, folded = self._batch_norm(x)
+            self._remember(mean, var, ("bn",))
         else:
             pooling, slot = iteration >= self.burn_in, iteration % (self.window - 1)
             state = self._kernel_state(x)
@@ -267,17 +267,44 @@ class CrossIterationBatchNorm(BatchNorm):
             x = x.float()
         path, *recorded = self._recall(x)
         if path == "bn":  # the same call as the forward's, on copies of the running statistics
-            y = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend, self.running_mean.clone(),
-                                   self.running_var.clone(), self.batch_weight())[0]
+            y = self._batch_norm(x, fold=False)[0]
         elif path == "pooled":
             past_mu, past_nu, k = recorded
-            y = CrossIterationNormFunction.apply(x, self.weight, self.bias, past_mu.to(x.dtype), past_nu.to(x.dtype),
-                                                 k, self.eps)[0]
+            y = CrossIterationNormFunction.apply(x, *self._affine(x), past_mu.to(x.dtype), past_nu.to(x.dtype), k,
+                                                 self.eps)[0]
         else:  # the numba kernels' forward, with the window's part of the statistics it wrote
             past = _past_sums(recorded[0], self.eps)
             y = ReplayedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, past,
                                                          self._kernel_state(x).norm, np.empty((5, x.shape[1])))
         return y.to(dtype)
+
+    def _affine(self, x: torch.Tensor):
+        """gamma and beta in x's dtype: float32 for a layer converted to float16/bfloat16 (the cast
+        is differentiable), whose statistics are float32."""
+        weight, bias = self.weight, self.bias
+        if weight is not None and weight.dtype != x.dtype:
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        return weight, bias
+
+    def _producer_weights(self):
+        """The producer's weight and bias (None without one) now, detached, in the window's dtype."""
+        producer, dtype = self.producer, self.window_mu.dtype
+        bias = producer.bias.detach().to(dtype) if producer.bias is not None else None
+        return producer.weight.detach().to(dtype), bias
+
+    def _batch_norm(self, x: torch.Tensor, fold: bool = True):
+        """BN's step (the burn-in's, an empty window's): y, the batch's mean and biased variance, and
+        whether it was folded into the running statistics. The kernel takes them in x's dtype (a
+        copy when they are float16/bfloat16); with ``fold=False`` (a recomputation) a copy always."""
+        running = (self.running_mean, self.running_var)
+        given = running if fold and running[0].dtype == x.dtype else tuple(r.to(x.dtype, copy=True) for r in running)
+        y, mean, invstd, folded = F.batch_norm_train(x, *self._affine(x), self.eps, self.backend, *given,
+                                                     self.batch_weight())
+        if fold and folded and given is not running:
+            with torch.no_grad():
+                for buffer, new in zip(running, given):
+                    buffer.copy_(new)
+        return y, mean, invstd.reciprocal().square() - self.eps, folded
 
     def _derivatives(self, x: torch.Tensor, u: torch.Tensor, gradient: torch.Tensor | None):
         """This batch's d mu/dW ``(G, F)`` and d nu/dW ``(C, F)`` from torch's ops (:mod:`bnlab.functional`);
@@ -368,7 +395,12 @@ class CrossIterationBatchNorm(BatchNorm):
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__["_state"] = None  # its views would keep the old tensors alive
-        return super()._apply(fn, *args, **kwargs)
+        super()._apply(fn, *args, **kwargs)
+        for name in WINDOW_BUFFERS:  # model.half(), .to(torch.bfloat16): the window stays float32, as the
+            buffer = self._buffers[name]  # compensation's differences cancel in 8 or 11 bits
+            if buffer.dtype in F.LOW_PRECISION:
+                self._buffers[name] = buffer.float()
+        return self
 
     def __getstate__(self):
         # copy.deepcopy and pickle: the kernels' views belong to this layer's tensors, not the copy's
@@ -404,29 +436,26 @@ class CrossIterationBatchNorm(BatchNorm):
         filled = int(self.window_valid.sum()) if pooling else 0
         if filled > 0:
             past_mu, past_nu, n = self._past_statistics(filled)
-            y, mu, var = CrossIterationNormFunction.apply(x, self.weight, self.bias, past_mu.to(x.dtype),
+            y, mu, var = CrossIterationNormFunction.apply(x, *self._affine(x), past_mu.to(x.dtype),
                                                           past_nu.to(x.dtype), n + 1, self.eps)
             self._remember(mu, var, ("pooled", past_mu, past_nu, n + 1))
             with torch.no_grad():
                 folded = F.update_running_stats_(self.running_mean, self.running_var, mu, var,
                                                  F.values_per_channel(x), self.batch_weight())
         else:  # BN, whose kernel folds the batch into the running statistics too
-            y, mu, invstd, folded = F.batch_norm_train(x, self.weight, self.bias, self.eps, self.backend,
-                                                       self.running_mean, self.running_var, self.batch_weight())
-            var = invstd.detach().reciprocal().square() - self.eps  # the batch's, as BN computed it
+            y, mu, var, folded = self._batch_norm(x)
             self._remember(mu, var, ("bn",))
         if folded:  # a non-finite batch never enters the window
             with torch.no_grad():
                 self.window_mu[slot] = mu
                 self.window_nu[slot] = var + mu * mu
                 if self.compensate:
-                    producer = self.producer
+                    weight, bias = self._producer_weights()
                     self.window_dmu[slot], self.window_dnu[slot] = self._derivatives(x, u, gradient)
                     entry = slice(slot, slot + 1)  # the stored copies: contiguous, whatever dnu's layout
-                    mu_w, nu_w = F.compensation_terms(self.window_dmu[entry], self.window_dnu[entry],
-                                                      producer.weight.detach())
+                    mu_w, nu_w = F.compensation_terms(self.window_dmu[entry], self.window_dnu[entry], weight)
                     self.window_dmu_w[slot], self.window_dnu_w[slot] = mu_w[0], nu_w[0]
-                    self.window_bias[slot] = producer.bias.detach() if producer.bias is not None else 0.0
+                    self.window_bias[slot] = bias if bias is not None else 0.0
                 self.window_valid[slot] = True
         return y, folded
 
