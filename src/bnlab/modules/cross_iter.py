@@ -304,6 +304,7 @@ class CrossIterationBatchNorm(BatchNorm):
             with torch.no_grad():
                 for buffer, new in zip(running, given):
                     buffer.copy_(new)
+        mean, invstd = mean.detach(), invstd.detach()  # (the autograd backend's are differentiable)
         return y, mean, invstd.reciprocal().square() - self.eps, folded
 
     def _derivatives(self, x: torch.Tensor, u: torch.Tensor, gradient: torch.Tensor | None):
