@@ -222,6 +222,20 @@ def test_bad_inputs_raise_errors_that_say_what_to_do(layer, x, message):
         layer(x)
 
 
+@pytest.mark.parametrize("make", [lambda: bnlab.BatchNorm2d(3), lambda: bnlab.BatchNormAct2d(3),
+                                  lambda: bnlab.GhostBatchNorm2d(3), lambda: bnlab.BatchRenorm2d(3),
+                                  lambda: bnlab.SyncBatchNorm(3), lambda: bnlab.CrossIterationBatchNorm2d(3)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.complex64])
+def test_a_non_floating_input_is_refused_with_its_dtype(make, dtype):
+    """(torch's kernel said '"batch_norm" not implemented for 'Byte'', or a later op failed)"""
+    x = torch.randint(0, 255, (4, 3, 2, 2)).to(dtype)
+    for layer in (make(), make().eval()):
+        with pytest.raises(TypeError, match=f"floating-point input.*got {dtype}"):
+            layer(x)
+    with pytest.raises(TypeError, match="floating-point input"):
+        bnlab.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
+
+
 @pytest.mark.parametrize(
     "make, shape",
     [

@@ -123,7 +123,7 @@ class SyncBatchNorm(BatchNorm):
         self.process_group = process_group
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() < 2 or x.shape[1] != self.num_features:
+        if x.dim() < 2 or x.shape[1] != self.num_features or not x.is_floating_point():
             F.check_input(x, self.num_features, False, self._label())  # raises with the reason
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:

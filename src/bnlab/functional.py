@@ -278,6 +278,9 @@ def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_
 
     if x.dim() < 2:
         raise ValueError(f"{label()}: expected an input of shape (N, C, ...), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{label()}: expected a floating-point input (float16, bfloat16, float32 or float64), got "
+                        f"{x.dtype}; convert it first (x.float(): images as uint8, tokens as int64?)")
     if x.shape[1] != num_features:
         raise ValueError(
             f"{label()}: expected {num_features} channels in dimension 1, got {x.shape[1]} "
