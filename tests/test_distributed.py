@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.utils.checkpoint
 
 import bnlab
 from bnlab.distributed import SyncBatchNormFunction
@@ -36,7 +37,10 @@ def worker(rank, world, store, split, out, source="bnlab"):
     results = {}
     for step in range(2):
         xs = (x[start:stop] * (step + 1)).clone().requires_grad_()
-        y = layer(xs)
+        if source == "checkpointed":  # recomputed in the backward (reentrant: the whole forward), no second fold
+            y = torch.utils.checkpoint.checkpoint(layer, xs, use_reentrant=True)
+        else:
+            y = layer(xs)
         y.backward(dy[start:stop])
         results[f"y{step}"], results[f"dx{step}"] = y.detach().numpy(), xs.grad.numpy()
     results["dw"], results["db"] = layer.weight.grad.numpy(), layer.bias.grad.numpy()
@@ -45,8 +49,8 @@ def worker(rank, world, store, split, out, source="bnlab"):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("split, source", [(5, "bnlab"), (8, "bnlab"), (3, "torch")],
-                         ids=["uneven", "empty-rank", "converted-from-torch"])
+@pytest.mark.parametrize("split, source", [(5, "bnlab"), (8, "bnlab"), (3, "torch"), (5, "checkpointed")],
+                         ids=["uneven", "empty-rank", "converted-from-torch", "activation-checkpointing"])
 def test_two_gloo_processes_equal_whole_batch_bn(split, source, tmp_path):
     store = tmp_path / "store"
     mp.spawn(worker, args=(2, str(store), split, str(tmp_path), source), nprocs=2, join=True)
