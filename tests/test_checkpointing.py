@@ -144,3 +144,20 @@ def test_a_recomputation_of_an_unseen_batch_is_refused():
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="recomputed inside a backward pass.*checkpoint"):
         RunsTheNetInItsBackward.apply(x).sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["batch renorm", "cbn", "cbn on torch ops"])
+def test_a_constant_channel_is_recomputed_too(kind):
+    """A dead channel (all zeros at the first step: variance 0, which BN's kernel gives back as
+    1/sqrt(0 + eps), so the recorded variance is a rounding error, not 0) still finds its
+    forward's record. (It was refused as a batch the layer never normalized.)"""
+    torch.manual_seed(0)
+    plain = MODELS[kind]()
+    with torch.no_grad():
+        plain[0].weight[0] = 0.0
+        plain[0].bias[0] = 0.0
+    twin = copy.deepcopy(plain)
+    xs, ws = batches(torch.float32)
+    train(plain, xs, ws)
+    train(Checkpointed(twin, reentrant=False), xs, ws)
+    assert_same_state(plain, twin, 1e-4)

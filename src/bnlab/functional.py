@@ -197,17 +197,20 @@ def batch_key(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def same_batch(mean, var, other_mean, other_var, rtol: float = 1e-5) -> bool:
+def same_batch(mean, var, other_mean, other_var, eps: float, rtol: float = 1e-5) -> bool:
     """Whether two batches' per-channel statistics (tensors or NumPy arrays, any float dtype) agree
-    to ``rtol`` of each channel's root mean square, sqrt(mu^2 + sigma2): the same values, up to how
-    each was summed. Two different batches differ by about sigma / sqrt(m) in their means."""
+    to ``rtol`` of each channel's sqrt(mu^2 + sigma2 + eps): the same values, up to how each was
+    summed (and a variance read back from 1/sqrt(sigma2 + eps) is known to about rtol (sigma2 + eps):
+    a constant channel's is not exactly 0). Two different batches differ by about sigma / sqrt(m)
+    in their means."""
     mean, var = mean.double(), var.double()
     other_mean, other_var = (torch.as_tensor(t).to(mean.device, torch.float64) for t in (other_mean, other_var))
     if other_mean.shape != mean.shape:
         return False
-    square = mean * mean + var  # (the second moment: what rounding in E[x^2] - mu^2 is relative to)
-    return bool(((mean - other_mean).abs() <= rtol * square.sqrt()).all()
-                and ((square - other_mean * other_mean - other_var).abs() <= rtol * square).all())
+    second = mean * mean + var  # (the second moment: what rounding in E[x^2] - mu^2 is relative to)
+    scale = second + eps
+    return bool(((mean - other_mean).abs() <= rtol * scale.sqrt()).all()
+                and ((second - other_mean * other_mean - other_var).abs() <= rtol * scale).all())
 
 
 def batch_norm_train(

@@ -204,7 +204,7 @@ class BatchNorm(nn.Module):
         """The state :meth:`_remember` kept for the latest forward on the batch ``x``."""
         mean, var = F.batch_key(x)
         for recorded_mean, recorded_var, state in reversed(self.__dict__.get("_records") or ()):
-            if F.same_batch(mean, var, recorded_mean, recorded_var):
+            if F.same_batch(mean, var, recorded_mean, recorded_var, self.eps):
                 return state
         raise RuntimeError(f"{self._label()}: recomputed inside a backward pass (activation checkpointing) on a batch "
                            f"that none of its last {REMEMBERED} training forwards normalized. Its output depends on "
