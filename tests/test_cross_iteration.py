@@ -277,14 +277,46 @@ def test_cross_iteration_converts_pairs_and_refuses_others():
     assert torch.equal(net[1].running_mean, torch.full((4,), 0.25))
     net(torch.randn(2, 3, 5, 5)).sum().backward()
     bad = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
-    with pytest.raises(ValueError, match="'2' comes from '1'.*cannot be compensated"):
+    with pytest.raises(ValueError, match="cannot convert '2': its input comes from '1'.*cannot be compensated.*"
+                                         "strict=False"):
         bnlab.cross_iteration(bad)
     # A BN without running statistics normalizes with batch statistics in inference: refused, not
     # turned into a layer that would use running statistics there.
     untracked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False, track_running_stats=False))
-    with pytest.raises(ValueError, match="'1' keeps no running statistics"):
+    with pytest.raises(ValueError, match="cannot convert '1': it keeps no running statistics"):
         bnlab.cross_iteration(untracked)
     assert type(untracked[1]) is nn.BatchNorm2d
+
+
+class PreActivationBlock(nn.Module):
+    """A pre-activation residual block: its first BN normalizes a sum, which cannot be compensated."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.conv1(torch.relu(self.bn1(x)))
+        return x + self.conv2(torch.relu(self.bn2(h)))
+
+
+def test_cross_iteration_strict_false_converts_what_it_can_and_names_the_rest():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), PreActivationBlock(), PreActivationBlock())
+    with pytest.raises(ValueError, match="cannot convert '2.bn1' \\(and 1 more\\)"):
+        bnlab.cross_iteration(net)
+    assert type(net[1]) is nn.BatchNorm2d  # (refused before converting anything)
+    with pytest.warns(UserWarning, match="kept as BN \\(strict=False\\): '2.bn1': its input comes from '1'.*"
+                                         "'3.bn1': its input comes from 'call_function <built-in function add>'"):
+        bnlab.cross_iteration(net, window=3, strict=False)
+    kinds = [type(m).__name__ for m in (net[1], net[2].bn1, net[2].bn2, net[3].bn1, net[3].bn2)]
+    assert kinds == ["CrossIterationBatchNorm2d", "BatchNorm2d", "CrossIterationBatchNorm2d", "BatchNorm2d",
+                     "CrossIterationBatchNorm2d"]
+    assert net[2].bn2.producer is net[2].conv1
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(3):  # (pooling and compensating from the third step)
+        net(x).square().mean().backward()
+    assert net[3].bn2.window_valid.all()
 
 
 def test_cross_iteration_names_the_batch_norm_layers_it_leaves():

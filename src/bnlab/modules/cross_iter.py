@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -12,7 +13,8 @@ from torch.nn.utils import parametrize
 from bnlab import functional as F
 from bnlab.autograd import (CrossIterationNormFunction, FusedCrossIterationNormFunction,
                              ReplayedCrossIterationNormFunction)
-from bnlab.modules.batch import BatchNorm, BatchNorm1d, BatchNorm2d, momentum_argument, name_layers, warn_left
+from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, _caller_level, momentum_argument, name_layers,
+                                 warn_left)
 
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
 WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
@@ -501,15 +503,18 @@ def _keep_windows_local(model: nn.Module, layers: list[str]) -> None:
         model, ignored + [name for name in names if name not in ignored])
 
 
-def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compensate: bool = True) -> nn.Module:
+def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compensate: bool = True, *,
+                    strict: bool = True) -> nn.Module:
     """Convert every BN of ``model`` whose input is a Linear or Conv2d output into cross-iteration BN.
 
     Finds the pairs by tracing the model with torch.fx; the BN state carries over. A BN fed by
     anything else (an addition, an activation, a function) is refused with its name, since its
     statistics could not be compensated, and so is a BN without running statistics
     (``track_running_stats=False``: it normalizes with batch statistics in inference too, which
-    cross-iteration BN does not). Other batch-norm layers (synchronized, ghost, Batch Renorm, BN
-    fused with its activation, 3-D) are left as they are, and a warning names them.
+    cross-iteration BN does not); with ``strict=False`` such layers stay BN instead, named in a
+    warning (a pre-activation ResNet normalizes sums), and the others are converted. Other
+    batch-norm layers (synchronized, ghost, Batch Renorm, BN fused with its activation, 3-D) are
+    left as they are, and a warning names them.
 
     Under DistributedDataParallel each rank keeps its own window, as in the paper: the returned
     model tells DDP to leave the windows out of its buffer broadcast (wrap this model, not a
@@ -535,22 +540,30 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         raise ValueError(f"cross_iteration: could not trace the model ({err}); pair layers by hand with "
                          "CrossIterationBatchNorm2d(...).pair(conv)") from err
     modules = dict(model.named_modules())
-    pairs = []
+    pairs, refused = [], {}  # refused: BN name -> why it cannot become cross-iteration BN
     for node in graph.nodes:
         if node.op != "call_module" or type(modules[node.target]) not in plain:
             continue
-        module = modules[node.target]
-        if not module.track_running_stats:
-            raise ValueError(f"cross_iteration: {node.target!r} keeps no running statistics (track_running_stats="
-                             "False), so it normalizes with batch statistics in inference; cross-iteration BN "
-                             "uses running statistics there. Keep it as BN, or give it running statistics first")
-        source = node.args[0]
+        module, source = modules[node.target], node.args[0]
         producer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
-        if not isinstance(producer, (nn.Linear, nn.Conv2d)):
+        if not module.track_running_stats:
+            refused[node.target] = ("it keeps no running statistics (track_running_stats=False), so it normalizes "
+                                    "with batch statistics in inference; cross-iteration BN uses running statistics "
+                                    "there (give it running statistics first)")
+        elif not isinstance(producer, (nn.Linear, nn.Conv2d)):
             what = source.target if getattr(source, "op", None) == "call_module" else f"{source.op} {source.target}"
-            raise ValueError(f"cross_iteration: the input of {node.target!r} comes from {what!r}, not from a Linear "
-                             "or Conv2d layer, so its statistics cannot be compensated; keep it as BN")
-        pairs.append((node.target, producer))
+            refused[node.target] = (f"its input comes from {what!r}, not from a Linear or Conv2d layer, so its "
+                                    "statistics cannot be compensated")
+        else:
+            pairs.append((node.target, producer))
+    if refused and strict:
+        name, why = next(iter(refused.items()))
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise ValueError(f"cross_iteration: cannot convert {name!r}{more}: {why}. Pass strict=False to keep such "
+                         "layers as BN and convert the others, or pair layers by hand")
+    if refused:
+        warnings.warn("cross_iteration: kept as BN (strict=False): " + "; ".join(
+            f"{name!r}: {why}" for name, why in refused.items()), stacklevel=_caller_level())
     warn_left(model, lambda m: type(m) in plain or isinstance(m, CrossIterationBatchNorm), "cross_iteration",
               "only BatchNorm1d/2d layers (torch's or bnlab's) after a Linear or Conv2d become cross-iteration BN")
     for name, producer in pairs:
