@@ -4,6 +4,7 @@ so a checkpointed model trains exactly as the plain one (torch's BN folds each b
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -161,3 +162,17 @@ def test_a_constant_channel_is_recomputed_too(kind):
     train(plain, xs, ws)
     train(Checkpointed(twin, reentrant=False), xs, ws)
     assert_same_state(plain, twin, 1e-4)
+
+
+def test_the_fused_layer_keeps_its_input_only_as_a_saved_tensor():
+    """The checkpoint frees a segment's saved tensors until the backward recomputes them. A NumPy
+    view of the input kept beside them in the fused function's context held the memory all the
+    same (the view's base is a second torch alias of the storage)."""
+    conv = nn.Conv2d(2, 4, 3)
+    layer = bnlab.CrossIterationBatchNorm2d(4, window=3).pair(conv)
+    x = conv(torch.randn(4, 2, 8, 8))
+    y = layer(x)
+    assert type(y.grad_fn).__name__.startswith("FusedCrossIterationNormFunction")
+    assert not any(isinstance(a, np.ndarray) and np.shares_memory(a, x.detach().numpy()) for a in y.grad_fn.arrays)
+    y.sum().backward()  # (the backward takes its view from the saved tensor)
+    assert torch.isfinite(conv.weight.grad).all()

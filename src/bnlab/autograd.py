@@ -215,15 +215,16 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
         ctx.k = kernels.pooled_forward(xa, gamma, beta, eps, pool_past, *window, y.numpy().reshape(n, c, -1),
                                        stats[0], stats[1], stats[2], stats[3])
         stats[4, 0] = ctx.k
-        ctx.save_for_backward(x, weight)  # (for autograd's check that neither was modified in place)
-        ctx.arrays = (kernels, xa, gamma, stats)
+        ctx.save_for_backward(x, weight)  # (x only there: activation checkpointing frees and recomputes it)
+        ctx.arrays = (kernels, gamma, stats)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        kernels, xa, gamma, stats = ctx.arrays
+        kernels, gamma, stats = ctx.arrays
+        xa = x.detach().numpy().reshape(x.shape[0], x.shape[1], -1)  # (N, C, *) -> (N, C, S)
         dx = torch.empty_like(x)
         dgamma, dbeta = np.empty(xa.shape[1], xa.dtype), np.empty(xa.shape[1], xa.dtype)
         kernels.pooled_backward(dy.detach().numpy().reshape(xa.shape), xa, gamma, stats[2], stats[3], ctx.k,
@@ -260,5 +261,5 @@ class ReplayedCrossIterationNormFunction(FusedCrossIterationNormFunction):
         offset = torch.from_numpy(beta - mu_bar * gamma * invstd).to(x.dtype)
         y = x.detach() * F.per_channel(scale, x.dim()) + F.per_channel(offset, x.dim())
         ctx.save_for_backward(x, weight)
-        ctx.arrays = (kernels, xa, gamma, stats)
+        ctx.arrays = (kernels, gamma, stats)
         return y
