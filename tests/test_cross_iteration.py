@@ -301,6 +301,30 @@ class PreActivationBlock(nn.Module):
         return x + self.conv2(torch.relu(self.bn2(h)))
 
 
+class Detector(nn.Module):
+    """Control flow on a tensor: torch.fx cannot trace it, its backbone it can."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        features = self.backbone(x)
+        return features if bool(features.sum() > 0) else -features
+
+
+def test_an_untraceable_model_is_refused_with_the_way_round():
+    model = Detector()
+    with pytest.raises(ValueError, match="could not trace.*cross_iteration\\(model.backbone\\).*"
+                                         "broadcast_buffers=False.*pair layers by hand"):
+        bnlab.cross_iteration(model)
+    bnlab.cross_iteration(model.backbone, window=3)
+    assert model.backbone[1].producer is model.backbone[0]
+    for _ in range(3):
+        model(torch.randn(4, 3, 6, 6)).square().mean().backward()
+    assert model.backbone[1].window_valid.all()
+
+
 def test_cross_iteration_strict_false_converts_what_it_can_and_names_the_rest():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), PreActivationBlock(), PreActivationBlock())
     with pytest.raises(ValueError, match="cannot convert '2.bn1' \\(and 1 more\\)"):

@@ -518,7 +518,8 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
 
     Under DistributedDataParallel each rank keeps its own window, as in the paper: the returned
     model tells DDP to leave the windows out of its buffer broadcast (wrap this model, not a
-    parent of it; for layers paired by hand, ``DistributedDataParallel(..., broadcast_buffers=False)``).
+    parent of it; for a converted part of a model, such as a detector's backbone, or layers paired
+    by hand, ``DistributedDataParallel(..., broadcast_buffers=False)``).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
@@ -537,7 +538,10 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
     try:
         graph = Tracer().trace(model)
     except Exception as err:  # fx raises many kinds
-        raise ValueError(f"cross_iteration: could not trace the model ({err}); pair layers by hand with "
+        raise ValueError(f"cross_iteration: could not trace the model ({err}); convert a part that torch.fx can "
+                         "trace (a detector's backbone: cross_iteration(model.backbone); then wrap the model with "
+                         "DistributedDataParallel(..., broadcast_buffers=False), which reads the windows to leave "
+                         "out from the model it wraps only), or pair layers by hand with "
                          "CrossIterationBatchNorm2d(...).pair(conv)") from err
     modules = dict(model.named_modules())
     pairs, refused = [], {}  # refused: BN name -> why it cannot become cross-iteration BN
