@@ -325,6 +325,62 @@ def test_an_untraceable_model_is_refused_with_the_way_round():
     assert model.backbone[1].window_valid.all()
 
 
+def test_example_inputs_find_the_pairs_of_a_model_fx_cannot_trace():
+    model = Detector()
+    model.backbone.append(nn.Conv2d(4, 4, 1))
+    model.backbone.append(nn.BatchNorm2d(4))
+    model.backbone[1].running_mean.fill_(0.5)
+    bnlab.cross_iteration(model, window=3, example_inputs=torch.randn(2, 3, 6, 6))
+    assert [type(m).__name__ for m in (model.backbone[1], model.backbone[3])] == ["CrossIterationBatchNorm2d"] * 2
+    assert model.backbone[3].producer is model.backbone[2] and model.training  # (its mode kept)
+    assert torch.equal(model.backbone[1].running_mean, torch.full((4,), 0.5))  # (the pass changed no state)
+    for _ in range(3):
+        model(torch.randn(4, 3, 6, 6)).square().mean().backward()
+    assert model.backbone[3].window_valid.all()
+
+
+class SharedNorm(nn.Module):
+    """One BN after two convs in turn: its statistics mix two producers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.bn(self.b(x))
+
+
+@pytest.mark.parametrize("model, refused", [
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4)), "'0''s output, changed in place"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), "not a Linear or Conv2d layer's output"),
+    (SharedNorm(), "the outputs of several layers"),
+    (Detector(), None),  # (either branch of its control flow runs the backbone)
+], ids=["in-place activation", "activation", "shared layer", "none"])
+def test_example_inputs_refuse_what_cannot_be_compensated(model, refused):
+    x = torch.rand(2, 3, 6, 6)
+    if refused is None:
+        bnlab.cross_iteration(model, example_inputs=(x,))
+        return
+    with pytest.raises(ValueError, match=f"cannot convert .*{refused}"):
+        bnlab.cross_iteration(model, example_inputs=(x,))
+
+
+def test_example_inputs_name_a_layer_they_did_not_run():
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+            self.unused = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Branches()
+    with pytest.warns(UserWarning, match="'unused.1': the example inputs did not run it"):
+        bnlab.cross_iteration(model, strict=False, example_inputs=torch.randn(2, 3, 5, 5))
+    assert type(model.used[1]).__name__ == "CrossIterationBatchNorm2d" and type(model.unused[1]) is nn.BatchNorm2d
+
+
 def test_cross_iteration_strict_false_converts_what_it_can_and_names_the_rest():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), PreActivationBlock(), PreActivationBlock())
     with pytest.raises(ValueError, match="cannot convert '2.bn1' \\(and 1 more\\)"):

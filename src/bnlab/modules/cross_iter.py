@@ -503,18 +503,89 @@ def _keep_windows_local(model: nn.Module, layers: list[str]) -> None:
         model, ignored + [name for name in names if name not in ignored])
 
 
+PAIRED_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, BatchNorm1d, BatchNorm2d)  # what cross_iteration converts
+UNCOMPENSATED = ", so its statistics cannot be compensated"
+
+
+def _sources_traced(model: nn.Module):
+    """For each call of a BatchNorm1d/2d in ``model``, from its torch.fx graph: (its name, the Linear
+    or Conv2d whose output it normalizes, or None and why there is none)."""
+    import torch.fx
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):  # bnlab's layers are leaves, like torch.nn's
+            return isinstance(module, BatchNorm) or super().is_leaf_module(module, name)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as err:  # fx raises many kinds
+        raise ValueError(f"cross_iteration: could not trace the model ({err}); pass example_inputs (one forward "
+                         "pass finds the pairs instead), convert a part that torch.fx can trace (a detector's "
+                         "backbone: cross_iteration(model.backbone); then wrap the model with "
+                         "DistributedDataParallel(..., broadcast_buffers=False), which reads the windows to leave "
+                         "out from the model it wraps only), or pair layers by hand with "
+                         "CrossIterationBatchNorm2d(...).pair(conv)") from err
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        if node.op == "call_module" and type(modules[node.target]) in PAIRED_BATCH_NORMS:
+            source = node.args[0]
+            producer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
+            what = source.target if getattr(source, "op", None) == "call_module" else f"{source.op} {source.target}"
+            yield (node.target, producer if isinstance(producer, (nn.Linear, nn.Conv2d)) else None,
+                   f"its input comes from {what!r}, not from a Linear or Conv2d layer{UNCOMPENSATED}")
+
+
+def _sources_run(model: nn.Module, example_inputs: tuple):
+    """:func:`_sources_traced`'s answer from one forward pass on ``example_inputs`` instead (eval mode,
+    no gradients, every module's mode restored): hooks note which Linear or Conv2d output each
+    BatchNorm1d/2d receives, unchanged since (the same tensor, not written in place)."""
+    from bnlab.modules.model import evaluating  # (model.py builds on this module)
+
+    modules = dict(model.named_modules())
+    outputs, calls = [], []  # (producer name, its output, the output's version then); (BN name, its input, version)
+    handles = []
+    for name, module in modules.items():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            handles.append(module.register_forward_hook(
+                lambda module, args, output, name=name: outputs.append((name, output, output._version))))
+        elif type(module) in PAIRED_BATCH_NORMS:
+            handles.append(module.register_forward_pre_hook(
+                lambda module, args, name=name: calls.append((name, args[0], args[0]._version))))
+    try:
+        with evaluating(model):
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, x, version in calls:
+        source = next((record for record in reversed(outputs) if record[1] is x), None)
+        if source is None:
+            yield name, None, f"its input is not a Linear or Conv2d layer's output{UNCOMPENSATED}"
+        elif source[2] != version:
+            yield name, None, (f"its input is {source[0]!r}'s output, changed in place since (an in-place "
+                               f"activation?){UNCOMPENSATED}")
+        else:
+            yield name, modules[source[0]], ""
+    ran = {name for name, _, _ in calls}
+    for name, module in modules.items():
+        if type(module) in PAIRED_BATCH_NORMS and name not in ran:
+            yield name, None, "the example inputs did not run it, so what feeds it is unknown"
+
+
 def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compensate: bool = True, *,
-                    strict: bool = True) -> nn.Module:
+                    strict: bool = True, example_inputs=None) -> nn.Module:
     """Convert every BN of ``model`` whose input is a Linear or Conv2d output into cross-iteration BN.
 
-    Finds the pairs by tracing the model with torch.fx; the BN state carries over. A BN fed by
-    anything else (an addition, an activation, a function) is refused with its name, since its
-    statistics could not be compensated, and so is a BN without running statistics
-    (``track_running_stats=False``: it normalizes with batch statistics in inference too, which
-    cross-iteration BN does not); with ``strict=False`` such layers stay BN instead, named in a
-    warning (a pre-activation ResNet normalizes sums), and the others are converted. Other
-    batch-norm layers (synchronized, ghost, Batch Renorm, BN fused with its activation, 3-D) are
-    left as they are, and a warning names them.
+    Finds the pairs by tracing the model with torch.fx, or, given ``example_inputs`` (a tensor or a
+    tuple of the forward's arguments: a small batch), by running it once on them in eval mode
+    without gradients (a model with control flow, which fx cannot trace: a detector); the BN state
+    carries over. A BN fed by anything else (an addition, an activation, a function; a layer
+    shared by several inputs) is refused with its name, since its statistics could not be
+    compensated, and so is a BN without running statistics (``track_running_stats=False``: it
+    normalizes with batch statistics in inference too, which cross-iteration BN does not); with
+    ``strict=False`` such layers stay BN instead, named in a warning (a pre-activation ResNet
+    normalizes sums), and the others are converted. Other batch-norm layers (synchronized, ghost,
+    Batch Renorm, BN fused with its activation, 3-D) are left as they are, and a warning names them.
 
     Under DistributedDataParallel each rank keeps its own window, as in the paper: the returned
     model tells DDP to leave the windows out of its buffer broadcast (wrap this model, not a
@@ -528,38 +599,26 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         >>> type(net[1]).__name__, type(net[5]).__name__
         ('CrossIterationBatchNorm2d', 'CrossIterationBatchNorm1d')
     """
-    import torch.fx
-
-    plain = (nn.BatchNorm1d, nn.BatchNorm2d, BatchNorm1d, BatchNorm2d)
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, module, name):  # bnlab's layers are leaves, like torch.nn's
-            return isinstance(module, BatchNorm) or super().is_leaf_module(module, name)
-
-    try:
-        graph = Tracer().trace(model)
-    except Exception as err:  # fx raises many kinds
-        raise ValueError(f"cross_iteration: could not trace the model ({err}); convert a part that torch.fx can "
-                         "trace (a detector's backbone: cross_iteration(model.backbone); then wrap the model with "
-                         "DistributedDataParallel(..., broadcast_buffers=False), which reads the windows to leave "
-                         "out from the model it wraps only), or pair layers by hand with "
-                         "CrossIterationBatchNorm2d(...).pair(conv)") from err
+    plain = PAIRED_BATCH_NORMS
+    if example_inputs is None:
+        sources = list(_sources_traced(model))
+    else:
+        sources = list(_sources_run(model, (example_inputs,) if torch.is_tensor(example_inputs) else
+                                    tuple(example_inputs)))
     modules = dict(model.named_modules())
-    pairs, refused = [], {}  # refused: BN name -> why it cannot become cross-iteration BN
-    for node in graph.nodes:
-        if node.op != "call_module" or type(modules[node.target]) not in plain:
+    producers, refused = {}, {}  # BN name -> its producer; BN name -> why it cannot become cross-iteration BN
+    for name, producer, why in sources:
+        if name in refused:
             continue
-        module, source = modules[node.target], node.args[0]
-        producer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
-        if not module.track_running_stats:
-            refused[node.target] = ("it keeps no running statistics (track_running_stats=False), so it normalizes "
-                                    "with batch statistics in inference; cross-iteration BN uses running statistics "
-                                    "there (give it running statistics first)")
-        elif not isinstance(producer, (nn.Linear, nn.Conv2d)):
-            what = source.target if getattr(source, "op", None) == "call_module" else f"{source.op} {source.target}"
-            refused[node.target] = (f"its input comes from {what!r}, not from a Linear or Conv2d layer, so its "
-                                    "statistics cannot be compensated")
-        else:
-            pairs.append((node.target, producer))
+        if not modules[name].track_running_stats:
+            refused[name] = ("it keeps no running statistics (track_running_stats=False), so it normalizes with "
+                             "batch statistics in inference; cross-iteration BN uses running statistics there (give "
+                             "it running statistics first)")
+        elif producer is None:
+            refused[name] = why
+        elif producers.setdefault(name, producer) is not producer:
+            refused[name] = "it normalizes the outputs of several layers (a layer shared by several inputs)"
+    pairs = [(name, producer) for name, producer in producers.items() if name not in refused]
     if refused and strict:
         name, why = next(iter(refused.items()))
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
