@@ -339,6 +339,16 @@ def test_example_inputs_find_the_pairs_of_a_model_fx_cannot_trace():
     assert model.backbone[3].window_valid.all()
 
 
+def test_example_inputs_pair_a_traceable_model_as_torch_fx_does():
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), bnlab.BatchNorm2d(4),
+                             nn.Flatten(), nn.Linear(4 * 9, 5), nn.BatchNorm1d(5))
+
+    traced, run = bnlab.cross_iteration(make()), bnlab.cross_iteration(make(), example_inputs=torch.randn(2, 3, 5, 5))
+    for net in (traced, run):
+        assert [net[i].producer is net[i - 1] for i in (1, 4, 7)] == [True] * 3
+
+
 class SharedNorm(nn.Module):
     """One BN after two convs in turn: its statistics mix two producers."""
 
