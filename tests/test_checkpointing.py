@@ -15,11 +15,11 @@ import bnlab
 STEPS = 6
 
 
-def cbn(compensate=True, backend="auto"):
+def cbn(compensate=True, backend="auto", burn_in=2):
     def make():
         net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 6),
                             nn.BatchNorm1d(6))
-        net = bnlab.cross_iteration(net, window=3, burn_in=2, compensate=compensate)
+        net = bnlab.cross_iteration(net, window=3, burn_in=burn_in, compensate=compensate)
         for layer in (net[1], net[5]):
             layer.backend = backend
         return net
@@ -43,6 +43,7 @@ MODELS = {
     "cbn": cbn(),
     "cbn naive": cbn(compensate=False),
     "cbn on torch ops": cbn(backend="native"),
+    "cbn, a burn-in that stores nothing at first": cbn(burn_in=4),  # (steps 0-1 plain BN, 2-3 store, 4- pool)
 }
 
 
