@@ -121,6 +121,32 @@ def test_cross_iteration_bn_in_a_model_converted_to_low_precision(dtype, produce
         assert low(x).dtype == dtype
 
 
+EXPORTED = {
+    "bn": lambda: conv_net(bnlab.BatchNorm2d(8)),
+    "bn-act": lambda: conv_net(bnlab.BatchNormAct2d(8, act="leaky_relu")),
+    "ghost": lambda: conv_net(bnlab.GhostBatchNorm2d(8, virtual_batch_size=2)),
+    "batch-renorm": lambda: conv_net(bnlab.BatchRenorm2d(8, warmup=0, r_max_steps=1, d_max_steps=1)),
+    "sync": lambda: conv_net(bnlab.SyncBatchNorm(8)),
+    "cross-iteration": lambda: bnlab.cross_iteration(conv_net(nn.BatchNorm2d(8)), window=3),
+}
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_every_layer_exports_for_inference(name):
+    """Deployment: a trained model in eval mode goes through torch.export (a batch dimension of any
+    size) with its running statistics, and gives eager's outputs. (torch.jit.script does not
+    compile bnlab's layers, whose input checks are Python; torch 2.13 deprecates TorchScript.)"""
+    torch.manual_seed(0)
+    model = EXPORTED[name]()
+    for _ in range(4):  # (running statistics away from their initial values)
+        model(torch.randn(4, 3, 8, 8) * 2 + 1).square().mean().backward()
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    for batch in (x, torch.randn(5, 3, 8, 8), torch.randn(1, 3, 8, 8)):
+        torch.testing.assert_close(exported(batch), model(batch))
+
+
 GUARDED = {
     "bn": lambda: bnlab.BatchNorm2d(8),
     "bn on bnlab's autograd function": lambda: bnlab.BatchNorm2d(8, backend="autograd"),
