@@ -213,6 +213,17 @@ def same_batch(mean, var, other_mean, other_var, eps: float, rtol: float = 1e-5)
                 and ((second - other_mean * other_mean - other_var).abs() <= rtol * scale).all())
 
 
+def working_copies(running_mean: torch.Tensor, running_var: torch.Tensor, x: torch.Tensor):
+    """Copies of the running statistics for a kernel that updates them in place and keeps them for
+    its backward; :func:`fold_if_finite_` copies them back only for a finite batch. (Undoing the
+    update in the buffers themselves bumped their version, and the backward of a NaN batch failed
+    autograd's check.) In x's dtype where that is wider: float32 statistics of a layer converted to
+    bfloat16 (cross-iteration BN computes in float32) go to the kernel as float32, which torch's CPU
+    kernel requires of a float32 input."""
+    dtype = torch.promote_types(running_mean.dtype, x.dtype)
+    return running_mean.to(dtype, copy=True), running_var.to(dtype, copy=True)
+
+
 def batch_norm_train(
     x, weight=None, bias=None, eps=1e-5, backend="auto", running_mean=None, running_var=None, momentum=0.1
 ):
@@ -249,10 +260,7 @@ def batch_norm_train(
             running_mean, running_var, mean, var_biased, values_per_channel(x), momentum
         )
         return y, mean, torch.rsqrt(var_biased + eps), folded
-    # The kernel updates the buffers it is given in place and keeps them for its backward: give it
-    # copies, and copy them back only for a finite batch. (Undoing the update in the buffers
-    # themselves bumped their version, and the backward of a NaN batch failed autograd's check.)
-    updated = (running_mean.clone(), running_var.clone()) if tracking else (None, None)
+    updated = working_copies(running_mean, running_var, x) if tracking else (None, None)
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, *updated, True, momentum, eps)
     mean, invstd = mean.detach(), invstd.detach()
     if not tracking:
@@ -464,7 +472,7 @@ def batch_norm_act_train(
         from bnlab.autograd import TritonBatchNormActFunction  # autograd builds on this module
 
         tracking = running_mean is not None and running_var is not None
-        updated = (running_mean.clone(), running_var.clone()) if tracking else (None, None)  # (as batch_norm_train)
+        updated = working_copies(running_mean, running_var, x) if tracking else (None, None)
         y, mean, invstd = TritonBatchNormActFunction.apply(x, weight, bias, eps, act, slope, *updated, momentum)
         if not tracking:
             return y, mean, invstd, False

@@ -296,16 +296,13 @@ class CrossIterationBatchNorm(BatchNorm):
 
     def _batch_norm(self, x: torch.Tensor, fold: bool = True):
         """BN's step (the burn-in's, an empty window's): y, the batch's mean and biased variance, and
-        whether it was folded into the running statistics. The kernel takes them in x's dtype (a
-        copy when they are float16/bfloat16); with ``fold=False`` (a recomputation) a copy always."""
+        whether it was folded into the running statistics (with ``fold=False``, a recomputation,
+        into copies of them)."""
         running = (self.running_mean, self.running_var)
-        given = running if fold and running[0].dtype == x.dtype else tuple(r.to(x.dtype, copy=True) for r in running)
-        y, mean, invstd, folded = F.batch_norm_train(x, *self._affine(x), self.eps, self.backend, *given,
+        if not fold:
+            running = tuple(buffer.clone() for buffer in running)
+        y, mean, invstd, folded = F.batch_norm_train(x, *self._affine(x), self.eps, self.backend, *running,
                                                      self.batch_weight())
-        if fold and folded and given is not running:
-            with torch.no_grad():
-                for buffer, new in zip(running, given):
-                    buffer.copy_(new)
         mean, invstd = mean.detach(), invstd.detach()  # (the autograd backend's are differentiable)
         return y, mean, invstd.reciprocal().square() - self.eps, folded
 
@@ -599,7 +596,6 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         >>> type(net[1]).__name__, type(net[5]).__name__
         ('CrossIterationBatchNorm2d', 'CrossIterationBatchNorm1d')
     """
-    plain = PAIRED_BATCH_NORMS
     if example_inputs is None:
         sources = list(_sources_traced(model))
     else:
@@ -627,7 +623,8 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
     if refused:
         warnings.warn("cross_iteration: kept as BN (strict=False): " + "; ".join(
             f"{name!r}: {why}" for name, why in refused.items()), stacklevel=_caller_level())
-    warn_left(model, lambda m: type(m) in plain or isinstance(m, CrossIterationBatchNorm), "cross_iteration",
+    warn_left(model, lambda m: type(m) in PAIRED_BATCH_NORMS or isinstance(m, CrossIterationBatchNorm),
+              "cross_iteration",
               "only BatchNorm1d/2d layers (torch's or bnlab's) after a Linear or Conv2d become cross-iteration BN")
     for name, producer in pairs:
         old = modules[name]
