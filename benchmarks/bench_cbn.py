@@ -40,7 +40,7 @@ from bnlab import autograd, modules
 from bnlab import functional as F
 from bnlab.experiments.small_batch import Config, SmallConvNet
 from bnlab.kernels import cpu_cbn
-from bnlab.modules.cross_iter import moments_pay
+from bnlab.functional import moments_pay
 
 
 KERNELS = {name: getattr(cpu_cbn, name) for name in ("pooled_forward", "commit", "store_conv", "store_conv_moments",
@@ -124,7 +124,7 @@ VARIANTS = {
 }
 
 # (N, C_in, C_out, H = W, kernel, stride): convs on either side of each bound of the layer's rule for
-# taking d nu/dW from the patches' second moments (cross_iter.moments_pay)
+# taking d nu/dW from the patches' second moments (functional.moments_pay)
 MOMENT_SHAPES = ((4, 1, 16, 28, 3, 1), (64, 1, 16, 28, 3, 1), (8, 2, 32, 64, 3, 1), (16, 3, 64, 32, 3, 1),
                  (32, 3, 32, 112, 3, 1), (8, 3, 32, 224, 3, 2), (4, 8, 64, 28, 3, 1), (4, 3, 96, 32, 5, 1))
 

@@ -2,7 +2,9 @@
 
 This file owns the math in torch: per-channel batch statistics, the normalize/scale/shift step,
 the compact backward formula, the running-statistics update, and ``batch_norm``, the drop-in twin
-of ``torch.nn.functional.batch_norm``. Names follow :mod:`bnlab.reference` (``mean`` is mu_B,
+of ``torch.nn.functional.batch_norm``; then Batch Renorm's and ghost BN's steps, and cross-iteration
+BN's derivatives and compensation, with the entry points of its CPU kernels (the only callers of
+:mod:`bnlab.kernels` besides :mod:`bnlab.autograd`). Names follow :mod:`bnlab.reference` (``mean`` is mu_B,
 ``var_biased`` is sigma2_B, ``invstd`` is 1/sqrt(sigma2_B + eps)) so every test pairs a function here
 with its NumPy reference.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -775,3 +778,102 @@ def cross_iteration_pool(mu, nu, mu_past, nu_past):
     nus = torch.cat([torch.maximum(nu, mu * mu).unsqueeze(0), torch.maximum(nu_past, mu_past * mu_past).to(nu.dtype)])
     mu_bar = mus.mean(0)
     return mu_bar, (nus.mean(0) - mu_bar * mu_bar).clamp_min(0)
+
+
+# Cross-iteration BN's training step on the CPU: the numba kernels of bnlab.kernels.cpu_cbn, on
+# NumPy views of the layer's tensors that the layer keeps between steps (remaking them costs more
+# than the kernels on a small batch).
+
+MOMENTS_MAX_FAN_IN = 32  # beyond, the patches' products (and W S, C F^2) cost more than torch's reduction
+
+
+def moments_pay(groups: int, fan_in: int, channels: int, stride_w: int) -> bool:
+    """Whether :func:`bnlab.kernels.cpu_cbn.store_conv_moments` beats torch's weight-gradient kernel
+    for a conv's d nu/dW: one group, a fan-in F of at most C and of at most ``MOMENTS_MAX_FAN_IN``,
+    stride 1 along the width (``benchmarks/bench_cbn.py --moments`` times both on shapes on either
+    side of each bound)."""
+    return groups == 1 and fan_in <= min(channels, MOMENTS_MAX_FAN_IN) and stride_w == 1
+
+
+class CrossIterationViews(NamedTuple):
+    """What :mod:`bnlab.kernels.cpu_cbn` takes besides the batch, as NumPy views of a cross-iteration
+    layer's tensors (:func:`cross_iteration_views`)."""
+
+    kernels: object  # the module, imported when first needed
+    norm: tuple  # FusedCrossIterationNormFunction's: the kernels, gamma, beta, the window as pooled_forward reads it
+    running: tuple  # running_mean, running_var
+    entry: tuple  # commit's window arrays
+    derivatives: tuple  # store_conv[_moments]'s and store_linear's
+    producer: tuple  # the producer's weight (C, F) and bias (zeros without one)
+    geometry: tuple  # a conv producer's kernel size, stride, padding, dilation, as store_conv takes them
+
+
+def cross_iteration_views(gamma, beta, running_mean, running_var, producer: torch.nn.Module, window: tuple,
+                          compensate: bool) -> "CrossIterationViews | None":
+    """NumPy views of a cross-iteration layer's tensors for the kernels, or None where they cannot
+    take them (a tensor off the CPU, or not float32/64).
+
+    ``gamma``/``beta`` the layer's affine parameters (None without), ``window`` its window buffers
+    ``(mu, nu, bias, dmu, dnu, dmu_w, dnu_w, valid)`` (``(P, C)``, ``(P, C)``, ``(P, C)``,
+    ``(P, G, F)``, ``(P, C, F)``, ``(P, C)``, ``(P, C)``, ``(P,)``; naive CBN's derivatives are
+    ``(P, 0)``). The views share memory with the tensors: a tensor replaced (``.to()``,
+    ``load_state_dict(assign=True)``) needs new views.
+    """
+    weight, bias = producer.weight, producer.bias
+    tensors = (gamma, beta, running_mean, running_var, weight, bias)
+    if not all(t is None or (t.is_cpu and t.dtype in FUSED_DTYPES) for t in tensors):
+        return None
+    if not all(t.is_cpu for t in window) or window[0].dtype not in FUSED_DTYPES:
+        return None
+    from bnlab.kernels import cpu_cbn  # numba: imported by the first layer that trains on it
+
+    c = running_mean.shape[0]
+    gamma, beta, mean, var, weight, bias = (t.detach() if t is not None else None for t in tensors)
+    if gamma is None:
+        gamma, beta = torch.ones(c, dtype=mean.dtype), torch.zeros(c, dtype=mean.dtype)
+    if bias is None:
+        bias = torch.zeros(c, dtype=weight.dtype)
+    window = list(window)
+    if not compensate:  # (P, 0) placeholders, shaped as the kernels index them
+        window[3], window[4] = (t.view(t.shape[0], 1, 0) for t in window[3:5])
+    w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid = (t.detach().numpy() for t in window)
+    weight, bias = weight.reshape(c, -1).numpy(), bias.numpy()  # (C, C_in/G, kh, kw) -> (C, F)
+    return CrossIterationViews(
+        kernels=cpu_cbn,
+        norm=(cpu_cbn, gamma.numpy(), beta.numpy(),
+              (weight, bias, w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid, compensate)),
+        running=(mean.numpy(), var.numpy()),
+        entry=(bias, w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w, valid, compensate),
+        derivatives=(w_dmu, w_dnu),
+        producer=(weight, bias),
+        geometry=(*producer.kernel_size, *producer.stride, *conv_padding(producer), *producer.dilation)
+        if isinstance(producer, torch.nn.Conv2d) else (),
+    )
+
+
+def cross_iteration_commit_(views: CrossIterationViews, stats, m: int, momentum: float, slot: int) -> bool:
+    """Fold a batch into the running statistics (the update of :func:`update_running_stats_`) and
+    into window entry ``slot``: its mean, its second moment nu = sigma2_B + mu^2, the producer's
+    bias and, compensated, the products <d mu/dW, W> = mu - b and <d nu/dW, W> = 2 (nu - b mu)
+    (x = W patch + b: no dot products). ``stats`` is what
+    :class:`bnlab.autograd.FusedCrossIterationNormFunction` filled (rows 0 and 1: the batch's mean
+    and biased variance). A non-finite batch changes nothing and returns False."""
+    return views.kernels.commit(stats, m, *views.running, momentum, slot, *views.entry)
+
+
+def cross_iteration_store_(views: CrossIterationViews, slot: int, x: torch.Tensor, u: torch.Tensor,
+                           producer: torch.nn.Module, gradient: "torch.Tensor | None", moments: bool) -> None:
+    """The batch's d mu/dW (the mean input patch) and d nu/dW = 2/m sum_p x(p) patch(p) into window
+    entry ``slot``, for ``x = producer(u)``: a Linear's row by row; a conv's from its patches'
+    second moments (``moments``: :func:`moments_pay`), or from torch's weight-gradient reduction
+    (``gradient``, when the producer's hook took it, else taken here) scaled by 2/m."""
+    kernels, m = views.kernels, values_per_channel(x)
+    if isinstance(producer, torch.nn.Linear):
+        kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), *views.derivatives)
+    elif gradient is None and moments:
+        kernels.store_conv_moments(slot, conv_input(u, producer).contiguous().numpy(), *views.geometry,
+                                   *views.producer, *views.derivatives)
+    else:
+        dnu = gradient if gradient is not None else conv_weight_gradient(x, u, producer)
+        kernels.store_conv(slot, conv_input(u, producer).contiguous().numpy(), *views.geometry,
+                           dnu.view(x.shape[1], -1).numpy(), 2.0 / m, *views.derivatives)  # (C, ...) -> (C, F)

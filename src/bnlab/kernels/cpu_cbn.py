@@ -149,7 +149,7 @@ def store_conv_moments(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h,
     F (F + 1) / 2 products a position (and C F^2 for W S) instead of the reduction's C F. Any
     geometry gives the same values; it is the faster one only for a first conv over a few input
     channels, at stride 1 along the width, where the patches' rows are copies (the layer's rule:
-    :func:`bnlab.modules.cross_iter.moments_pay`). Threads split the batch into chunks of output
+    :func:`bnlab.functional.moments_pay`). Threads split the batch into chunks of output
     rows of one image; each lays out its patches and sums their products in the input's dtype
     (as torch's weight gradient sums them), and the chunks add up in float64.
     """

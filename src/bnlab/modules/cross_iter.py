@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
-
 import numpy as np
 import torch
 from torch import nn
@@ -21,32 +19,9 @@ WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window
                   "window_valid")
 
 
-MOMENTS_MAX_FAN_IN = 32  # beyond, the patches' products (and W S, C F^2) cost more than torch's reduction
-
-
-def moments_pay(groups: int, fan_in: int, channels: int, stride_w: int) -> bool:
-    """Whether :func:`bnlab.kernels.cpu_cbn.store_conv_moments` beats torch's weight-gradient kernel
-    for a conv's d nu/dW: one group, a fan-in F of at most C and of at most ``MOMENTS_MAX_FAN_IN``,
-    stride 1 along the width (``benchmarks/bench_cbn.py --moments`` times both on shapes on either
-    side of each bound)."""
-    return groups == 1 and fan_in <= min(channels, MOMENTS_MAX_FAN_IN) and stride_w == 1
-
-
 def _any(flags: torch.Tensor) -> bool:
     """Whether any flag is set; False for a meta tensor (a model built without memory has no window)."""
     return not flags.is_meta and bool(flags.any())
-
-
-class _KernelState(NamedTuple):
-    """What :mod:`bnlab.kernels.cpu_cbn` takes besides the batch, as NumPy views of a layer's tensors."""
-
-    kernels: object  # the module, imported when first needed
-    norm: tuple  # FusedCrossIterationNormFunction's: the kernels, gamma, beta, the window as pooled_forward reads it
-    running: tuple  # running_mean, running_var
-    entry: tuple  # commit's window arrays
-    derivatives: tuple  # store_conv[_moments]'s and store_linear's
-    producer: tuple  # the producer's weight (C, F) and bias (zeros without one)
-    geometry: tuple  # a conv producer's kernel size, stride, padding, dilation, as store_conv takes them
 
 
 class CrossIterationBatchNorm(BatchNorm):
@@ -155,7 +130,7 @@ class CrossIterationBatchNorm(BatchNorm):
         self.__dict__["_checked"] = False
         # A first conv (a small fan-in, at most C): d nu/dW from its patches' second moments on the numba
         # kernels, cheaper than torch's weight-gradient reduction there (cpu_cbn.store_conv_moments)
-        self.__dict__["_moments"] = self.compensate and isinstance(producer, nn.Conv2d) and moments_pay(
+        self.__dict__["_moments"] = self.compensate and isinstance(producer, nn.Conv2d) and F.moments_pay(
             groups, fan_in, c, producer.stride[1])
         self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
         return self
@@ -313,9 +288,10 @@ class CrossIterationBatchNorm(BatchNorm):
         dnu = F.second_moment_derivative(x, u, producer, gradient)
         return F.mean_patches(u, producer), dnu.reshape(x.shape[1], -1)
 
-    def _kernel_state(self, x: torch.Tensor) -> "_KernelState | None":
-        """The NumPy views the numba kernels take, or None when they cannot take this step (they
-        take float32/64 CPU tensors, x channels-first, with ``backend="auto"``).
+    def _kernel_state(self, x: torch.Tensor) -> "F.CrossIterationViews | None":
+        """The NumPy views the numba kernels take (:func:`bnlab.functional.cross_iteration_views`),
+        or None when they cannot take this step (they take float32/64 CPU tensors, x channels-first,
+        with ``backend="auto"``).
 
         Kept between steps and remade when a tensor behind them moved (``.to()``, ``pair()``,
         ``load_state_dict(assign=True)``, ``.data =``): the cached views hold the old tensors, so
@@ -332,38 +308,9 @@ class CrossIterationBatchNorm(BatchNorm):
         key = [t.data_ptr() if t is not None else 0 for t in tensors]
         cached = self.__dict__.get("_state")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_state"] = (key, self._make_kernel_state(tensors))
+            views = F.cross_iteration_views(*tensors[:4], producer, tensors[6:], self.compensate)
+            cached = self.__dict__["_state"] = (key, views)
         return cached[1]
-
-    def _make_kernel_state(self, tensors) -> "_KernelState | None":
-        if not all(t is None or t.is_cpu for t in tensors):
-            return None
-        if not all(t is None or t.dtype in F.FUSED_DTYPES for t in tensors[:7]):  # (not the valid flags)
-            return None
-        producer = self.producer
-        from bnlab.kernels import cpu_cbn
-
-        c = self.num_features
-        gamma, beta, mean, var, weight, bias, *window = (t.detach() if t is not None else None for t in tensors)
-        if gamma is None:
-            gamma, beta = torch.ones(c, dtype=mean.dtype), torch.zeros(c, dtype=mean.dtype)
-        if bias is None:
-            bias = torch.zeros(c, dtype=weight.dtype)
-        if not self.compensate:  # (P, 0) placeholders, shaped as the kernels index them
-            window[3], window[4] = (t.view(self.window - 1, 1, 0) for t in window[3:5])
-        w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid = (t.numpy() for t in window)
-        weight, bias = weight.reshape(c, -1).numpy(), bias.numpy()
-        return _KernelState(
-            kernels=cpu_cbn,
-            norm=(cpu_cbn, gamma.numpy(), beta.numpy(),
-                  (weight, bias, w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid, self.compensate)),
-            running=(mean.numpy(), var.numpy()),
-            entry=(bias, w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w, valid, self.compensate),
-            derivatives=(w_dmu, w_dnu),
-            producer=(weight, bias),
-            geometry=(*producer.kernel_size, *producer.stride, *F.conv_padding(producer), *producer.dilation)
-            if isinstance(producer, nn.Conv2d) else (),
-        )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -406,29 +353,18 @@ class CrossIterationBatchNorm(BatchNorm):
         # copy.deepcopy and pickle: the kernels' views belong to this layer's tensors, not the copy's
         return {**super().__getstate__(), "_state": None, "_input": None}
 
-    def _train_fused(self, state: "_KernelState", x, u, gradient, pooling: bool,
+    def _train_fused(self, views: "F.CrossIterationViews", x, u, gradient, pooling: bool,
                      slot: int) -> tuple[torch.Tensor, bool]:
         """One training step on the numba kernels (:mod:`bnlab.kernels.cpu_cbn`): the pooled
         normalization (an autograd function), the running statistics and the window's statistics,
         then (compensated, and the batch finite) the window's derivatives. ``gradient``: a conv's
         weight gradient from x, when the producer's hook took it (:meth:`_capture`)."""
-        kernels = state.kernels
         stats = np.empty((5, x.shape[1]))  # (filled by the forward; its own per call: backward reads it)
-        y = FusedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, pooling, state.norm, stats)
+        y = FusedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, pooling, views.norm, stats)
         self._remember(stats[0], stats[1], ("fused", stats))
-        m = F.values_per_channel(x)
-        folded = kernels.commit(stats, m, *state.running, self.batch_weight(), slot, *state.entry)
+        folded = F.cross_iteration_commit_(views, stats, F.values_per_channel(x), self.batch_weight(), slot)
         if folded and self.compensate:
-            producer = self.producer
-            if isinstance(producer, nn.Linear):
-                kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), *state.derivatives)
-            elif gradient is None and self.__dict__["_moments"]:  # d nu/dW from the patches' second moments
-                kernels.store_conv_moments(slot, F.conv_input(u, producer).contiguous().numpy(), *state.geometry,
-                                           *state.producer, *state.derivatives)
-            else:  # d nu/dW on torch's weight-gradient kernel, scaled by 2/m in the window
-                dnu = gradient if gradient is not None else F.conv_weight_gradient(x, u, producer)
-                kernels.store_conv(slot, F.conv_input(u, producer).contiguous().numpy(), *state.geometry,
-                                   dnu.view(x.shape[1], -1).numpy(), 2.0 / m, *state.derivatives)
+            F.cross_iteration_store_(views, slot, x, u, self.producer, gradient, self.__dict__["_moments"])
         return y, folded
 
     def _train_torch(self, x, u, gradient, pooling: bool, slot: int) -> tuple[torch.Tensor, bool]:
