@@ -494,3 +494,162 @@ def test_a_keras_style_momentum_is_warned_about_at_the_users_line(cls):
         warnings.simplefilter("error")
         for momentum in (0.1, 0.5, 1.0, None, 0.0):
             cls(3, momentum=momentum)
+
+
+# bnlab.fuse: batch-norm layers folded into their producers for inference
+
+DOUBLE = torch.float64
+
+
+def trained(model: nn.Module, x_shape, steps: int = 4) -> nn.Module:
+    """``model`` after a few training steps (running statistics away from 0 and 1, a moved affine),
+    in float64."""
+    model = model.to(DOUBLE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(torch.randn(*x_shape, generator=g, dtype=DOUBLE) * 3 + 1) ** 2).mean().backward()
+        opt.step()
+    return model
+
+
+FUSABLE = [
+    (lambda: nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), bnlab.BatchNorm2d(6)), (5, 3, 7, 7), ["Conv2d", "Identity"]),
+    (lambda: nn.Sequential(nn.Conv1d(3, 6, 3), bnlab.BatchNorm1d(6)), (5, 3, 9), ["Conv1d", "Identity"]),
+    (lambda: nn.Sequential(nn.Conv3d(2, 4, 3, groups=2), bnlab.BatchNorm3d(4, affine=False)), (4, 2, 5, 5, 5),
+     ["Conv3d", "Identity"]),
+    (lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, dilation=1), bnlab.BatchNormAct2d(6, act="leaky_relu",
+                                                                                          negative_slope=0.2)),
+     (5, 3, 7, 7), ["Conv2d", "LeakyReLU"]),
+    (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), bnlab.BatchNormAct2d(6, act="silu")), (5, 3, 7, 7), ["Conv2d", "SiLU"]),
+    (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), bnlab.BatchRenorm2d(6, warmup=0)), (5, 3, 7, 7), ["Conv2d", "Identity"]),
+    (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), bnlab.GhostBatchNorm2d(6, virtual_batch_size=2)), (6, 3, 7, 7),
+     ["Conv2d", "Identity"]),
+    (lambda: bnlab.cross_iteration(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Flatten(),
+                                                 nn.Linear(6 * 25, 4), nn.BatchNorm1d(4)), window=2),
+     (5, 3, 7, 7), ["Conv2d", "Identity", "Flatten", "Linear", "Identity"]),
+    (lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3, bias=False),
+                           bnlab.BatchNormAct1d(3, act="sigmoid")), (8, 4), ["Linear", "Identity", "ReLU", "Linear",
+                                                                            "Sigmoid"]),
+]
+
+
+@pytest.mark.parametrize("make, x_shape, kinds", FUSABLE)
+def test_fuse_folds_every_layer_kind_into_its_producer_with_the_eval_outputs(make, x_shape, kinds):
+    model = trained(make(), x_shape)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    example = torch.randn(2, *x_shape[1:], dtype=DOUBLE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nothing left behind)
+        fused = bnlab.fuse(model, example_inputs=(example,))
+    assert [type(m).__name__ for m in fused] == kinds
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model itself untouched
+    assert model.training and not fused.training
+    model.eval()
+    x = torch.randn(*x_shape, dtype=DOUBLE) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_fuse_is_the_paper_s_affine_map_of_the_running_statistics():
+    """W'_j = s_j W_j, b'_j = s_j (b_j - E[x]_j) + beta_j with s = gamma / sqrt(Var[x] + eps), by hand."""
+    conv, bn = nn.Conv2d(2, 3, 1, dtype=DOUBLE), bnlab.BatchNorm2d(3, eps=0.1, dtype=DOUBLE)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        bn.running_var.copy_(torch.tensor([4.0, 0.25, 9.0]))
+        bn.weight.copy_(torch.tensor([2.0, -1.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, 3.0, -1.0]))
+    w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    fused = bnlab.fuse(nn.Sequential(conv, bn))
+    s = torch.tensor([2.0, -1.0, 0.5], dtype=DOUBLE) / torch.sqrt(torch.tensor([4.1, 0.35, 9.1], dtype=DOUBLE))
+    torch.testing.assert_close(fused[0].weight, w * s.view(3, 1, 1, 1), rtol=1e-15, atol=0)
+    torch.testing.assert_close(fused[0].bias, s * (b - torch.tensor([1.0, -2.0, 0.5], dtype=DOUBLE))
+                               + torch.tensor([0.0, 3.0, -1.0], dtype=DOUBLE), rtol=1e-15, atol=1e-15)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), bnlab.BatchNorm2d(3)
+        self.again, self.bn2 = nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3)
+        self.relu, self.bn3 = nn.ReLU(), bnlab.BatchNorm2d(3)
+        self.stats = bnlab.BatchNorm2d(3, track_running_stats=False)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.bn(y) + y  # the conv's output is used twice
+        z = self.bn2(self.again(y)) + self.again(x)  # a conv run twice
+        return self.bn3(self.relu(z)) + self.stats(z)  # after a ReLU; batch statistics in eval mode
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fuse_leaves_what_folding_would_change_and_says_why(inplace):
+    model = trained(Residual(), (4, 3, 5, 5))
+    model.eval()
+    x = torch.randn(3, 3, 5, 5, dtype=DOUBLE)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning) as record:
+        fused = bnlab.fuse(model, example_inputs=(x,), inplace=inplace)
+    message = str(record[0].message)
+    for reason in ("'bn': its producer's output is also used elsewhere",
+                   "'bn2': its producer 'again' runs more than once",
+                   "'bn3': its input comes from 'relu', not from a Linear or Conv1d/2d/3d",
+                   "'stats': it keeps no running statistics"):
+        assert reason in message
+    assert (fused is model) == inplace
+    assert all(isinstance(getattr(fused, n), bnlab.BatchNorm2d) for n in ("bn", "bn2", "bn3", "stats"))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
+
+
+def test_fuse_folds_a_linear_only_where_its_output_is_n_by_c():
+    """Batch norm normalizes dimension 1, a Linear's features are its last: on (N, L, C) with L = C
+    the channels would be the wrong ones, silently."""
+    model = trained(nn.Sequential(nn.Linear(5, 5), bnlab.BatchNorm1d(5)), (4, 5, 5))
+    with pytest.warns(UserWarning, match=r"its Linear's output is \(2, 5, 5\), not \(N, C\)"):
+        fused = bnlab.fuse(model, example_inputs=(torch.randn(2, 5, 5, dtype=DOUBLE),))
+    assert isinstance(fused[1], bnlab.BatchNorm1d)
+    flat = trained(nn.Sequential(nn.Linear(5, 5), bnlab.BatchNorm1d(5)), (4, 5))
+    with pytest.warns(UserWarning, match="no example_inputs showed its shape"):
+        assert isinstance(bnlab.fuse(flat)[1], bnlab.BatchNorm1d)
+
+
+def test_fuse_leaves_a_shared_weight_and_a_parametrized_one():
+    tied = nn.Sequential(nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3), nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3))
+    tied[2].weight = tied[0].weight
+    standardized = nn.Sequential(nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3))
+    torch.nn.utils.parametrize.register_parametrization(standardized[0], "weight", nn.Tanh())
+    for model, reason in ((tied, "shares a parameter with another layer"),
+                          (standardized, "weight is a parametrization")):
+        model = trained(model, (4, 3, 4, 4))
+        with pytest.warns(UserWarning, match=reason):
+            fused = bnlab.fuse(model, example_inputs=(torch.randn(2, 3, 4, 4, dtype=DOUBLE),))
+        assert isinstance(fused[1], bnlab.BatchNorm2d)
+
+
+def test_fuse_removes_a_cross_iteration_layers_hook_from_its_producer():
+    model = trained(bnlab.cross_iteration(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), window=2),
+                    (4, 3, 5, 5))
+    assert len(model[0]._forward_hooks) == 1
+    fused = bnlab.fuse(model)
+    assert len(fused[0]._forward_hooks) == 0 and len(model[0]._forward_hooks) == 1
+
+
+def test_fuse_refuses_a_model_fx_cannot_trace_and_checks_its_outputs():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match=r"could not trace the model.*fuse\(model.backbone, inplace=True\)"):
+        bnlab.fuse(Branchy())
+    # A hook that changes the conv's output is not in the fx graph: the outputs' check catches it.
+    model = trained(nn.Sequential(nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3)), (4, 3, 4, 4))
+    model[0].register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(ValueError, match="the fused model's output differs from the model's"):
+        bnlab.fuse(model, example_inputs=(torch.randn(2, 3, 4, 4, dtype=DOUBLE),))

@@ -5,7 +5,8 @@ input checks; one file per family, re-exported here.
 - :mod:`~bnlab.modules.renorm`: :class:`BatchRenorm`;
 - :mod:`~bnlab.modules.ghost`: :class:`GhostBatchNorm`;
 - :mod:`~bnlab.modules.cross_iter`: :class:`CrossIterationBatchNorm` and :func:`cross_iteration`;
-- :mod:`~bnlab.modules.model`: functions over a whole model (:func:`evaluating`, :func:`recalibrate`, :func:`convert`).
+- :mod:`~bnlab.modules.model`: functions over a whole model (:func:`evaluating`, :func:`recalibrate`,
+  :func:`convert`, :func:`fuse`).
 """
 
 from bnlab.modules.batch import (
@@ -28,7 +29,7 @@ from bnlab.modules.cross_iter import (
     cross_iteration,
 )
 from bnlab.modules.ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d
-from bnlab.modules.model import convert, evaluating, recalibrate
+from bnlab.modules.model import convert, evaluating, fuse, recalibrate
 from bnlab.modules.renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 
@@ -56,6 +57,7 @@ __all__ = [
     "CrossIterationBatchNorm2d",
     "cross_iteration",
     "convert",
+    "fuse",
     "evaluating",
     "recalibrate",
 ]

@@ -380,6 +380,18 @@ def warn_left(model: nn.Module, converted, who: str, becomes: str) -> None:
         warnings.warn(f"{who}: left as they were: {', '.join(left)}; {becomes}", stacklevel=_caller_level())
 
 
+def trace_graph(model: nn.Module):
+    """``model``'s torch.fx graph with every batch-norm layer (bnlab's too, like torch.nn's) a leaf:
+    one ``call_module`` node a call. Raises what torch.fx raises for a model it cannot trace."""
+    import torch.fx
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, BatchNorm) or super().is_leaf_module(module, name)
+
+    return Tracer().trace(model)
+
+
 def name_layers(model: nn.Module) -> nn.Module:
     """Give every bnlab layer its qualified name in ``model``, so its warnings say which layer."""
     for name, module in model.named_modules():

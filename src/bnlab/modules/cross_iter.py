@@ -12,7 +12,7 @@ from bnlab import functional as F
 from bnlab.autograd import (CrossIterationNormFunction, FusedCrossIterationNormFunction,
                              ReplayedCrossIterationNormFunction)
 from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, _caller_level, momentum_argument, name_layers,
-                                 warn_left)
+                                 trace_graph, warn_left)
 
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
 WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
@@ -443,14 +443,8 @@ UNCOMPENSATED = ", so its statistics cannot be compensated"
 def _sources_traced(model: nn.Module):
     """For each call of a BatchNorm1d/2d in ``model``, from its torch.fx graph: (its name, the Linear
     or Conv2d whose output it normalizes, or None and why there is none)."""
-    import torch.fx
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, module, name):  # bnlab's layers are leaves, like torch.nn's
-            return isinstance(module, BatchNorm) or super().is_leaf_module(module, name)
-
     try:
-        graph = Tracer().trace(model)
+        graph = trace_graph(model)
     except Exception as err:  # fx raises many kinds
         raise ValueError(f"cross_iteration: could not trace the model ({err}); pass example_inputs (one forward "
                          "pass finds the pairs instead), convert a part that torch.fx can trace (a detector's "

@@ -1,18 +1,23 @@
 """Functions over a whole model: inference without touching its modes, population statistics
-(Algorithm 2), and the torch.nn converter."""
+(Algorithm 2), the torch.nn converter, and folding batch-norm layers into their producers for inference."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import warnings
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bnlab import functional as F
-from bnlab.modules.batch import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm, name_layers, warn_left
+from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct, is_batch_norm,
+                                 name_layers, trace_graph, warn_left)
 from bnlab.modules.cross_iter import CrossIterationBatchNorm
+from bnlab.modules.renorm import BatchRenorm
 
 
 @contextlib.contextmanager
@@ -220,3 +225,165 @@ def _converted(module: nn.Module, kwargs) -> nn.Module | None:
         new.weight.requires_grad_(module.weight.requires_grad)
         new.bias.requires_grad_(module.bias.requires_grad)
     return new.train(module.training)
+
+
+# What each bnlab layer's eval mode is: Algorithm 2 (BN, ghost, synchronized and cross-iteration
+# BN), then an activation (BatchNormAct), or Batch Renorm's sigma
+INFERENCE_AFFINE = (BatchNorm._inference, BatchNormAct._inference, BatchRenorm._inference)
+FUSED_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+ACTIVATION_MODULES = {  # BatchNormAct's act -> the module that stays in its place, given the slope
+    "identity": lambda slope: nn.Identity(), "relu": lambda slope: nn.ReLU(), "leaky_relu": nn.LeakyReLU,
+    "silu": lambda slope: nn.SiLU(), "sigmoid": lambda slope: nn.Sigmoid()}
+
+
+def fuse(model: nn.Module, example_inputs: tuple | None = None, inplace: bool = False) -> nn.Module:
+    """The model for inference with each batch-norm layer folded into the Linear or Conv that
+    produces its input: one layer fewer a pair, the same outputs up to rounding.
+
+    In eval mode a batch-norm layer is a per-channel affine map (Algorithm 2, line 11):
+    y = s (x - E[x]) + beta with s = gamma / sqrt(Var[x] + eps) (Batch Renorm: gamma / sigma, its
+    eps inside sigma). After x = W u + b it folds into the producer:
+
+        W'_j = s_j W_j,    b'_j = s_j (b_j - E[x]_j) + beta_j.
+
+    The layer is replaced by ``nn.Identity`` (:class:`bnlab.BatchNormAct`'s by its activation).
+    The pairs come from the model's torch.fx graph (bnlab's and torch.nn's batch-norm layers;
+    Linear and Conv1d/2d/3d producers). A layer is left as it is, and a warning names it with the
+    reason, where folding would change another result or is not a fixed affine map: its input is
+    not a producer's output, or that output is also used elsewhere, or the producer or the layer
+    runs more than once, or the producer's weight is shared or a parametrization, or the layer
+    keeps no running statistics. A Linear's pair is folded only when ``example_inputs`` show its
+    output is ``(N, C)`` (batch-norm normalizes dimension 1, a Linear's features are the last).
+
+    Args:
+        model: any module torch.fx can trace (for one it cannot, fuse a part: ``model.backbone``).
+        example_inputs: a tuple of inputs for one forward pass (no gradients): the shapes, and a
+            check that the fused model gives the model's outputs (ValueError otherwise).
+        inplace: fold into ``model`` itself; by default a deep copy is fused and ``model`` is
+            left as it was.
+
+    Returns:
+        The fused model, in eval mode.
+
+    Example:
+        >>> import bnlab
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), bnlab.BatchNormAct2d(8, act="relu"), nn.Flatten(),
+        ...                     nn.Linear(8 * 4 * 4, 10), bnlab.BatchNorm1d(10))
+        >>> _ = net(torch.randn(16, 3, 6, 6))                     # training: running statistics
+        >>> fused = bnlab.fuse(net, example_inputs=(torch.randn(2, 3, 6, 6),))
+        >>> [type(m).__name__ for m in fused]
+        ['Conv2d', 'ReLU', 'Flatten', 'Linear', 'Identity']
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    try:
+        graph = trace_graph(model)
+    except Exception as err:  # fx raises many kinds
+        raise ValueError(f"fuse: could not trace the model with torch.fx ({err}); fuse a part that it can trace "
+                         "(a detector's backbone: fuse(model.backbone, inplace=True))") from err
+    modules = dict(model.named_modules())
+    shapes = {}
+    expected = None
+    if example_inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            expected = model(*example_inputs)
+            ShapeProp(torch.fx.GraphModule(model, graph)).propagate(*example_inputs)
+        shapes = {node: node.meta["tensor_meta"].shape for node in graph.nodes
+                  if hasattr(node.meta.get("tensor_meta"), "shape")}
+    calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+    owners = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    left = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not is_batch_norm(modules[node.target]):
+            continue
+        name, norm = node.target, modules[node.target]
+        source = node.args[0] if node.args else None
+        producer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
+        reason = _unfusable(norm, calls[name], producer, source, calls, owners, shapes)
+        if reason:
+            left[name] = reason
+            continue
+        _fold_into(producer, *_inference_affine(norm))
+        hook = norm.__dict__.get("_hook")  # (a cross-iteration layer's on its producer)
+        if hook is not None:
+            hook.remove()
+        act = getattr(norm, "act", "identity")
+        model.set_submodule(name, ACTIVATION_MODULES[act](getattr(norm, "negative_slope", 0.01)))
+    if left:
+        warnings.warn("fuse: left as they were: " + "; ".join(f"{name!r}: {why}" for name, why in left.items()),
+                      stacklevel=2)
+    if expected is not None:
+        with torch.no_grad():
+            _check_fused(model(*example_inputs), expected)
+    return model
+
+
+def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes) -> str | None:
+    """Why ``norm`` cannot be folded into ``producer`` (None when it can)."""
+    if isinstance(norm, BatchNorm) and type(norm)._inference not in INFERENCE_AFFINE:
+        return f"{type(norm).__name__} has its own inference"
+    if not isinstance(norm, BatchNorm) and type(norm) not in TORCH_TO_BNLAB and type(norm) is not nn.SyncBatchNorm:
+        return f"{type(norm).__name__} is not one of torch.nn's BatchNorm1d/2d/3d"
+    if not norm.track_running_stats or norm.running_mean is None:
+        return "it keeps no running statistics (track_running_stats=False): batch statistics in eval mode too"
+    if norm_calls > 1:
+        return "it runs more than once in a forward pass"
+    if not isinstance(producer, FUSED_PRODUCERS):
+        what = source.target if getattr(source, "op", None) == "call_module" else getattr(source, "op", "no input")
+        return f"its input comes from {what!r}, not from a Linear or Conv1d/2d/3d"
+    if calls[source.target] > 1:
+        return f"its producer {source.target!r} runs more than once"
+    if len(source.users) > 1:
+        return f"its producer's output is also used elsewhere ({', '.join(str(u) for u in source.users)})"
+    if parametrize.is_parametrized(producer):
+        return "its producer's weight is a parametrization"
+    if any(owners[id(p)] > 1 for p in producer.parameters(recurse=False)):
+        return "its producer shares a parameter with another layer"
+    if producer.weight.shape[0] != norm.num_features:
+        return f"its producer has {producer.weight.shape[0]} outputs, the layer {norm.num_features} channels"
+    if isinstance(producer, nn.Linear) and len(shapes.get(source, ())) != 2:
+        return ("a Linear's output folds only as (N, C), and no example_inputs showed its shape"
+                if source not in shapes else f"its Linear's output is {tuple(shapes[source])}, not (N, C)")
+    return None
+
+
+def _inference_affine(norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode layer as y = scale * x + shift per channel, in float64."""
+    mean = norm.running_mean.detach().double()
+    if isinstance(norm, BatchRenorm):
+        invstd = norm.running_std.detach().double().reciprocal()  # (eps is inside sigma)
+    else:
+        invstd = torch.rsqrt(norm.running_var.detach().double() + norm.eps)
+    scale = invstd if norm.weight is None else invstd * norm.weight.detach().double()
+    shift = -mean * scale if norm.bias is None else norm.bias.detach().double() - mean * scale
+    return scale, shift
+
+
+@torch.no_grad()
+def _fold_into(producer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """W_j <- scale_j W_j, b_j <- scale_j b_j + shift_j (a bias made where there was none)."""
+    weight = producer.weight
+    bias = producer.bias.detach().double() if producer.bias is not None else torch.zeros_like(scale)
+    # (C,) -> (C, 1, ...): one row of the weight per output channel
+    weight.copy_(weight.double() * scale.to(weight.device).view(-1, *([1] * (weight.dim() - 1))))
+    new_bias = (bias * scale + shift).to(weight.dtype)
+    if producer.bias is None:
+        producer.bias = nn.Parameter(new_bias, requires_grad=weight.requires_grad)
+    else:
+        producer.bias.copy_(new_bias)
+
+
+def _check_fused(outputs, expected) -> None:
+    """ValueError unless the fused model's outputs are the model's, to rounding in their dtype."""
+    got, want = torch.utils._pytree.tree_leaves(outputs), torch.utils._pytree.tree_leaves(expected)
+    for a, b in zip(got, want):
+        if isinstance(b, torch.Tensor) and b.is_floating_point():
+            scale = b.abs().max().item() if b.numel() else 0.0
+            tol = 1e3 * torch.finfo(b.dtype).eps * max(scale, 1.0)
+            if a.shape != b.shape or not bool(((a - b).abs() <= tol).all()):
+                raise ValueError(f"fuse: the fused model's output differs from the model's (largest difference "
+                                 f"{(a - b).abs().max().item():.3g}, allowed {tol:.3g}): a folded layer's input "
+                                 "was not what the graph said; fuse the parts separately to find it")
