@@ -1,6 +1,7 @@
 """Training-step time of the small-batch experiment's network with CBN against BN, at batch 4.
 
-    python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--parts] [--variants] [--norm-cost] [--moments]
+    python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--threads N] [--parts] [--variants] [--norm-cost]
+                                   [--moments]
 
 Three networks train on the same MNIST-sized random batches with SGD + momentum, measured in one
 run, interleaved in blocks: bnlab's cross-iteration layers (window 4, past their burn-in), bnlab's
@@ -14,6 +15,8 @@ isolated comparison behind a choice in the code (a Linear producer's d nu/dW).
 
 ``--norm-cost`` adds the same network without normalization layers (identities) to the run, and
 prints what the normalization layers cost in each network's step (its step minus that one's).
+
+``--threads N`` runs torch's ops and the numba kernels on N threads each (default: as they start).
 
 ``--moments`` times a conv's d nu/dW both ways alone (torch's weight-gradient reduction, the
 patches' second moments) on a few shapes.
@@ -248,6 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, help="torch's and numba's threads (default: as they start)")
     parser.add_argument("--parts", action="store_true", help="also time the pieces of CBN's step")
     parser.add_argument("--variants", action="store_true", help="also time three CBN variants in the same run")
     parser.add_argument("--moments", action="store_true",
@@ -255,6 +259,11 @@ def main() -> None:
     parser.add_argument("--norm-cost", action="store_true",
                         help="also time the network without normalization: what the layers cost")
     args = parser.parse_args()
+    if args.threads:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.rand(args.steps, args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.steps, args.batch))
