@@ -653,3 +653,30 @@ def test_fuse_refuses_a_model_fx_cannot_trace_and_checks_its_outputs():
     model[0].register_forward_hook(lambda module, args, output: output * 2)
     with pytest.raises(ValueError, match="the fused model's output differs from the model's"):
         bnlab.fuse(model, example_inputs=(torch.randn(2, 3, 4, 4, dtype=DOUBLE),))
+
+
+# (fx's fuser imports torch.jit.script_method, deprecated)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_fx_traces_every_layer_as_a_leaf_like_torch_nns():
+    """torch.fx.symbolic_trace (and what builds on it: torchvision's feature extraction, FX
+    quantization, fx's fuser) took bnlab's layers for code to trace through, and their input
+    checks raised TraceError; now each call is one call_module node, as torch.nn's are."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), bnlab.BatchNorm2d(8), nn.ReLU(), bnlab.BatchNormAct2d(8),
+                             bnlab.GhostBatchNorm2d(8, virtual_batch_size=2), bnlab.BatchRenorm2d(8), nn.Flatten(),
+                             nn.Linear(8 * 16, 5), bnlab.BatchNorm1d(5, momentum=None)).to(DOUBLE)
+
+    model, traced = build(), torch.fx.symbolic_trace(build())
+    kinds = {node.target: type(traced.get_submodule(node.target)).__name__ for node in traced.graph.nodes
+             if node.op == "call_module"}
+    assert kinds == {str(i): type(m).__name__ for i, m in enumerate(model)}
+    x = torch.randn(6, 3, 6, 6, dtype=DOUBLE)
+    for _ in range(3):
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(traced.state_dict(), model.state_dict(), rtol=0, atol=0)
+    traced.eval(), model.eval()
+    torch.testing.assert_close(traced(x[:1]), model(x[:1]), rtol=0, atol=0)
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+
+    fx_fuse(model)  # (it folds torch.nn's pairs only; it traced nothing before)

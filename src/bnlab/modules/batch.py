@@ -14,6 +14,7 @@ import sys
 import warnings
 
 import torch
+import torch.fx
 from torch import nn
 
 from bnlab import functional as F
@@ -159,6 +160,8 @@ class BatchNorm(nn.Module):
         return self.momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx's symbolic tracing: one node, a leaf like torch.nn's layers
+            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         self._check_input(x)
         if not self.training and self.track_running_stats:
             return self._inference(x)
@@ -381,15 +384,9 @@ def warn_left(model: nn.Module, converted, who: str, becomes: str) -> None:
 
 
 def trace_graph(model: nn.Module):
-    """``model``'s torch.fx graph with every batch-norm layer (bnlab's too, like torch.nn's) a leaf:
+    """``model``'s torch.fx graph, every batch-norm layer (bnlab's too, like torch.nn's) a leaf:
     one ``call_module`` node a call. Raises what torch.fx raises for a model it cannot trace."""
-    import torch.fx
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, module, name):
-            return isinstance(module, BatchNorm) or super().is_leaf_module(module, name)
-
-    return Tracer().trace(model)
+    return torch.fx.Tracer().trace(model)
 
 
 def name_layers(model: nn.Module) -> nn.Module:
