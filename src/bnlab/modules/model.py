@@ -259,8 +259,8 @@ def fuse(model: nn.Module, example_inputs: tuple | None = None, inplace: bool = 
         model: any module torch.fx can trace (for one it cannot, fuse a part: ``model.backbone``).
         example_inputs: a tuple of inputs for one forward pass (no gradients): the shapes, and a
             check that the fused model gives the model's outputs (ValueError otherwise).
-        inplace: fold into ``model`` itself; by default a deep copy is fused and ``model`` is
-            left as it was.
+        inplace: fold into ``model`` itself (a failed check then leaves it folded: check without
+            ``inplace`` first); by default a deep copy is fused and ``model`` is left as it was.
 
     Returns:
         The fused model, in eval mode.
@@ -276,12 +276,12 @@ def fuse(model: nn.Module, example_inputs: tuple | None = None, inplace: bool = 
     """
     if not inplace:
         model = copy.deepcopy(model)
-    model.eval()
     try:
         graph = trace_graph(model)
     except Exception as err:  # fx raises many kinds
         raise ValueError(f"fuse: could not trace the model with torch.fx ({err}); fuse a part that it can trace "
                          "(a detector's backbone: fuse(model.backbone, inplace=True))") from err
+    model.eval()  # (before the example's forward: in training mode it would fold the example in)
     modules = dict(model.named_modules())
     shapes = {}
     expected = None
