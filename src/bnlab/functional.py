@@ -3,8 +3,9 @@
 This file owns the math in torch: per-channel batch statistics, the normalize/scale/shift step,
 the compact backward formula, the running-statistics update, and ``batch_norm``, the drop-in twin
 of ``torch.nn.functional.batch_norm``; then Batch Renorm's and ghost BN's steps, and cross-iteration
-BN's derivatives and compensation, with the entry points of its CPU kernels (the only callers of
-:mod:`bnlab.kernels` besides :mod:`bnlab.autograd`). Names follow :mod:`bnlab.reference` (``mean`` is mu_B,
+BN's derivatives and compensation, with the entry points of its CPU kernels. With
+:mod:`bnlab.autograd` it is the only caller of the normalization kernels (the MNIST nets'
+binary-input layer is :mod:`bnlab.nets`'). Names follow :mod:`bnlab.reference` (``mean`` is mu_B,
 ``var_biased`` is sigma2_B, ``invstd`` is 1/sqrt(sigma2_B + eps)) so every test pairs a function here
 with its NumPy reference.
 
