@@ -526,6 +526,7 @@ FUSABLE = [
     (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), bnlab.BatchRenorm2d(6, warmup=0)), (5, 3, 7, 7), ["Conv2d", "Identity"]),
     (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), bnlab.GhostBatchNorm2d(6, virtual_batch_size=2)), (6, 3, 7, 7),
      ["Conv2d", "Identity"]),
+    (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), bnlab.SyncBatchNorm(6)), (5, 3, 7, 7), ["Conv2d", "Identity"]),
     (lambda: bnlab.cross_iteration(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Flatten(),
                                                  nn.Linear(6 * 25, 4), nn.BatchNorm1d(4)), window=2),
      (5, 3, 7, 7), ["Conv2d", "Identity", "Flatten", "Linear", "Identity"]),
