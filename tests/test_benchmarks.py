@@ -91,3 +91,14 @@ def test_cbn_drift_diagnostic_measures_mean_shifts_in_standard_deviations():
                           "--batch", "4", "--every", "10", "--burn-in", "0.5", "--lr-drop", "0.1"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     assert "burn-in to step 10" in out and out.count("test accuracy") == 2, out
+
+
+def test_bench_fuse_runs_and_the_fused_network_gives_the_same_outputs():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fuse.py"), "--batches", "1,3",
+                          "--repeats", "40"], capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = re.findall(r"^batch (\d+): bnlab, eval [\d.]+ us \(1.00x\), bnlab.fuse [\d.]+ us \(([\d.]+)x\), "
+                      r"torch.nn BN, eval [\d.]+ us \(([\d.]+)x\), torch fx fuse [\d.]+ us \(([\d.]+)x\); "
+                      r"fused output differs by ([\d.e+-]+) at most$", out, flags=re.M)
+    assert [row[0] for row in rows] == ["1", "3"], out
+    assert all(float(r) > 0 for row in rows for r in row[1:4]), out
+    assert all(float(row[4]) < 1e-4 for row in rows), out  # (float32 logits of order 1)
