@@ -17,3 +17,6 @@ def test_readme_example_runs():
     net, cnn = scope["net"], scope["cnn"]
     assert not net.training and int(net[1].num_batches_tracked) > 0
     assert isinstance(cnn[1], bnlab.BatchNorm2d) and isinstance(cnn[0], torch.nn.Conv2d)
+    fused, x = scope["fused"], torch.randn(3, 784)
+    assert isinstance(fused[1], torch.nn.Identity) and isinstance(net[1], bnlab.BatchNorm1d)
+    torch.testing.assert_close(fused(x), net(x))
