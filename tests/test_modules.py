@@ -681,3 +681,19 @@ def test_torch_fx_traces_every_layer_as_a_leaf_like_torch_nns():
     from torch.fx.experimental.optimization import fuse as fx_fuse
 
     fx_fuse(model)  # (it folds torch.nn's pairs only; it traced nothing before)
+
+
+def test_fuse_checks_outputs_that_hold_nan_where_the_model_s_do():
+    class WithNaN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y, y.sum() * float("nan")  # (a loss term undefined on the example, say)
+
+    model = WithNaN().to(DOUBLE)
+    model(torch.randn(4, 3, 2, 2, dtype=DOUBLE))  # (running statistics)
+    fused = bnlab.fuse(model, example_inputs=(torch.randn(2, 3, 2, 2, dtype=DOUBLE),))
+    assert isinstance(fused.bn, nn.Identity)

@@ -381,9 +381,14 @@ def _check_fused(outputs, expected) -> None:
     got, want = torch.utils._pytree.tree_leaves(outputs), torch.utils._pytree.tree_leaves(expected)
     for a, b in zip(got, want):
         if isinstance(b, torch.Tensor) and b.is_floating_point():
-            scale = b.abs().max().item() if b.numel() else 0.0
+            scale = b.nan_to_num(0.0, 0.0, 0.0).abs().max().item() if b.numel() else 0.0
             tol = 1e3 * torch.finfo(b.dtype).eps * max(scale, 1.0)
-            if a.shape != b.shape or not bool(((a - b).abs() <= tol).all()):
+            if a.shape != b.shape:
+                raise ValueError(f"fuse: the fused model's output has shape {tuple(a.shape)}, the model's "
+                                 f"{tuple(b.shape)}; fuse the parts separately to find the layer")
+            difference = (a - b).abs()
+            if not bool(((difference <= tol) | (a.isnan() & b.isnan())).all()):
                 raise ValueError(f"fuse: the fused model's output differs from the model's (largest difference "
-                                 f"{(a - b).abs().max().item():.3g}, allowed {tol:.3g}): a folded layer's input "
-                                 "was not what the graph said; fuse the parts separately to find it")
+                                 f"{difference.nan_to_num(float('inf')).max().item():.3g}, allowed {tol:.3g}): a "
+                                 "folded layer's input was not what the graph said; fuse the parts separately to "
+                                 "find it")
