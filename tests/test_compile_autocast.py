@@ -151,6 +151,11 @@ GUARDED = {
     "bn": lambda: bnlab.BatchNorm2d(8),
     "bn on bnlab's autograd function": lambda: bnlab.BatchNorm2d(8, backend="autograd"),
     "ghost": lambda: bnlab.GhostBatchNorm2d(8, virtual_batch_size=4),
+    # momentum=None: the weight 1/t comes from the count as a tensor (it broke the graph before)
+    "bn, cumulative average": lambda: bnlab.BatchNorm2d(8, momentum=None),
+    "bn on bnlab's autograd function, cumulative average": lambda: bnlab.BatchNorm2d(8, momentum=None,
+                                                                                     backend="autograd"),
+    "ghost, cumulative average": lambda: bnlab.GhostBatchNorm2d(8, virtual_batch_size=4, momentum=None),
 }
 
 

@@ -154,10 +154,14 @@ def update_running_stats_(running_mean, running_var, mean, var_biased, m, moment
     """
     correction = 1.0 if m is None else m / (m - 1)  # m=None: var_biased is already unbiased
     mean, var_biased = mean.to(running_mean.dtype), var_biased.to(running_var.dtype)
+    if isinstance(momentum, torch.Tensor):  # (1/t under torch.compile: BatchNorm.batch_weight)
+        updated = (running_mean.lerp(mean, momentum.to(running_mean.dtype)),
+                   running_var.lerp(var_biased * correction, momentum.to(running_var.dtype)))
+    else:
+        updated = (running_mean.lerp(mean, momentum),
+                   running_var.mul(1.0 - momentum).add(var_biased, alpha=momentum * correction))
     # (checked in the buffers' dtype: a float64 variance may overflow float32)
-    return fold_if_finite_(mean.sum() + var_biased.sum() * correction, (running_mean, running_var),
-                           (running_mean.lerp(mean, momentum),
-                            running_var.mul(1.0 - momentum).add(var_biased, alpha=momentum * correction)))
+    return fold_if_finite_(mean.sum() + var_biased.sum() * correction, (running_mean, running_var), updated)
 
 
 def fold_if_finite_(total: torch.Tensor, buffers, updated) -> "bool | torch.Tensor":
@@ -265,10 +269,15 @@ def batch_norm_train(
         )
         return y, mean, torch.rsqrt(var_biased + eps), folded
     updated = working_copies(running_mean, running_var, x) if tracking else (None, None)
-    y, mean, invstd = torch.native_batch_norm(x, weight, bias, *updated, True, momentum, eps)
+    weight_t = momentum if isinstance(momentum, torch.Tensor) else None  # (1/t under torch.compile)
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, *updated, True, 1.0 if weight_t is not None else
+                                              momentum, eps)
     mean, invstd = mean.detach(), invstd.detach()
     if not tracking:
         return y, mean, invstd, False
+    if weight_t is not None:  # the copies hold the batch's mean and unbiased variance: average them in
+        updated = tuple(r.lerp(c.to(r.dtype), weight_t.to(r.dtype)) for r, c in zip((running_mean, running_var),
+                                                                                    updated))
     # (a bad batch must not poison the buffers)
     return y, mean, invstd, fold_if_finite_(statistics_sum(mean, invstd), (running_mean, running_var), updated)
 
@@ -477,6 +486,7 @@ def batch_norm_act_train(
 
         tracking = running_mean is not None and running_var is not None
         updated = working_copies(running_mean, running_var, x) if tracking else (None, None)
+        momentum = float(momentum)  # (the kernel takes a number: under torch.compile 1/t breaks the graph here)
         y, mean, invstd = TritonBatchNormActFunction.apply(x, weight, bias, eps, act, slope, *updated, momentum)
         if not tracking:
             return y, mean, invstd, False
@@ -517,7 +527,7 @@ def _fused_act_train(x, weight, bias, eps, act, slope, running_mean, running_var
             from bnlab.kernels import cpu_fused
 
             folded = cpu_fused.fold_running(mean.numpy(), var_biased.numpy(), values_per_channel(x),
-                                            running_mean.numpy(), running_var.numpy(), momentum)
+                                            running_mean.numpy(), running_var.numpy(), float(momentum))
         else:
             folded = update_running_stats_(
                 running_mean, running_var, mean, var_biased, values_per_channel(x), momentum

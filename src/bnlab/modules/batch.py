@@ -153,9 +153,12 @@ class BatchNorm(nn.Module):
             )
         F.check_input(x, self.num_features, self.training, self._label, running_stats=self.track_running_stats)
 
-    def batch_weight(self) -> float:
-        """The new batch's weight in the running average: momentum, or 1/t for the t-th batch."""
+    def batch_weight(self) -> "float | torch.Tensor":
+        """The new batch's weight in the running average: momentum, or 1/t for the t-th batch (a
+        0-d tensor while torch.compile traces: read on the host, the count would break the graph)."""
         if self.stats == "cumulative":
+            if torch.compiler.is_compiling():
+                return 1.0 / (self.num_batches_tracked + 1).double()
             return 1.0 / float(self.num_batches_tracked + 1)
         return self.momentum
 
