@@ -613,8 +613,36 @@ def test_fuse_folds_a_linear_only_where_its_output_is_n_by_c():
         fused = bnlab.fuse(model, example_inputs=(torch.randn(2, 5, 5, dtype=DOUBLE),))
     assert isinstance(fused[1], bnlab.BatchNorm1d)
     flat = trained(nn.Sequential(nn.Linear(5, 5), bnlab.BatchNorm1d(5)), (4, 5))
-    with pytest.warns(UserWarning, match="no example_inputs showed its shape"):
+    with pytest.warns(UserWarning, match="its input is not flattened from dimension 1, and no example_inputs"):
         assert isinstance(bnlab.fuse(flat)[1], bnlab.BatchNorm1d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(bnlab.fuse(flat, example_inputs=(torch.randn(2, 5, dtype=DOUBLE),))[1], nn.Identity)
+
+
+@pytest.mark.parametrize("flatten", [None, lambda y: y.flatten(1), lambda y: torch.flatten(y, 1),  # (None: nn.Flatten)
+                                     lambda y: torch.flatten(y, start_dim=1)])
+def test_fuse_folds_a_cnn_head_s_linear_without_example_inputs(flatten):
+    """After a flatten from dimension 1 a Linear's output is (N, C) whatever the input."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.flat = nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4), nn.Flatten()
+            self.fc, self.bn1 = nn.Linear(4 * 16, 5), bnlab.BatchNorm1d(5)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return self.bn1(self.fc(self.flat(y) if flatten is None else flatten(y)))
+
+    model = trained(Head(), (4, 3, 6, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = bnlab.fuse(model)
+    assert isinstance(fused.bn, nn.Identity) and isinstance(fused.bn1, nn.Identity)
+    model.eval()
+    x = torch.randn(3, 3, 6, 6, dtype=DOUBLE)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
 
 
 def test_fuse_leaves_a_shared_weight_and_a_parametrized_one():

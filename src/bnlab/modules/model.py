@@ -252,8 +252,9 @@ def fuse(model: nn.Module, example_inputs: tuple | None = None, inplace: bool = 
     reason, where folding would change another result or is not a fixed affine map: its input is
     not a producer's output, or that output is also used elsewhere, or the producer or the layer
     runs more than once, or the producer's weight is shared or a parametrization, or the layer
-    keeps no running statistics. A Linear's pair is folded only when ``example_inputs`` show its
-    output is ``(N, C)`` (batch-norm normalizes dimension 1, a Linear's features are the last).
+    keeps no running statistics. A Linear's pair is folded only where its output is ``(N, C)`` for
+    sure (batch-norm normalizes dimension 1, a Linear's features are the last): its input
+    flattened from dimension 1 (a CNN's head), or ``example_inputs`` showing the shape.
 
     Args:
         model: any module torch.fx can trace (for one it cannot, fuse a part: ``model.backbone``).
@@ -302,7 +303,7 @@ def fuse(model: nn.Module, example_inputs: tuple | None = None, inplace: bool = 
         name, norm = node.target, modules[node.target]
         source = node.args[0] if node.args else None
         producer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
-        reason = _unfusable(norm, calls[name], producer, source, calls, owners, shapes)
+        reason = _unfusable(norm, calls[name], producer, source, calls, owners, shapes, modules)
         if reason:
             left[name] = reason
             continue
@@ -321,7 +322,7 @@ def fuse(model: nn.Module, example_inputs: tuple | None = None, inplace: bool = 
     return model
 
 
-def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes) -> str | None:
+def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes, modules) -> str | None:
     """Why ``norm`` cannot be folded into ``producer`` (None when it can)."""
     if isinstance(norm, BatchNorm) and type(norm)._inference not in INFERENCE_AFFINE:
         return f"{type(norm).__name__} has its own inference"
@@ -344,10 +345,28 @@ def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes) -> str
         return "its producer shares a parameter with another layer"
     if producer.weight.shape[0] != norm.num_features:
         return f"its producer has {producer.weight.shape[0]} outputs, the layer {norm.num_features} channels"
-    if isinstance(producer, nn.Linear) and len(shapes.get(source, ())) != 2:
-        return ("a Linear's output folds only as (N, C), and no example_inputs showed its shape"
-                if source not in shapes else f"its Linear's output is {tuple(shapes[source])}, not (N, C)")
+    if isinstance(producer, nn.Linear):
+        if source in shapes and len(shapes[source]) != 2:
+            return f"its Linear's output is {tuple(shapes[source])}, not (N, C)"
+        if source not in shapes and not _flattened(source.args[0] if source.args else None, modules):
+            return ("a Linear's output folds only as (N, C): its input is not flattened from dimension 1, and no "
+                    "example_inputs showed its shape")
     return None
+
+
+def _flattened(node, modules) -> bool:
+    """Whether fx node ``node`` is (N, F) for sure: a flatten from dimension 1 to the last
+    (``x.flatten(1)``, ``torch.flatten(x, 1)``, ``nn.Flatten()``), as in a CNN's head."""
+    if getattr(node, "op", None) == "call_module":
+        module = modules.get(node.target)
+        return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
+    is_flatten = (getattr(node, "op", None) == "call_method" and node.target == "flatten") or (
+        getattr(node, "op", None) == "call_function" and node.target is torch.flatten)
+    if not is_flatten:
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start == 1 and end == -1
 
 
 def _inference_affine(norm) -> tuple[torch.Tensor, torch.Tensor]:
