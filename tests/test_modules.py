@@ -618,6 +618,8 @@ def test_fuse_folds_a_linear_only_where_its_output_is_n_by_c():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert isinstance(bnlab.fuse(flat, example_inputs=(torch.randn(2, 5, dtype=DOUBLE),))[1], nn.Identity)
+        # one tensor, as cross_iteration takes it, is the forward's one argument
+        assert isinstance(bnlab.fuse(flat, example_inputs=torch.randn(2, 5, dtype=DOUBLE))[1], nn.Identity)
 
 
 @pytest.mark.parametrize("flatten", [None, lambda y: y.flatten(1), lambda y: torch.flatten(y, 1),  # (None: nn.Flatten)

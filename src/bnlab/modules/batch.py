@@ -392,6 +392,11 @@ def trace_graph(model: nn.Module):
     return torch.fx.Tracer().trace(model)
 
 
+def forward_arguments(example_inputs) -> tuple:
+    """A model's forward arguments from ``example_inputs``: one tensor, or a tuple (or list) of them."""
+    return (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
+
+
 def name_layers(model: nn.Module) -> nn.Module:
     """Give every bnlab layer its qualified name in ``model``, so its warnings say which layer."""
     for name, module in model.named_modules():

@@ -12,8 +12,8 @@ from torch.nn.utils import parametrize
 from bnlab import functional as F
 from bnlab.autograd import (CrossIterationNormFunction, FusedCrossIterationNormFunction,
                              ReplayedCrossIterationNormFunction)
-from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, _caller_level, momentum_argument, name_layers,
-                                 trace_graph, warn_left)
+from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, _caller_level, forward_arguments,
+                                 momentum_argument, name_layers, trace_graph, warn_left)
 
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
 WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
@@ -530,8 +530,7 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
     if example_inputs is None:
         sources = list(_sources_traced(model))
     else:
-        sources = list(_sources_run(model, (example_inputs,) if torch.is_tensor(example_inputs) else
-                                    tuple(example_inputs)))
+        sources = list(_sources_run(model, forward_arguments(example_inputs)))
     modules = dict(model.named_modules())
     producers, refused = {}, {}  # BN name -> its producer; BN name -> why it cannot become cross-iteration BN
     for name, producer, why in sources:

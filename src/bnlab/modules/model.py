@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from bnlab import functional as F
-from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct, is_batch_norm,
-                                 name_layers, trace_graph, warn_left)
+from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct,
+                                 forward_arguments, is_batch_norm, name_layers, trace_graph, warn_left)
 from bnlab.modules.cross_iter import CrossIterationBatchNorm
 from bnlab.modules.renorm import BatchRenorm
 
@@ -236,7 +236,7 @@ ACTIVATION_MODULES = {  # BatchNormAct's act -> the module that stays in its pla
     "silu": lambda slope: nn.SiLU(), "sigmoid": lambda slope: nn.Sigmoid()}
 
 
-def fuse(model: nn.Module, example_inputs: tuple | None = None, inplace: bool = False) -> nn.Module:
+def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Module:
     """The model for inference with each batch-norm layer folded into the Linear or Conv that
     produces its input: one layer fewer a pair, the same outputs up to rounding.
 
@@ -258,7 +258,8 @@ def fuse(model: nn.Module, example_inputs: tuple | None = None, inplace: bool = 
 
     Args:
         model: any module torch.fx can trace (for one it cannot, fuse a part: ``model.backbone``).
-        example_inputs: a tuple of inputs for one forward pass (no gradients): the shapes, and a
+        example_inputs: the forward's arguments for one pass without gradients (a tensor, or a
+            tuple of them, as :func:`bnlab.cross_iteration` takes them): the shapes, and a
             check that the fused model gives the model's outputs (ValueError otherwise).
         inplace: fold into ``model`` itself (a failed check then leaves it folded: check without
             ``inplace`` first); by default a deep copy is fused and ``model`` is left as it was.
@@ -288,6 +289,8 @@ def fuse(model: nn.Module, example_inputs: tuple | None = None, inplace: bool = 
     expected = None
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
+
+        example_inputs = forward_arguments(example_inputs)
 
         with torch.no_grad():
             expected = model(*example_inputs)
