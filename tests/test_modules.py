@@ -236,6 +236,30 @@ def test_a_non_floating_input_is_refused_with_its_dtype(make, dtype):
         bnlab.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
 
 
+@pytest.mark.parametrize("make", [lambda: bnlab.BatchNorm2d(3), lambda: bnlab.BatchNormAct2d(3),
+                                  lambda: bnlab.GhostBatchNorm2d(3, virtual_batch_size=2),
+                                  lambda: bnlab.BatchRenorm2d(3), lambda: bnlab.SyncBatchNorm(3),
+                                  lambda: bnlab.BatchNorm2d(3, affine=False)])
+def test_an_input_in_another_dtype_than_the_layer_is_refused_alike_in_training_and_eval(make):
+    """(SyncBatchNorm trained on a float32 batch in a float64 layer and failed in eval() on torch's
+    'mixed dtype (CPU)', Batch Renorm took it in both modes, the other layers failed in both)"""
+    for layer_dtype, x_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64),
+                                 (torch.float64, torch.float16), (torch.bfloat16, torch.float16)):
+        x = torch.randn(4, 3, 2, 2).to(x_dtype)
+        for layer in (make().to(layer_dtype), make().to(layer_dtype).eval()):
+            with pytest.raises(TypeError, match=f"input is {x_dtype}, the layer's .* {layer_dtype}; convert"):
+                layer(x)
+    for x_dtype in (torch.bfloat16, torch.float16):  # autocast's: low-precision input, float32 state
+        x = torch.randn(4, 3, 2, 2)
+        for layer in (make(), make().eval()):
+            y = layer(x.to(x_dtype))
+            assert y.dtype == x_dtype
+            assert torch.allclose(y.float(), make().train(layer.training)(x), atol=0.05)
+    with pytest.raises(TypeError, match="input is torch.float32, the layer's .* torch.float64"):
+        bnlab.functional.batch_norm(torch.randn(4, 3), torch.zeros(3, dtype=torch.float64),
+                                    torch.ones(3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize(
     "make, shape",
     [

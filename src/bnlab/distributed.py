@@ -123,8 +123,10 @@ class SyncBatchNorm(BatchNorm):
         self.process_group = process_group
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() < 2 or x.shape[1] != self.num_features or not x.is_floating_point():
-            F.check_input(x, self.num_features, False, self._label())  # raises with the reason
+        state_dtype = self.state_dtype()
+        if (x.dim() < 2 or x.shape[1] != self.num_features or not x.is_floating_point()
+                or (x.dtype != state_dtype and state_dtype is not None)):
+            F.check_input(x, self.num_features, False, self._label(), state_dtype=state_dtype)  # raises with the reason
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         y, mean, var_biased, n = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,

@@ -291,12 +291,17 @@ def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e
     return normalize(x, running_mean.to(stat_dtype), invstd, weight, bias)
 
 
-def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_norm", *, running_stats=True):
-    """Raise a ValueError that says what is wrong and what to do, before any arithmetic.
+def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_norm", *, running_stats=True,
+                state_dtype: "torch.dtype | None" = None):
+    """Raise a ValueError (a TypeError for a dtype) that says what is wrong and what to do, before
+    any arithmetic.
 
     ``name`` (a string, or a function giving one when an error is raised) names the layer. A layer
     without ``running_stats`` normalizes with batch statistics in inference too, so one value per
-    channel is refused there as well (it would come out as beta, whatever the input)."""
+    channel is refused there as well (it would come out as beta, whatever the input).
+    ``state_dtype``: the dtype of the layer's parameters or running statistics, which the input's
+    must equal, but for a float16/bfloat16 input with float32 state (autocast, as torch's kernels
+    take it): checked the same way in training and in inference."""
     def label() -> str:
         return name() if callable(name) else name
 
@@ -305,6 +310,11 @@ def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_
     if not x.is_floating_point():
         raise TypeError(f"{label()}: expected a floating-point input (float16, bfloat16, float32 or float64), got "
                         f"{x.dtype}; convert it first (x.float(): images as uint8, tokens as int64?)")
+    if state_dtype is not None and x.dtype != state_dtype and not (
+            state_dtype == torch.float32 and x.dtype in LOW_PRECISION):
+        raise TypeError(f"{label()}: the input is {x.dtype}, the layer's parameters and running statistics "
+                        f"{state_dtype}; convert one to the other (model.to({x.dtype}), or the input "
+                        f"x.to({state_dtype})). Float16/bfloat16 inputs are taken with float32 state (autocast)")
     if x.shape[1] != num_features:
         raise ValueError(
             f"{label()}: expected {num_features} channels in dimension 1, got {x.shape[1]} "
@@ -363,8 +373,10 @@ def batch_norm(
     if training and running_mean is not None and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"batch_norm: momentum is the new batch's weight in the running average, in [0, 1]; "
                          f"got {momentum}")
+    state = next((v for v in (weight, running_mean, bias, running_var) if v is not None), None)
+    check_input(input, c, training, state_dtype=state.dtype if state is not None else None,
+                running_stats=running_mean is not None)
     if training:
-        check_input(input, c, True)
         if input.numel() == 0:
             return empty_batch(input, weight, bias)
         return batch_norm_train(input, weight, bias, eps, backend, running_mean, running_var, momentum)[0]
