@@ -474,6 +474,79 @@ def test_convert_names_the_batch_norms_it_leaves():
         assert type(bnlab.convert(nn.Sequential(net[0]))[0]) is bnlab.BatchNorm1d
 
 
+TO_TORCH = {  # a producer and a bnlab layer, the input's shape, the layer as a torch-only model defines it
+    "BatchNorm2d": (lambda: (nn.Conv2d(2, 3, 3), bnlab.BatchNorm2d(3)), (6, 2, 5, 5), lambda: nn.BatchNorm2d(3)),
+    "BatchNorm1d, momentum=None": (lambda: (nn.Linear(2, 3), bnlab.BatchNorm1d(3, momentum=None)), (6, 2),
+                                   lambda: nn.BatchNorm1d(3, momentum=None)),
+    "BatchNorm3d, no affine": (lambda: (nn.Conv3d(2, 3, 1), bnlab.BatchNorm3d(3, affine=False)), (6, 2, 2, 2, 2),
+                               lambda: nn.BatchNorm3d(3, affine=False)),
+    "BatchNormAct2d": (lambda: (nn.Conv2d(2, 3, 3), bnlab.BatchNormAct2d(3, act="leaky_relu", negative_slope=0.2)),
+                       (6, 2, 5, 5), lambda: nn.Sequential(nn.BatchNorm2d(3), nn.LeakyReLU(0.2))),
+    "BatchRenorm2d": (lambda: (nn.Conv2d(2, 3, 3), bnlab.BatchRenorm2d(3, warmup=0, r_max_steps=2, d_max_steps=2)),
+                      (6, 2, 5, 5), lambda: nn.BatchNorm2d(3, momentum=0.01)),
+    "GhostBatchNorm1d": (lambda: (nn.Linear(2, 3), bnlab.GhostBatchNorm1d(3, virtual_batch_size=2)), (6, 2),
+                         lambda: nn.BatchNorm1d(3)),
+    "SyncBatchNorm": (lambda: (nn.Conv2d(2, 3, 3), bnlab.SyncBatchNorm(3)), (6, 2, 5, 5),
+                      lambda: nn.SyncBatchNorm(3)),
+    "CrossIterationBatchNorm2d": (lambda: _producer_and(nn.Conv2d(2, 3, 3),
+                                                        bnlab.CrossIterationBatchNorm2d(3, window=3)),
+                                  (6, 2, 5, 5), lambda: nn.BatchNorm2d(3)),
+}
+
+
+def _producer_and(producer, layer):
+    return producer, layer.pair(producer)
+
+
+@pytest.mark.parametrize("kind", TO_TORCH)
+def test_to_torch_gives_torch_nn_layers_with_the_eval_outputs_and_state(kind):
+    make, shape, torch_layer = TO_TORCH[kind]
+    torch.manual_seed(0)
+    producer, layer = make()
+    net = nn.Sequential(producer, layer).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(5):  # running statistics away from their start, r and d away from 1 and 0
+        loss = net(torch.randn(*shape, dtype=torch.float64) * 3 + 1).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if layer.affine:
+        layer.bias.requires_grad_(False)
+    x = torch.randn(*shape, dtype=torch.float64)
+    with bnlab.evaluating(net):
+        expected = net(x)
+    std = layer.running_std.clone() if kind == "BatchRenorm2d" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nothing left)
+        plain = bnlab.to_torch(net)
+    # the model a deployment without bnlab defines: the same modules, and it takes the state_dict as it is
+    deployed = nn.Sequential(copy.deepcopy(producer), torch_layer()).double()
+    assert [type(m) for m in plain.modules()] == [type(m) for m in deployed.modules()]
+    deployed.load_state_dict(plain.state_dict())
+    assert not producer._forward_hooks  # (cross-iteration BN's hook gone with the layer)
+    assert all(m.training for m in plain.modules())
+    norm, twin = (plain[1][0], deployed[1][0]) if kind == "BatchNormAct2d" else (plain[1], deployed[1])
+    assert (norm.momentum, norm.eps, int(norm.num_batches_tracked)) == (twin.momentum, layer.eps, 5)
+    if layer.affine:
+        assert norm.weight.requires_grad and not norm.bias.requires_grad
+    if std is not None:  # Batch Renorm's sigma = sqrt(running_var + eps)
+        torch.testing.assert_close(norm.running_var, std.square() - layer.eps, rtol=1e-12, atol=0)
+    for model in (plain, deployed):
+        with bnlab.evaluating(model):
+            torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_to_torch_names_the_layers_it_leaves():
+    net = nn.Sequential(nn.Linear(2, 3), bnlab.BatchNorm(3), bnlab.GhostBatchNorm1d(3, track_running_stats=False),
+                        bnlab.BatchNorm1d(3, track_running_stats=False))
+    with pytest.warns(UserWarning, match=r"to_torch: left as they were: '1' \(BatchNorm\), '2' \(GhostBatchNorm1d\)"):
+        plain = bnlab.to_torch(net)
+    assert type(plain[1]) is bnlab.BatchNorm and type(plain[2]) is bnlab.GhostBatchNorm1d
+    assert type(plain[3]) is nn.BatchNorm1d and not plain[3].track_running_stats  # (batch statistics, as bnlab's)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(plain[3].eval()(x), bnlab.BatchNorm1d(3, track_running_stats=False).eval()(x))
+
+
 @settings(max_examples=20, deadline=None)
 @given(a=st.floats(0.1, 10), b=st.floats(-10, 10), seed=st.integers(0, 1000))
 def test_property_invariant_to_positive_affine_input_change(a, b, seed):

@@ -28,6 +28,7 @@ from bnlab.modules import (
     is_batch_norm,
     name_layers,
     recalibrate,
+    to_torch,
 )
 
 from bnlab.distributed import SyncBatchNorm
@@ -60,4 +61,5 @@ __all__ = [
     "is_batch_norm",
     "name_layers",
     "recalibrate",
+    "to_torch",
 ]

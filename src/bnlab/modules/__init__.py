@@ -6,7 +6,7 @@ input checks; one file per family, re-exported here.
 - :mod:`~bnlab.modules.ghost`: :class:`GhostBatchNorm`;
 - :mod:`~bnlab.modules.cross_iter`: :class:`CrossIterationBatchNorm` and :func:`cross_iteration`;
 - :mod:`~bnlab.modules.model`: functions over a whole model (:func:`evaluating`, :func:`recalibrate`,
-  :func:`convert`, :func:`fuse`).
+  :func:`convert`, :func:`to_torch`, :func:`fuse`).
 """
 
 from bnlab.modules.batch import (
@@ -29,7 +29,7 @@ from bnlab.modules.cross_iter import (
     cross_iteration,
 )
 from bnlab.modules.ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d
-from bnlab.modules.model import convert, evaluating, fuse, recalibrate
+from bnlab.modules.model import convert, evaluating, fuse, recalibrate, to_torch
 from bnlab.modules.renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 
@@ -60,4 +60,5 @@ __all__ = [
     "fuse",
     "evaluating",
     "recalibrate",
+    "to_torch",
 ]

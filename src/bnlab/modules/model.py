@@ -1,5 +1,5 @@
 """Functions over a whole model: inference without touching its modes, population statistics
-(Algorithm 2), the torch.nn converter, and folding batch-norm layers into their producers for inference."""
+(Algorithm 2), the converters from and to torch.nn, and folding batch-norm layers into their producers for inference."""
 
 from __future__ import annotations
 
@@ -185,20 +185,11 @@ def convert(model: nn.Module, **kwargs) -> nn.Module:
         >>> type(net[1]).__module__, net[1].stats
         ('bnlab.modules.batch', 'cumulative')
     """
-    model = name_layers(_convert_tree(model, kwargs))
+    model = name_layers(_swap_tree(model, lambda module: _converted(module, kwargs)))
     warn_left(model, lambda m: isinstance(m, BatchNorm), "convert",
               "only torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm themselves become bnlab's (a lazy layer after "
               "its first forward)")
     return model
-
-
-def _convert_tree(module: nn.Module, kwargs) -> nn.Module:
-    new = _converted(module, kwargs)
-    if new is not None:
-        return new
-    for name, child in module.named_children():
-        setattr(module, name, _convert_tree(child, kwargs))
-    return module
 
 
 def _converted(module: nn.Module, kwargs) -> nn.Module | None:
@@ -225,6 +216,94 @@ def _converted(module: nn.Module, kwargs) -> nn.Module | None:
         new.weight.requires_grad_(module.weight.requires_grad)
         new.bias.requires_grad_(module.bias.requires_grad)
     return new.train(module.training)
+
+
+TORCH_BY_RANKS = {(2, 3): nn.BatchNorm1d, (2,): nn.BatchNorm1d, (4,): nn.BatchNorm2d, (5,): nn.BatchNorm3d}
+
+
+def to_torch(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`: every bnlab batch-norm layer of ``model`` swapped for
+    torch.nn's, with the same outputs in eval mode, for a deployment without bnlab installed.
+
+    Each layer becomes ``torch.nn.BatchNorm1d/2d/3d`` (by the ranks it takes;
+    :class:`bnlab.SyncBatchNorm` becomes ``torch.nn.SyncBatchNorm``, process group kept) with its
+    parameters, running statistics, batch count, eps, momentum (``stats="cumulative"``:
+    ``momentum=None``, the same average), device, dtype, requires_grad and mode.
+    :class:`bnlab.BatchNormAct` becomes ``nn.Sequential(BatchNorm, activation)`` (its state_dict
+    keys gain ``.0``). The layers whose training differs from BN's keep their inference:
+
+    - Batch Renorm's y = gamma (x - mu) / sigma + beta is BN's with running_var = sigma^2 - eps;
+    - ghost and cross-iteration BN normalize with the running statistics as BN does; the
+      window and the producer's hook are dropped.
+
+    After it the model trains as plain BN (torch's). Left as they are, named in a warning: a
+    layer of a base class that takes any rank (``bnlab.BatchNorm`` itself: no torch.nn class
+    checks that), and ghost or cross-iteration BN without running statistics (they normalize
+    their own way in eval mode too).
+
+    Returns the model (a new layer when ``model`` itself is one).
+
+    Example:
+        >>> import bnlab
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), bnlab.BatchRenorm2d(8), nn.ReLU())
+        >>> _ = net(torch.randn(4, 3, 6, 6))
+        >>> plain = bnlab.to_torch(net)
+        >>> type(plain[1]).__module__, sorted(plain[1].state_dict())
+        ('torch.nn.modules.batchnorm', ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight'])
+    """
+    model = _swap_tree(model, _to_torch)
+    warn_left(model, lambda m: not isinstance(m, BatchNorm), "to_torch",
+              "a base class that takes any rank (use its 1d/2d/3d), or ghost or cross-iteration BN without "
+              "running statistics (batch statistics of their own kind in eval mode too)")
+    return model
+
+
+def _swap_tree(module: nn.Module, swapped) -> nn.Module:
+    """``module`` with each module in its tree replaced by ``swapped(module)`` where that is not None."""
+    new = swapped(module)
+    if new is not None:
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, _swap_tree(child, swapped))
+    return module
+
+
+def _to_torch(layer: nn.Module) -> nn.Module | None:
+    from bnlab.distributed import SyncBatchNorm
+    from bnlab.modules.ghost import GhostBatchNorm
+
+    if not isinstance(layer, BatchNorm):
+        return None
+    if isinstance(layer, SyncBatchNorm):
+        cls, extra = nn.SyncBatchNorm, {"process_group": layer.process_group}
+    else:
+        cls, extra = TORCH_BY_RANKS.get(tuple(layer.ranks)), {}
+    if cls is None or (isinstance(layer, (GhostBatchNorm, CrossIterationBatchNorm)) and not layer.track_running_stats):
+        return None
+    ref = layer.weight if layer.affine else layer.running_mean
+    new = cls(layer.num_features, eps=layer.eps, momentum=None if layer.stats == "cumulative" else layer.momentum,
+              affine=layer.affine, track_running_stats=layer.track_running_stats,
+              device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None, **extra)
+    with torch.no_grad():
+        if layer.affine:
+            new.weight.copy_(layer.weight)
+            new.bias.copy_(layer.bias)
+            new.weight.requires_grad_(layer.weight.requires_grad)
+            new.bias.requires_grad_(layer.bias.requires_grad)
+        if layer.track_running_stats:
+            new.running_mean.copy_(layer.running_mean)
+            if isinstance(layer, BatchRenorm):  # sigma = sqrt(running_var + eps)
+                new.running_var.copy_((layer.running_std.square() - layer.eps).clamp_min(0))
+            else:
+                new.running_var.copy_(layer.running_var)
+            new.num_batches_tracked.copy_(layer.num_batches_tracked)
+    hook = layer.__dict__.get("_hook")  # (a cross-iteration layer's, on its producer)
+    if hook is not None:
+        hook.remove()
+    new.train(layer.training)
+    if isinstance(layer, BatchNormAct):
+        return nn.Sequential(new, ACTIVATION_MODULES[layer.act](layer.negative_slope)).train(layer.training)
+    return new
 
 
 # What each bnlab layer's eval mode is: Algorithm 2 (BN, ghost, synchronized and cross-iteration
