@@ -536,6 +536,16 @@ def test_to_torch_gives_torch_nn_layers_with_the_eval_outputs_and_state(kind):
             torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_to_torch_warns_where_batch_renorm_s_sigma_has_no_torch_variance():
+    net = nn.Sequential(bnlab.BatchRenorm1d(3, eps=1e-2))
+    with torch.no_grad():
+        net[0].running_std.copy_(torch.tensor([1.0, 0.1, 0.05]))  # sqrt(eps) = 0.1
+    with pytest.warns(UserWarning, match=r"sigma below sqrt\(eps\) in channels \[2\]") as caught:
+        plain = bnlab.to_torch(net)
+    assert caught[0].filename == __file__  # at the caller's line
+    torch.testing.assert_close(plain[0].running_var, torch.tensor([1.0 - 1e-2, 0.0, 0.0]))
+
+
 def test_to_torch_names_the_layers_it_leaves():
     net = nn.Sequential(nn.Linear(2, 3), bnlab.BatchNorm(3), bnlab.GhostBatchNorm1d(3, track_running_stats=False),
                         bnlab.BatchNorm1d(3, track_running_stats=False))

@@ -374,8 +374,7 @@ def batch_norm(
         raise ValueError(f"batch_norm: momentum is the new batch's weight in the running average, in [0, 1]; "
                          f"got {momentum}")
     state = next((v for v in (weight, running_mean, bias, running_var) if v is not None), None)
-    check_input(input, c, training, state_dtype=state.dtype if state is not None else None,
-                running_stats=running_mean is not None)
+    check_input(input, c, training, state_dtype=state.dtype if state is not None else None)
     if training:
         if input.numel() == 0:
             return empty_batch(input, weight, bias)

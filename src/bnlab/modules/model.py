@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from bnlab import functional as F
 from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct,
-                                 forward_arguments, is_batch_norm, name_layers, trace_graph, warn_left)
+                                 _caller_level, forward_arguments, is_batch_norm, name_layers, trace_graph, warn_left)
 from bnlab.modules.cross_iter import CrossIterationBatchNorm
 from bnlab.modules.renorm import BatchRenorm
 
@@ -226,7 +226,8 @@ def to_torch(model: nn.Module) -> nn.Module:
     torch.nn's, with the same outputs in eval mode, for a deployment without bnlab installed.
 
     Each layer becomes ``torch.nn.BatchNorm1d/2d/3d`` (by the ranks it takes;
-    :class:`bnlab.SyncBatchNorm` becomes ``torch.nn.SyncBatchNorm``, process group kept) with its
+    :class:`bnlab.SyncBatchNorm` becomes ``torch.nn.SyncBatchNorm``, process group kept, which
+    evaluates anywhere but trains synchronized on GPUs only) with its
     parameters, running statistics, batch count, eps, momentum (``stats="cumulative"``:
     ``momentum=None``, the same average), device, dtype, requires_grad and mode.
     :class:`bnlab.BatchNormAct` becomes ``nn.Sequential(BatchNorm, activation)`` (its state_dict
@@ -293,7 +294,12 @@ def _to_torch(layer: nn.Module) -> nn.Module | None:
         if layer.track_running_stats:
             new.running_mean.copy_(layer.running_mean)
             if isinstance(layer, BatchRenorm):  # sigma = sqrt(running_var + eps)
-                new.running_var.copy_((layer.running_std.square() - layer.eps).clamp_min(0))
+                var = layer.running_std.double().square() - layer.eps
+                if bool((var < -1e-3 * layer.eps).any()):  # (sigma below sqrt(eps): no variance gives it)
+                    warnings.warn(f"to_torch: {layer._label()} has sigma below sqrt(eps) in channels "
+                                  f"{(var < -1e-3 * layer.eps).nonzero().flatten().tolist()}; torch's BN there "
+                                  "normalizes by sqrt(eps), so its outputs differ", stacklevel=_caller_level())
+                new.running_var.copy_(var.clamp_min(0))
             else:
                 new.running_var.copy_(layer.running_var)
             new.num_batches_tracked.copy_(layer.num_batches_tracked)
