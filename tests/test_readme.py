@@ -20,3 +20,6 @@ def test_readme_example_runs():
     fused, x = scope["fused"], torch.randn(3, 784)
     assert isinstance(fused[1], torch.nn.Identity) and isinstance(net[1], bnlab.BatchNorm1d)
     torch.testing.assert_close(fused(x), net(x))
+    shipped = scope["shipped"]
+    assert type(shipped[1]) is torch.nn.BatchNorm1d and not shipped.training
+    torch.testing.assert_close(shipped(x), net(x))
