@@ -791,6 +791,20 @@ def test_fuse_refuses_a_model_fx_cannot_trace_and_checks_its_outputs():
     model[0].register_forward_hook(lambda module, args, output: output * 2)
     with pytest.raises(ValueError, match="the fused model's output differs from the model's"):
         bnlab.fuse(model, example_inputs=(torch.randn(2, 3, 4, 4, dtype=DOUBLE),))
+    # In place, the failed check undoes the folds and the switch to eval mode (until 2026-11-24 the
+    # model was left folded, its outputs wrong): the model is as it was, bias-less conv included.
+    model = trained(nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), bnlab.BatchNormAct2d(3),
+                                  nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3)), (4, 3, 4, 4))
+    model[2].register_forward_hook(lambda module, args, output: output * 2)
+    model[3].eval()
+    state, layers = copy.deepcopy(model.state_dict()), list(model)
+    with pytest.raises(ValueError, match="the fused model's output differs from the model's"):
+        bnlab.fuse(model, example_inputs=(torch.randn(2, 3, 4, 4, dtype=DOUBLE),), inplace=True)
+    assert list(model) == layers and model[0].bias is None
+    assert [m.training for m in model.modules()] == [True, True, True, True, False]
+    assert model.state_dict().keys() == state.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
 
 
 # (fx's fuser imports torch.jit.script_method, deprecated)

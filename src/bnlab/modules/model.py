@@ -346,8 +346,9 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
         example_inputs: the forward's arguments for one pass without gradients (a tensor, or a
             tuple of them, as :func:`bnlab.cross_iteration` takes them): the shapes, and a
             check that the fused model gives the model's outputs (ValueError otherwise).
-        inplace: fold into ``model`` itself (a failed check then leaves it folded: check without
-            ``inplace`` first); by default a deep copy is fused and ``model`` is left as it was.
+        inplace: fold into ``model`` itself (a failed check, or any error on the way, undoes the
+            folds and the switch to eval mode); by default a deep copy is fused and ``model`` is left
+            as it was.
 
     Returns:
         The fused model, in eval mode.
@@ -368,20 +369,48 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
     except Exception as err:  # fx raises many kinds
         raise ValueError(f"fuse: could not trace the model with torch.fx ({err}); fuse a part that it can trace "
                          "(a detector's backbone: fuse(model.backbone, inplace=True))") from err
-    model.eval()  # (before the example's forward: in training mode it would fold the example in)
+    modes, folded = _modes(model), []  # folded: (name, layer, producer, its weight and bias before), to undo
+    try:
+        model.eval()  # (before the example's forward: in training mode it would fold the example in)
+        expected, shapes = None, {}
+        if example_inputs is not None:
+            example_inputs = forward_arguments(example_inputs)
+            expected, shapes = _example_pass(model, graph, example_inputs)
+        left = _fold_pairs(model, graph, shapes, folded)
+        if expected is not None:
+            with torch.no_grad():
+                _check_fused(model(*example_inputs), expected)
+    except BaseException:
+        if inplace:  # (a copy is dropped anyway)
+            _unfold(model, folded)
+            _restore(modes)
+        raise
+    for _, norm, *_ in folded:
+        hook = norm.__dict__.get("_hook")  # (a cross-iteration layer's on its producer)
+        if hook is not None:
+            hook.remove()
+    if left:
+        warnings.warn("fuse: left as they were: " + "; ".join(f"{name!r}: {why}" for name, why in left.items()),
+                      stacklevel=2)
+    return model
+
+
+@torch.no_grad()
+def _example_pass(model: nn.Module, graph, example_inputs: tuple):
+    """The model's outputs on ``example_inputs`` and the shape of each graph node's value."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    expected = model(*example_inputs)
+    ShapeProp(torch.fx.GraphModule(model, graph)).propagate(*example_inputs)
+    shapes = {node: node.meta["tensor_meta"].shape for node in graph.nodes
+              if hasattr(node.meta.get("tensor_meta"), "shape")}
+    return expected, shapes
+
+
+def _fold_pairs(model: nn.Module, graph, shapes: dict, folded: list) -> dict[str, str]:
+    """Fold each batch-norm layer of ``graph`` that can be into its producer, appending to
+    ``folded`` what :func:`_unfold` needs; returns the layers left, with the reasons."""
     modules = dict(model.named_modules())
-    shapes = {}
-    expected = None
-    if example_inputs is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
-        example_inputs = forward_arguments(example_inputs)
-
-        with torch.no_grad():
-            expected = model(*example_inputs)
-            ShapeProp(torch.fx.GraphModule(model, graph)).propagate(*example_inputs)
-        shapes = {node: node.meta["tensor_meta"].shape for node in graph.nodes
-                  if hasattr(node.meta.get("tensor_meta"), "shape")}
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
     owners = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     left = {}
@@ -395,19 +424,24 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
         if reason:
             left[name] = reason
             continue
+        bias = producer.bias.detach().clone() if producer.bias is not None else None
+        folded.append((name, norm, producer, producer.weight.detach().clone(), bias))
         _fold_into(producer, *_inference_affine(norm))
-        hook = norm.__dict__.get("_hook")  # (a cross-iteration layer's on its producer)
-        if hook is not None:
-            hook.remove()
         act = getattr(norm, "act", "identity")
         model.set_submodule(name, ACTIVATION_MODULES[act](getattr(norm, "negative_slope", 0.01)))
-    if left:
-        warnings.warn("fuse: left as they were: " + "; ".join(f"{name!r}: {why}" for name, why in left.items()),
-                      stacklevel=2)
-    if expected is not None:
-        with torch.no_grad():
-            _check_fused(model(*example_inputs), expected)
-    return model
+    return left
+
+
+@torch.no_grad()
+def _unfold(model: nn.Module, folded: list) -> None:
+    """Undo :func:`fuse`'s folds: each producer's weight and bias as they were, each layer back in its place."""
+    for name, norm, producer, weight, bias in reversed(folded):
+        producer.weight.copy_(weight)
+        if bias is None:
+            producer.bias = None
+        else:
+            producer.bias.copy_(bias)
+        model.set_submodule(name, norm)
 
 
 def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes, modules) -> str | None:
