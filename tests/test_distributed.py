@@ -123,6 +123,29 @@ def test_one_value_over_the_whole_group_is_an_error():
         bnlab.SyncBatchNorm(3)(torch.randn(1, 3))
 
 
+def eval_alone_worker(rank, world, store, out):
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))  # (a collective rank 1 never joins fails)
+    if rank == 0:  # ("if rank == 0: evaluate(model)": the other rank makes no call)
+        layer = bnlab.SyncBatchNorm(3, track_running_stats=False, dtype=torch.float64).eval()
+        x = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        np.save(os.path.join(out, "y.npy"), layer(x).detach().numpy())
+    dist.destroy_process_group()
+
+
+def test_eval_without_running_statistics_makes_no_collective(tmp_path):
+    """(eval mode without running statistics synchronized the batch statistics over the group:
+    a rank that evaluated alone waited for the others; torch's SyncBatchNorm takes the local batch)"""
+    mp.spawn(eval_alone_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    x = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.nn.BatchNorm2d(3, track_running_stats=False, dtype=torch.float64).eval()(x)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected.detach().numpy(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="track_running_stats=False.*more than one value"):
+        bnlab.SyncBatchNorm(3, track_running_stats=False).eval()(torch.randn(1, 3))
+
+
 def ddp_cbn_worker(rank, world, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)  # (the same initial weights on both ranks)

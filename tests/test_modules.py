@@ -549,12 +549,25 @@ def test_to_torch_warns_where_batch_renorm_s_sigma_has_no_torch_variance():
 def test_to_torch_names_the_layers_it_leaves():
     net = nn.Sequential(nn.Linear(2, 3), bnlab.BatchNorm(3), bnlab.GhostBatchNorm1d(3, track_running_stats=False),
                         bnlab.BatchNorm1d(3, track_running_stats=False))
-    with pytest.warns(UserWarning, match=r"to_torch: left as they were: '1' \(BatchNorm\), '2' \(GhostBatchNorm1d\)"):
+    with pytest.warns(UserWarning, match=r"to_torch: left as they were: '1' \(BatchNorm\); a base class"):
         plain = bnlab.to_torch(net)
-    assert type(plain[1]) is bnlab.BatchNorm and type(plain[2]) is bnlab.GhostBatchNorm1d
-    assert type(plain[3]) is nn.BatchNorm1d and not plain[3].track_running_stats  # (batch statistics, as bnlab's)
-    x = torch.randn(5, 3)
-    torch.testing.assert_close(plain[3].eval()(x), bnlab.BatchNorm1d(3, track_running_stats=False).eval()(x))
+    assert type(plain[1]) is bnlab.BatchNorm
+    x = torch.randn(6, 3)
+    for i in (2, 3):  # without running statistics, eval mode normalizes with the whole batch's, as bnlab's
+        assert type(plain[i]) is nn.BatchNorm1d and not plain[i].track_running_stats
+        torch.testing.assert_close(plain[i].eval()(x), bnlab.GhostBatchNorm1d(
+            3, virtual_batch_size=2, track_running_stats=False).eval()(x))
+
+
+def test_ghost_batch_norm_without_running_statistics_takes_the_whole_batch_in_eval_mode():
+    """(it normalized each virtual batch by itself in eval mode too: an output that depended on
+    how the batch was chunked, the inference bug that ghost BN must not have)"""
+    x = torch.randn(8, 3, dtype=DOUBLE) * 2 + 1
+    ghost = bnlab.GhostBatchNorm1d(3, virtual_batch_size=2, track_running_stats=False, dtype=DOUBLE)
+    reference = nn.BatchNorm1d(3, track_running_stats=False, dtype=DOUBLE)
+    torch.testing.assert_close(ghost.eval()(x), reference.eval()(x))
+    y = ghost.train()(x)  # training: each pair of examples by its own statistics
+    torch.testing.assert_close(y[:2], reference.train()(x[:2]))
 
 
 @settings(max_examples=20, deadline=None)

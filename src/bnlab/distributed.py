@@ -105,7 +105,9 @@ class SyncBatchNorm(BatchNorm):
     Any rank of input ``(N, C, *)``; any torch.distributed backend (gloo on the CPU, NCCL on GPUs);
     uneven batch sizes and an empty batch on a rank are fine. Without an initialized process group
     it is BN over the local batch. The running statistics fold in the global mean and unbiased
-    variance, identically on every rank. BN's state_dict keys.
+    variance, identically on every rank. Eval mode makes no collective: the running statistics,
+    or without them (``track_running_stats=False``) the local batch's, as torch's SyncBatchNorm
+    (so a rank may evaluate alone). BN's state_dict keys.
 
     Example (in each process of ``torchrun --nproc-per-node 2 train.py``, after
     ``dist.init_process_group("gloo")``):
@@ -129,6 +131,9 @@ class SyncBatchNorm(BatchNorm):
             F.check_input(x, self.num_features, False, self._label(), state_dtype=state_dtype)  # raises with the reason
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
+        if not self.training:  # eval without running statistics: the local batch's, as torch's SyncBatchNorm (a
+            F.check_input(x, self.num_features, False, self._label, running_stats=False)  # collective here would
+            return super()._train(x, tracking)  # hang a rank that evaluates alone)
         y, mean, var_biased, n = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,
                                                              self.process_group)
         if n == 0:

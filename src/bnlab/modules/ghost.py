@@ -14,7 +14,8 @@ class GhostBatchNorm(BatchNorm):
     Training splits the batch into consecutive chunks of ``virtual_batch_size`` examples and
     normalizes each with its own statistics; the running statistics fold in, once per forward,
     the average of the chunks' means and of their unbiased variances. Inference uses the running
-    statistics like BN (never virtual batches: the bug some implementations had). BN's
+    statistics like BN (never virtual batches: the bug some implementations had), or without
+    them (``track_running_stats=False``) the whole batch's statistics, as torch's BN. BN's
     state_dict keys.
 
     Example:
@@ -31,6 +32,8 @@ class GhostBatchNorm(BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
+        if not self.training:  # (eval without running statistics: the whole batch's, as torch's BN; an
+            return super()._train(x, tracking)  # output must not depend on how the batch is chunked)
         y, mean, var_unbiased = F.ghost_batch_norm_train(x, self.weight, self.bias, self.virtual_batch_size,
                                                          self.eps, self.backend)
         folded = tracking and F.update_running_stats_(self.running_mean, self.running_var, mean, var_unbiased,

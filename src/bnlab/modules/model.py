@@ -237,10 +237,9 @@ def to_torch(model: nn.Module) -> nn.Module:
     - ghost and cross-iteration BN normalize with the running statistics as BN does; the
       window and the producer's hook are dropped.
 
-    After it the model trains as plain BN (torch's). Left as they are, named in a warning: a
-    layer of a base class that takes any rank (``bnlab.BatchNorm`` itself: no torch.nn class
-    checks that), and ghost or cross-iteration BN without running statistics (they normalize
-    their own way in eval mode too).
+    After it the model trains as plain BN (torch's). Left as they are, named in a warning: the
+    layers of a base class that takes any rank (``bnlab.BatchNorm`` itself: no torch.nn class
+    checks that; use its 1d/2d/3d).
 
     Returns the model (a new layer when ``model`` itself is one).
 
@@ -254,8 +253,7 @@ def to_torch(model: nn.Module) -> nn.Module:
     """
     model = _swap_tree(model, _to_torch)
     warn_left(model, lambda m: not isinstance(m, BatchNorm), "to_torch",
-              "a base class that takes any rank (use its 1d/2d/3d), or ghost or cross-iteration BN without "
-              "running statistics (batch statistics of their own kind in eval mode too)")
+              "a base class that takes any rank has no torch.nn twin (use its 1d/2d/3d)")
     return model
 
 
@@ -271,7 +269,6 @@ def _swap_tree(module: nn.Module, swapped) -> nn.Module:
 
 def _to_torch(layer: nn.Module) -> nn.Module | None:
     from bnlab.distributed import SyncBatchNorm
-    from bnlab.modules.ghost import GhostBatchNorm
 
     if not isinstance(layer, BatchNorm):
         return None
@@ -279,7 +276,7 @@ def _to_torch(layer: nn.Module) -> nn.Module | None:
         cls, extra = nn.SyncBatchNorm, {"process_group": layer.process_group}
     else:
         cls, extra = TORCH_BY_RANKS.get(tuple(layer.ranks)), {}
-    if cls is None or (isinstance(layer, (GhostBatchNorm, CrossIterationBatchNorm)) and not layer.track_running_stats):
+    if cls is None:
         return None
     ref = layer.weight if layer.affine else layer.running_mean
     new = cls(layer.num_features, eps=layer.eps, momentum=None if layer.stats == "cumulative" else layer.momentum,
