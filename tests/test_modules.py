@@ -1,6 +1,7 @@
 """bnlab.BatchNorm* against torch.nn.BatchNorm* and the paper's Algorithm 2, plus bad inputs."""
 
 import copy
+import itertools
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import nn
 import bnlab
 from bnlab import reference as R
 
+DOUBLE = torch.float64
 PAIRS = {2: (bnlab.BatchNorm1d, nn.BatchNorm1d), 3: (bnlab.BatchNorm1d, nn.BatchNorm1d),
          4: (bnlab.BatchNorm2d, nn.BatchNorm2d), 5: (bnlab.BatchNorm3d, nn.BatchNorm3d)}
 
@@ -56,6 +58,71 @@ def test_equals_torch_nn_over_random_shapes(shape, backend, momentum, affine, se
     ours.eval(), theirs.eval()
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+def _layouts(x: torch.Tensor):
+    """x as a model may hand it over: contiguous, channels_last, a transposed view, a strided slice."""
+    yield x
+    if x.dim() == 4:
+        yield x.contiguous(memory_format=torch.channels_last)
+    if x.dim() >= 3:
+        yield x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    yield torch.cat([x, x]).flip(0)[::2]
+
+
+LIKE_TORCH_BN = {  # bnlab layers that are torch's BN (+ ReLU), given rank and keyword arguments
+    "BatchNorm": lambda rank, **kw: {2: bnlab.BatchNorm1d, 3: bnlab.BatchNorm1d, 4: bnlab.BatchNorm2d,
+                                     5: bnlab.BatchNorm3d}[rank](3, **kw),
+    "BatchNormAct, relu": lambda rank, **kw: (bnlab.BatchNormAct1d if rank < 4 else bnlab.BatchNormAct2d)(3, **kw),
+    "GhostBatchNorm, one virtual batch": lambda rank, **kw: (bnlab.GhostBatchNorm1d if rank < 4 else
+                                                             bnlab.GhostBatchNorm2d)(3, virtual_batch_size=64, **kw),
+    "SyncBatchNorm, no process group": lambda rank, **kw: bnlab.SyncBatchNorm(3, **kw),
+}
+
+
+@pytest.mark.parametrize("kind", LIKE_TORCH_BN)
+@pytest.mark.parametrize("backend", ["auto", "native", "autograd", "fused"])
+def test_every_configuration_and_input_layout_equals_torch_nn(kind, backend):
+    """affine or not, running statistics or not, EMA or cumulative, in ranks 2-5 (those with no 3d: 2-4)
+    and four memory layouts: outputs, input and parameter gradients and running statistics over two
+    training steps, then eval. (momentum=None with track_running_stats=False raised a TypeError in
+    every layer until 2026-11-24: the cumulative average's weight read a count that is not kept.)"""
+    g = torch.Generator().manual_seed(0)
+    for rank in (2, 3, 4, 5) if kind in ("BatchNorm", "SyncBatchNorm, no process group") else (2, 3, 4):
+        x0 = torch.randn((5, 3, 4, 3, 2)[:rank], generator=g, dtype=DOUBLE) * 2 + 1
+        for affine, track, momentum in itertools.product((True, False), (True, False), (0.1, None)):
+            kw = dict(affine=affine, track_running_stats=track, momentum=momentum, dtype=DOUBLE)
+            for x in _layouts(x0):
+                ours = LIKE_TORCH_BN[kind](rank, backend=backend, **kw)
+                theirs = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank](3, **kw)
+                if affine:
+                    with torch.no_grad():
+                        theirs.weight.uniform_(0.5, 1.5, generator=g)
+                        theirs.bias.uniform_(-1, 1, generator=g)
+                ours.load_state_dict(theirs.state_dict())
+                for training in (True, True, False):
+                    ours.train(training), theirs.train(training)
+                    xo, xt = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+                    yo, yt = ours(xo), theirs(xt)
+                    yt = yt.relu() if kind == "BatchNormAct, relu" else yt
+                    dy = torch.randn(yt.shape, generator=g, dtype=DOUBLE)
+                    yo.backward(dy), yt.backward(dy)
+                    where = f"rank {rank}, {kw}, training={training}, strides {x.stride()}"
+                    torch.testing.assert_close(yo, yt, rtol=1e-10, atol=1e-10, msg=where)
+                    torch.testing.assert_close(xo.grad, xt.grad, rtol=1e-9, atol=1e-9, msg=where)
+                for key, value in theirs.state_dict().items():
+                    torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-10, atol=1e-12, msg=where)
+                if affine:
+                    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-9, atol=1e-9, msg=where)
+
+
+def test_functional_momentum_none_is_fine_without_running_statistics_and_explained_with_them():
+    x = torch.randn(6, 3, dtype=DOUBLE)
+    torch.testing.assert_close(bnlab.functional.batch_norm(x, None, None, training=True, momentum=None),
+                               nn.functional.batch_norm(x, None, None, training=True))
+    with pytest.raises(ValueError, match=r"got None \(the cumulative average needs the batch count"):
+        bnlab.functional.batch_norm(x, torch.zeros(3, dtype=DOUBLE), torch.ones(3, dtype=DOUBLE), training=True,
+                                    momentum=None)
 
 
 def test_state_dict_round_trips_both_ways():
@@ -617,8 +684,6 @@ def test_a_keras_style_momentum_is_warned_about_at_the_users_line(cls):
 
 
 # bnlab.fuse: batch-norm layers folded into their producers for inference
-
-DOUBLE = torch.float64
 
 
 def trained(model: nn.Module, x_shape, steps: int = 4) -> nn.Module:

@@ -370,9 +370,11 @@ def batch_norm(
         if v is not None and tuple(v.shape) != (c,):  # (torch's native kernel would read past or short)
             raise ValueError(f"batch_norm: {name} must have shape ({c},), one value per channel of the input "
                              f"{tuple(input.shape)}; got {tuple(v.shape)}")
-    if training and running_mean is not None and not 0.0 <= momentum <= 1.0:
+    if training and running_mean is not None and (momentum is None or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"batch_norm: momentum is the new batch's weight in the running average, in [0, 1]; "
-                         f"got {momentum}")
+                         f"got {momentum}" + (" (the cumulative average needs the batch count that the layers "
+                                              "keep: bnlab.BatchNorm*(momentum=None))" if momentum is None else ""))
+    momentum = 0.0 if momentum is None else momentum  # (no running statistics to update: unused)
     state = next((v for v in (weight, running_mean, bias, running_var) if v is not None), None)
     check_input(input, c, training, state_dtype=state.dtype if state is not None else None)
     if training:

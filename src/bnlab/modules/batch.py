@@ -164,6 +164,8 @@ class BatchNorm(nn.Module):
         """The new batch's weight in the running average: momentum, or 1/t for the t-th batch (a
         0-d tensor while torch.compile traces: read on the host, the count would break the graph)."""
         if self.stats == "cumulative":
+            if self.num_batches_tracked is None:  # (track_running_stats=False: nothing to average into)
+                return 0.0
             if torch.compiler.is_compiling():
                 return 1.0 / (self.num_batches_tracked + 1).double()
             return 1.0 / float(self.num_batches_tracked + 1)
