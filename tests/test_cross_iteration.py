@@ -850,11 +850,12 @@ def test_a_model_built_on_the_meta_device_converts_and_trains_after_to_empty():
                                           nn.BatchNorm1d(5)))
         net = bnlab.cross_iteration(net, window=3)
     net = net.to_empty(device="cpu")
+    net[1].iteration.fill_(12345)  # (to_empty's memory holds anything: the burn-in's count too)
     for module in net.modules():
-        for reset in ("reset_parameters", "reset_running_stats"):
-            if hasattr(module, reset):
-                getattr(module, reset)()
-    assert float(net[1].running_var.sum()) == 4.0 and not net[1].window_valid.any()
+        if hasattr(module, "reset_parameters"):  # (the layer as new; reset_running_stats keeps the count)
+            module.reset_parameters()
+    assert float(net[1].running_var.sum()) == 4.0 and not net[1].window_valid.any() and int(net[1].iteration) == 0
     for step in range(3):
         net(torch.randn(4, 3, 4, 4)).square().mean().backward()
     assert net[1].window_valid.all() and net[4].window_valid.all() and int(net[1].num_batches_tracked) == 3
+    assert int(net[1].iteration) == 3

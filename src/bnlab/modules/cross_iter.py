@@ -169,6 +169,13 @@ class CrossIterationBatchNorm(BatchNorm):
             for name in WINDOW_BUFFERS:
                 getattr(self, name).zero_()
 
+    def reset_parameters(self) -> None:
+        """The layer as new: BN's parameters and running statistics, the window emptied and the
+        iteration count back at 0, so the burn-in starts again (after ``to_empty()`` from the meta
+        device, whose memory holds anything)."""
+        super().reset_parameters()
+        self.iteration.zero_()
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, window={self.window}, burn_in={self.burn_in}, compensate={self.compensate}"
 
