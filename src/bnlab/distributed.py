@@ -131,9 +131,11 @@ class SyncBatchNorm(BatchNorm):
             F.check_input(x, self.num_features, False, self._label(), state_dtype=state_dtype)  # raises with the reason
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
-        if not self.training:  # eval without running statistics: the local batch's, as torch's SyncBatchNorm (a
-            F.check_input(x, self.num_features, False, self._label, running_stats=False)  # collective here would
-            return super()._train(x, tracking)  # hang a rank that evaluates alone)
+        if not self.training:
+            # Eval mode without running statistics: the local batch's, as torch's SyncBatchNorm. A
+            # collective here would hang a rank that evaluates alone.
+            F.check_input(x, self.num_features, False, self._label, running_stats=False)
+            return super()._train(x, tracking)
         y, mean, var_biased, n = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,
                                                              self.process_group)
         if n == 0:

@@ -32,8 +32,10 @@ class GhostBatchNorm(BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
-        if not self.training:  # (eval without running statistics: the whole batch's, as torch's BN; an
-            return super()._train(x, tracking)  # output must not depend on how the batch is chunked)
+        if not self.training:
+            # Eval mode without running statistics: the whole batch's, as torch's BN. An inference
+            # output must not depend on how the batch is chunked.
+            return super()._train(x, tracking)
         y, mean, var_unbiased = F.ghost_batch_norm_train(x, self.weight, self.bias, self.virtual_batch_size,
                                                          self.eps, self.backend)
         folded = tracking and F.update_running_stats_(self.running_mean, self.running_var, mean, var_unbiased,
