@@ -125,7 +125,7 @@ class SyncBatchNorm(BatchNorm):
         self.process_group = process_group
 
     def _check_input(self, x: torch.Tensor) -> None:
-        state_dtype = self.state_dtype()
+        state_dtype = self._state_dtype()
         if (x.dim() < 2 or x.shape[1] != self.num_features or not x.is_floating_point()
                 or (x.dtype != state_dtype and state_dtype is not None)):
             F.check_input(x, self.num_features, False, self._label(), state_dtype=state_dtype)  # raises with the reason

@@ -152,9 +152,9 @@ class BatchNorm(nn.Module):
                 f"{tuple(x.shape)}"
             )
         F.check_input(x, self.num_features, self.training, self._label, running_stats=self.track_running_stats,
-                      state_dtype=self.state_dtype())
+                      state_dtype=self._state_dtype())
 
-    def state_dtype(self) -> "torch.dtype | None":
+    def _state_dtype(self) -> "torch.dtype | None":
         """The dtype of the layer's parameters, else of its running statistics (None without either):
         what :func:`bnlab.functional.check_input` holds the input's dtype to."""
         state = self.weight if self.weight is not None else self.running_mean
