@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import bnlab
 from bnlab import autograd, modules
 from bnlab import functional as F
 from bnlab.experiments.small_batch import Config, SmallConvNet
@@ -160,11 +161,8 @@ def network(method: str) -> nn.Module:
         net.norms = nn.ModuleList(nn.Identity() for _ in net.norms)
         net.fc_norm = nn.Identity()
         return net
-    if method == "torch-bn":
-        net = SmallConvNet("bn", steps=10**6, cfg=Config(burn_in=0.0), classes=10)
-        net.norms = nn.ModuleList(nn.BatchNorm2d(norm.num_features) for norm in net.norms)
-        net.fc_norm = nn.BatchNorm1d(net.fc_norm.num_features)
-        return net
+    if method == "torch-bn":  # (torch.nn.BatchNorm2d/1d in place of bnlab's)
+        return bnlab.to_torch(SmallConvNet("bn", steps=10**6, cfg=Config(burn_in=0.0), classes=10))
     return SmallConvNet(method, steps=10**6, cfg=Config(burn_in=0.0), classes=10)
 
 

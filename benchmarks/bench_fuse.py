@@ -32,11 +32,7 @@ def trained_networks():
         opt.zero_grad()
         nn.functional.cross_entropy(ours(x), y).backward()
         opt.step()
-    theirs = copy.deepcopy(ours)
-    theirs.norms = nn.ModuleList(nn.BatchNorm2d(n.num_features) for n in ours.norms)
-    theirs.fc_norm = nn.BatchNorm1d(ours.fc_norm.num_features)
-    for new, old in (*zip(theirs.norms, ours.norms), (theirs.fc_norm, ours.fc_norm)):
-        new.load_state_dict(old.state_dict())
+    theirs = bnlab.to_torch(copy.deepcopy(ours))  # (torch.nn.BatchNorm2d/1d, the same state)
     ours.eval(), theirs.eval()
     example = (torch.rand(2, 1, 28, 28),)
     with warnings.catch_warnings():

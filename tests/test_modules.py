@@ -853,12 +853,16 @@ def test_fuse_removes_a_cross_iteration_layers_hook_from_its_producer():
     assert len(fused[0]._forward_hooks) == 0 and len(model[0]._forward_hooks) == 1
 
 
-def test_fuse_refuses_a_model_fx_cannot_trace_and_checks_its_outputs():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3)
+class ConvBN(nn.Module):
+    """A 1x1 conv and bnlab's BN, for models whose forward a test writes."""
 
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3)
+
+
+def test_fuse_refuses_a_model_fx_cannot_trace_and_checks_its_outputs():
+    class Branchy(ConvBN):
         def forward(self, x):
             return self.bn(self.conv(x)) if x.sum() > 0 else x
 
@@ -913,11 +917,7 @@ def test_torch_fx_traces_every_layer_as_a_leaf_like_torch_nns():
 
 
 def test_fuse_checks_outputs_that_hold_nan_where_the_model_s_do():
-    class WithNaN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 3, 1), bnlab.BatchNorm2d(3)
-
+    class WithNaN(ConvBN):
         def forward(self, x):
             y = self.bn(self.conv(x))
             return y, y.sum() * float("nan")  # (a loss term undefined on the example, say)

@@ -125,16 +125,17 @@ class SyncBatchNorm(BatchNorm):
         self.process_group = process_group
 
     def _check_input(self, x: torch.Tensor) -> None:
-        state_dtype = self._state_dtype()
+        if not self.training:  # (the local batch alone, as BN's)
+            return super()._check_input(x)
+        state_dtype = F.state_dtype(self.weight, self.running_mean)
         if (x.dim() < 2 or x.shape[1] != self.num_features or not x.is_floating_point()
-                or (x.dtype != state_dtype and state_dtype is not None)):
+                or (x.dtype != state_dtype and state_dtype is not None)):  # (one value per channel is the group's)
             F.check_input(x, self.num_features, False, self._label(), state_dtype=state_dtype)  # raises with the reason
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         if not self.training:
             # Eval mode without running statistics: the local batch's, as torch's SyncBatchNorm. A
             # collective here would hang a rank that evaluates alone.
-            F.check_input(x, self.num_features, False, self._label, running_stats=False)
             return super()._train(x, tracking)
         y, mean, var_biased, n = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,
                                                              self.process_group)

@@ -291,6 +291,12 @@ def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e
     return normalize(x, running_mean.to(stat_dtype), invstd, weight, bias)
 
 
+def state_dtype(*tensors: "torch.Tensor | None") -> "torch.dtype | None":
+    """The dtype of a layer's state, the first of ``tensors`` (its parameters, then its running
+    statistics) that it has: what :func:`check_input` holds the input's dtype to. None without any."""
+    return next((t.dtype for t in tensors if t is not None), None)
+
+
 def check_input(x: torch.Tensor, num_features: int, training: bool, name="batch_norm", *, running_stats=True,
                 state_dtype: "torch.dtype | None" = None):
     """Raise a ValueError (a TypeError for a dtype) that says what is wrong and what to do, before
@@ -375,8 +381,7 @@ def batch_norm(
                          f"got {momentum}" + (" (the cumulative average needs the batch count that the layers "
                                               "keep: bnlab.BatchNorm*(momentum=None))" if momentum is None else ""))
     momentum = 0.0 if momentum is None else momentum  # (no running statistics to update: unused)
-    state = next((v for v in (weight, running_mean, bias, running_var) if v is not None), None)
-    check_input(input, c, training, state_dtype=state.dtype if state is not None else None)
+    check_input(input, c, training, state_dtype=state_dtype(weight, running_mean))
     if training:
         if input.numel() == 0:
             return empty_batch(input, weight, bias)

@@ -152,13 +152,7 @@ class BatchNorm(nn.Module):
                 f"{tuple(x.shape)}"
             )
         F.check_input(x, self.num_features, self.training, self._label, running_stats=self.track_running_stats,
-                      state_dtype=self._state_dtype())
-
-    def _state_dtype(self) -> "torch.dtype | None":
-        """The dtype of the layer's parameters, else of its running statistics (None without either):
-        what :func:`bnlab.functional.check_input` holds the input's dtype to."""
-        state = self.weight if self.weight is not None else self.running_mean
-        return state.dtype if state is not None else None
+                      state_dtype=F.state_dtype(self.weight, self.running_mean))
 
     def batch_weight(self) -> "float | torch.Tensor":
         """The new batch's weight in the running average: momentum, or 1/t for the t-th batch (a

@@ -124,9 +124,7 @@ class CrossIterationBatchNorm(BatchNorm):
                                      f"{tuple(getattr(self, name).shape[1:])}, this producer's are {shape[1:]}; "
                                      "pair it with the layer it was trained after")
                 setattr(self, name, torch.zeros(shape, dtype=self.window_mu.dtype, device=self.window_mu.device))
-        hook = self.__dict__.get("_hook")
-        if hook is not None:  # paired before: one hook, on the current producer only
-            hook.remove()
+        self._unhook()  # (paired before: one hook, on the current producer only)
         self.__dict__["_producer"] = producer
         self.__dict__["_checked"] = False
         # A first conv (a small fan-in, at most C): d nu/dW from its patches' second moments on the numba
@@ -135,6 +133,13 @@ class CrossIterationBatchNorm(BatchNorm):
             groups, fan_in, c, producer.stride[1])
         self.__dict__["_hook"] = producer.register_forward_hook(self._capture)
         return self
+
+    def _unhook(self) -> None:
+        """Remove the forward hook this layer keeps on its producer (pair() sets it; a layer that
+        leaves the model, folded or swapped for torch's, must not leave it behind)."""
+        hook = self.__dict__.pop("_hook", None)
+        if hook is not None:
+            hook.remove()
 
     @F.eager_under_compile  # (with _train: numba kernels and NumPy views)
     def _capture(self, module, args, output):

@@ -300,9 +300,8 @@ def _to_torch(layer: nn.Module) -> nn.Module | None:
             else:
                 new.running_var.copy_(layer.running_var)
             new.num_batches_tracked.copy_(layer.num_batches_tracked)
-    hook = layer.__dict__.get("_hook")  # (a cross-iteration layer's, on its producer)
-    if hook is not None:
-        hook.remove()
+    if isinstance(layer, CrossIterationBatchNorm):
+        layer._unhook()
     new.train(layer.training)
     if isinstance(layer, BatchNormAct):
         return nn.Sequential(new, ACTIVATION_MODULES[layer.act](layer.negative_slope)).train(layer.training)
@@ -383,9 +382,8 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
             _restore(modes)
         raise
     for _, norm, *_ in folded:
-        hook = norm.__dict__.get("_hook")  # (a cross-iteration layer's on its producer)
-        if hook is not None:
-            hook.remove()
+        if isinstance(norm, CrossIterationBatchNorm):
+            norm._unhook()
     if left:
         warnings.warn("fuse: left as they were: " + "; ".join(f"{name!r}: {why}" for name, why in left.items()),
                       stacklevel=2)
