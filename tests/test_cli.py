@@ -103,6 +103,22 @@ def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, no_mnist, 
     assert afile.read_text() == "mine"
 
 
+@pytest.mark.parametrize("experiment", ["bn-mnist", "small-batch", "init-sweep", "regularization", "hparam-search"])
+def test_data_that_cannot_load_leaves_no_empty_run_folder(tmp_path, no_mnist, capsys, experiment):
+    """The run folder is claimed before the data loads (an existing run is refused first); a data
+    error then left an empty ``runs/<experiment>-<time>`` behind, which ``bnlab plot`` and
+    ``--resume`` refuse. Folders the command made are removed; one that was there stays."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for out in (tmp_path / "runs" / "new", mine):
+        assert cli.main(["reproduce", experiment, "--quick", "--data-dir", str(empty), "--out", str(out)]) == 2
+        assert "no dataset in MNIST's layout" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    assert mine.is_dir() and not any(mine.iterdir())
+
+
 def run_folder(tmp_path, config_text: str):
     out = tmp_path / "run"
     out.mkdir()

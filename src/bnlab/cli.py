@@ -96,6 +96,15 @@ def _refuse_changes(recorded, quick, overrides: dict, run_dir: str) -> None:
                           f"{', '.join(changed)} would change them. Start a new run for other settings")
 
 
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders this command made (innermost first) that are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # (only ever removes an empty folder)
+        except OSError:
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -104,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
             module = EXPERIMENTS[args.experiment]
             cfg = _config(module, args)
+            made = [folder for folder in (Path(cfg.out), *Path(cfg.out).parents) if not folder.exists()]
             try:
                 module.run(cfg, resume=bool(args.resume))
+            except (DataError, CheckpointError, ConfigError) as err:
+                _remove_if_empty(made)  # (refused before it wrote anything: no empty run folder left behind)
+                raise err
             except KeyboardInterrupt:
                 print(f"\nInterrupted; checkpoints are in {cfg.out}. Resume with:\n"
                       f"  bnlab reproduce {args.experiment} --resume {cfg.out}", file=sys.stderr)
