@@ -138,11 +138,23 @@ def test_state_dict_round_trips_both_ways():
     assert int(back.num_batches_tracked) == 1
 
 
-def test_old_checkpoint_without_num_batches_tracked_loads():
-    state = {k: v for k, v in nn.BatchNorm1d(3).state_dict().items() if k != "num_batches_tracked"}
-    layer = bnlab.BatchNorm1d(3)
+@pytest.mark.parametrize("kind", [bnlab.BatchNorm1d, bnlab.BatchNormAct1d, bnlab.GhostBatchNorm1d, bnlab.BatchRenorm1d,
+                                  bnlab.CrossIterationBatchNorm1d, bnlab.SyncBatchNorm])
+def test_old_checkpoint_without_num_batches_tracked_loads(kind):
+    """torch < 0.4.1 saved no num_batches_tracked; torch's BN loads such a checkpoint strictly, with
+    the count at 0, and so does every bnlab layer (Batch Renorm refused it until 2026-11-24), with
+    torch's inference outputs."""
+    torch.manual_seed(0)
+    theirs = nn.BatchNorm1d(3, dtype=torch.float64)
+    theirs(torch.randn(8, 3, dtype=torch.float64) * 2 + 1)
+    state = {k: v for k, v in theirs.state_dict().items() if k != "num_batches_tracked"}
+    layer = kind(3, dtype=torch.float64)
+    if kind is bnlab.BatchNormAct1d:
+        layer = kind(3, act="identity", dtype=torch.float64)
     layer.load_state_dict(state)
     assert int(layer.num_batches_tracked) == 0
+    x = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(layer.eval()(x), theirs.eval()(x), rtol=1e-12, atol=1e-12)
 
 
 def test_cumulative_stats_is_the_equal_weight_average():

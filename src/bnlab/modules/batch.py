@@ -258,12 +258,16 @@ class BatchNorm(nn.Module):
             )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints from torch < 0.4.1 have no num_batches_tracked; start it at 0 as torch does.
+        warn_poisoned(state_dict, prefix, type(self).__name__)  # (the checkpoint's own keys, before any upgrade)
+        self._upgrade_checkpoint(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _upgrade_checkpoint(self, state_dict, prefix: str) -> None:
+        """Fill in, in place, what an older or a torch.nn checkpoint lacks: checkpoints from
+        torch < 0.4.1 have no num_batches_tracked, which starts at 0 as torch's does."""
         key = prefix + "num_batches_tracked"
         if self.track_running_stats and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long)
-        warn_poisoned(state_dict, prefix, type(self).__name__)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def warn_poisoned(state_dict, prefix: str, owner: str) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from bnlab import functional as F
-from bnlab.modules.batch import BatchNorm, warn_poisoned
+from bnlab.modules.batch import BatchNorm
 
 
 class BatchRenorm(BatchNorm):
@@ -53,15 +52,14 @@ class BatchRenorm(BatchNorm):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
                 f"d_max={self.d_max}, warmup={self.warmup}")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A BN checkpoint (torch's or bnlab's: running_var, no running_std) loads with
-        # sigma = sqrt(running_var + eps), so inference gives BN's outputs; training goes on from
-        # its num_batches_tracked in the limits' schedule.
+    def _upgrade_checkpoint(self, state_dict, prefix: str) -> None:
+        """BN's upgrade, and a BN checkpoint (torch's or bnlab's: running_var, no running_std) with
+        sigma = sqrt(running_var + eps), so inference gives BN's outputs; training goes on from its
+        num_batches_tracked in the limits' schedule."""
+        super()._upgrade_checkpoint(state_dict, prefix)
         var_key, std_key = prefix + "running_var", prefix + "running_std"
-        warn_poisoned(state_dict, prefix, type(self).__name__)
         if var_key in state_dict and std_key not in state_dict:
             state_dict[std_key] = (state_dict.pop(var_key) + self.eps).sqrt()
-        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_renorm_eval(x, self.weight, self.bias, self.running_mean, self.running_std)
