@@ -144,8 +144,9 @@ def moments(repeats: int = 20) -> None:
         fan_in = c_in * k * k
         weight, bias = conv.weight.detach().reshape(c_out, -1).numpy(), np.zeros(c_out, np.float32)
         dmu, dnu = np.zeros((1, 1, fan_in), np.float32), np.zeros((1, c_out, fan_in), np.float32)
+        products = np.zeros((1, c_out)), np.zeros((1, c_out))
         moment = lambda: cpu_cbn.store_conv_moments(0, u.numpy(), k, k, stride, stride, k // 2, k // 2, 1, 1,  # noqa: E731
-                                                    weight, bias, dmu, dnu)
+                                                    weight, bias, dmu, dnu, *products)
         reps = max(10, repeats * 3136 // (n * side * side))
         wgrad_us = per_call_us(lambda: F.conv_weight_gradient(x, u, conv), reps)
         moment_us = per_call_us(moment, reps)
@@ -239,10 +240,11 @@ def parts(args, x, y) -> None:
         print("OpenMP runtimes loaded:", ", ".join(runtimes))
     u, h = torch.randn(args.batch, 1024), torch.randn(args.batch, 128)
     dmu, dnu = np.zeros((1, 1, 1024), np.float32), np.zeros((1, 128, 1024), np.float32)
+    weight, products = torch.randn(128, 1024).numpy(), (np.zeros((1, 128)), np.zeros((1, 128)))
+    store = lambda: cpu_cbn.store_linear(0, h.numpy(), u.numpy(), weight, dmu, dnu, *products)  # noqa: E731
     print(f"Linear(1024, 128) d nu/dW at batch {args.batch}: h^T @ u {per_call_us(lambda: h.t().mm(u)):.0f} us,"
           f" (u^T @ h)^T {per_call_us(lambda: u.t().mm(h).t()):.0f} us (transposed),"
-          f" store_linear {per_call_us(lambda: cpu_cbn.store_linear(0, h.numpy(), u.numpy(), dmu, dnu)):.0f} us"
-          " (with d mu/dW, into the window)")
+          f" store_linear {per_call_us(store):.0f} us (with d mu/dW and both products with W, into the window)")
 
 
 def main() -> None:

@@ -87,8 +87,9 @@ def test_cross_iteration_bn_trains_under_autocast_close_to_float32(producer):
 def test_cross_iteration_bn_in_a_model_converted_to_low_precision(dtype, producer, kept):
     """``model.to(torch.bfloat16)`` (or ``.half()``): the layer's parameters, running statistics and
     producer are low precision, or the layer alone is kept float32 after a low-precision producer.
-    Its statistics, derivatives and window are float32 all the same (the window stays float32
-    through the conversion: the compensation cancels in 8 bits), close to a float32 model's.
+    Its statistics and derivatives are float32 all the same, and the window's per-channel
+    statistics float64 (the window stays so through the conversion: the compensation cancels in 8
+    bits), close to a float32 model's.
     Before, the first case failed in torch's kernel (mixed dtypes), the second in the compensation."""
     def make():
         torch.manual_seed(0)
@@ -98,7 +99,7 @@ def test_cross_iteration_bn_in_a_model_converted_to_low_precision(dtype, produce
     full, low = make(), make().to(dtype)
     if kept == "the layer":
         low[1].float()
-    assert low[1].window_dnu.dtype == low[1].window_mu.dtype == torch.float32
+    assert low[1].window_dnu.dtype == torch.float32 and low[1].window_mu.dtype == torch.float64
     shape = (8, 3, 12, 12) if producer == "conv" else (8, 5)
     opt = torch.optim.SGD(full.parameters(), lr=0.05)
     for step in range(5):  # (two window entries filled, then pooled and compensated)

@@ -139,11 +139,13 @@ class TritonBatchNormActFunction(torch.autograd.Function):
 class CrossIterationNormFunction(torch.autograd.Function):
     """y = gamma * (x - mu_bar) / sqrt(sigma2_bar + eps) + beta with Yao et al. 2020's pooled statistics.
 
-    mu_bar = (mu + past_mu) / k and nu_bar = (max(nu, mu^2) + past_nu) / k, where mu and nu are the
-    batch's mean and second moment (functions of x; nu < mu^2 happens only by rounding, so the
-    gradient takes the nu branch) and ``past_mu``, ``past_nu`` the
+    mu_bar = (mu + past_mu) / k and nu_bar = (nu + past_nu) / k, where mu and nu are the batch's
+    mean and second moment (functions of x; nu = sigma2_B + mu^2 from the two-pass variance, so
+    nu >= mu^2) and ``past_mu``, ``past_nu`` the
     sums of the k - 1 compensated past entries, already clipped by max(nu, mu^2) (constants:
-    gradients flow through the current iteration only); sigma2_bar = nu_bar - mu_bar^2.
+    gradients flow through the current iteration only); sigma2_bar = nu_bar - mu_bar^2. The
+    pooling runs in the past sums' dtype (float64: the window's), as nu_bar and mu_bar^2 are of
+    the size of mu^2 and their difference would cancel in float32.
 
     Backward by hand, per channel over m values, with x_hat = (x - mu_bar) invstd:
         dmu_bar = -invstd sum g - 2 mu_bar dsigma2,   dsigma2 = -1/2 invstd^3 sum g (x - mu_bar),
@@ -158,12 +160,12 @@ class CrossIterationNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, past_mu, past_nu, k, eps):
-        mu, nu = F.raw_moments(x)
-        mu_sq = mu * mu
-        nu = torch.maximum(nu, mu_sq)
-        mu_bar = (mu + past_mu) / k
-        var_bar = ((nu + past_nu) / k - mu_bar * mu_bar).clamp_min_(0)
-        var = nu - mu_sq
+        mu, var = F.batch_stats(x)  # (two-pass: nu = var + mu^2 >= mu^2, in the past sums' dtype, float64)
+        wide = past_mu.dtype
+        mu_wide = mu.to(wide)
+        mu_bar = (mu_wide + past_mu) / k
+        var_bar = ((var.to(wide) + mu_wide * mu_wide + past_nu) / k - mu_bar * mu_bar).clamp_min_(0)
+        mu_bar, var_bar = mu_bar.to(mu.dtype), var_bar.to(mu.dtype)
         y = torch.native_batch_norm(x, weight, bias, mu_bar, var_bar, False, 0.0, eps)[0]
         ctx.save_for_backward(x, weight, mu_bar, var_bar)
         ctx.k, ctx.eps, ctx.has_bias = k, eps, bias is not None

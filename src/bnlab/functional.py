@@ -67,19 +67,6 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var_biased
 
 
-def raw_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and second moment ``(mu, nu)``, nu = 1/m sum x^2, as Cross-Iteration BN pools them.
-
-    One pass each and no deviations: cheaper than :func:`batch_stats` (whose variance is stabler
-    when the mean dwarfs the spread), and what Yao et al. 2020 compensate and pool. The variance
-    is nu - mu^2. Low-precision inputs are promoted to float32 first.
-    """
-    if x.dtype in LOW_PRECISION:
-        x = x.float()
-    dims = reduce_dims(x)
-    return x.mean(dims), x.square().mean(dims)
-
-
 def normalize(x, mean, invstd, weight=None, bias=None):
     """Ioffe & Szegedy 2015, Algorithm 1, lines 3-4: y = gamma * (x - mu) * invstd + beta.
 
@@ -766,10 +753,13 @@ def compensation_terms(dmu: torch.Tensor, dnu: torch.Tensor, weight: torch.Tenso
 
     ``dmu`` ``(k, G, F)``: the mean patch of each of the producer's G groups (one row serves every
     output channel of its group; F = fan-in per group); ``dnu`` ``(k, C, F)``; ``weight`` the
-    producer's ``(C, ...)`` weight. Returns two ``(k, C)``.
+    producer's ``(C, ...)`` weight. Returns two ``(k, C)`` in the weight's dtype (the layer passes
+    it as float64: <d nu/dW, W> is of the size of mu^2, and the window takes differences of such
+    products).
     """
     k, g, f = dmu.shape
     c = weight.shape[0]
+    dmu, dnu = dmu.to(weight.dtype), dnu.to(weight.dtype)  # (the stored float32 values, summed in float64)
     # (G, k, F) @ (G, F, C/G) -> (G, k, C/G) -> (k, C): one product per group
     mu_term = torch.matmul(dmu.transpose(0, 1), weight.reshape(g, c // g, f).transpose(1, 2)).transpose(0, 1)
     mu_term = mu_term.reshape(k, c)
@@ -832,7 +822,7 @@ class CrossIterationViews(NamedTuple):
     norm: tuple  # FusedCrossIterationNormFunction's: the kernels, gamma, beta, the window as pooled_forward reads it
     running: tuple  # running_mean, running_var
     entry: tuple  # commit's window arrays
-    derivatives: tuple  # store_conv[_moments]'s and store_linear's
+    derivatives: tuple  # store_conv[_moments]'s and store_linear's: dmu, dnu and their products with W
     producer: tuple  # the producer's weight (C, F) and bias (zeros without one)
     geometry: tuple  # a conv producer's kernel size, stride, padding, dilation, as store_conv takes them
 
@@ -872,8 +862,8 @@ def cross_iteration_views(gamma, beta, running_mean, running_var, producer: torc
         norm=(cpu_cbn, gamma.numpy(), beta.numpy(),
               (weight, bias, w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid, compensate)),
         running=(mean.numpy(), var.numpy()),
-        entry=(bias, w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w, valid, compensate),
-        derivatives=(w_dmu, w_dnu),
+        entry=(bias, w_mu, w_nu, w_bias, valid, compensate),
+        derivatives=(w_dmu, w_dnu, w_dmu_w, w_dnu_w),
         producer=(weight, bias),
         geometry=(*producer.kernel_size, *producer.stride, *conv_padding(producer), *producer.dilation)
         if isinstance(producer, torch.nn.Conv2d) else (),
@@ -882,9 +872,8 @@ def cross_iteration_views(gamma, beta, running_mean, running_var, producer: torc
 
 def cross_iteration_commit_(views: CrossIterationViews, stats, m: int, momentum: float, slot: int) -> bool:
     """Fold a batch into the running statistics (the update of :func:`update_running_stats_`) and
-    into window entry ``slot``: its mean, its second moment nu = sigma2_B + mu^2, the producer's
-    bias and, compensated, the products <d mu/dW, W> = mu - b and <d nu/dW, W> = 2 (nu - b mu)
-    (x = W patch + b: no dot products). ``stats`` is what
+    into window entry ``slot``: its mean, its second moment nu = sigma2_B + mu^2 (float64) and,
+    compensated, the producer's bias (:func:`cross_iteration_store_` writes the rest). ``stats`` is what
     :class:`bnlab.autograd.FusedCrossIterationNormFunction` filled (rows 0 and 1: the batch's mean
     and biased variance). A non-finite batch changes nothing and returns False."""
     return views.kernels.commit(stats, m, *views.running, momentum, slot, *views.entry)
@@ -895,14 +884,16 @@ def cross_iteration_store_(views: CrossIterationViews, slot: int, x: torch.Tenso
     """The batch's d mu/dW (the mean input patch) and d nu/dW = 2/m sum_p x(p) patch(p) into window
     entry ``slot``, for ``x = producer(u)``: a Linear's row by row; a conv's from its patches'
     second moments (``moments``: :func:`moments_pay`), or from torch's weight-gradient reduction
-    (``gradient``, when the producer's hook took it, else taken here) scaled by 2/m."""
+    (``gradient``, when the producer's hook took it, else taken here) scaled by 2/m; then their
+    products with the producer's weight, in float64 from the stored values."""
     kernels, m = views.kernels, values_per_channel(x)
     if isinstance(producer, torch.nn.Linear):
-        kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), *views.derivatives)
+        kernels.store_linear(slot, x.detach().numpy(), u.contiguous().numpy(), views.producer[0], *views.derivatives)
     elif gradient is None and moments:
         kernels.store_conv_moments(slot, conv_input(u, producer).contiguous().numpy(), *views.geometry,
                                    *views.producer, *views.derivatives)
     else:
         dnu = gradient if gradient is not None else conv_weight_gradient(x, u, producer)
         kernels.store_conv(slot, conv_input(u, producer).contiguous().numpy(), *views.geometry,
-                           dnu.view(x.shape[1], -1).numpy(), 2.0 / m, *views.derivatives)  # (C, ...) -> (C, F)
+                           dnu.view(x.shape[1], -1).numpy(), 2.0 / m, views.producer[0],
+                           *views.derivatives)  # (C, ...) -> (C, F)

@@ -15,7 +15,11 @@ Then :func:`commit` folds the batch into the running statistics and makes it the
 ``slot`` when its statistics are finite, and :func:`store_conv` or :func:`store_linear` write the
 entry's derivatives: d mu/dW, the mean input patch of each group (:func:`mean_patches`), and
 d nu/dW, the producer's weight-gradient reduction (for a conv on torch's kernel,
-:func:`bnlab.functional.conv_weight_gradient`; for a Linear here). The backward
+:func:`bnlab.functional.conv_weight_gradient`; for a Linear here), and their products with W_p.
+The window's per-channel statistics and those products are float64, and so are the sums of
+products above: nu and <d nu/dW, W> are of the size of mu^2, and the pooled variance is a
+difference of such numbers (in float32 a channel whose mean was 1,000 times its spread lost
+its variance whole). The backward
 (:func:`bnlab.kernels.cpu_fused.pooled_backward`) is BN's with the statistics' share 1/k.
 
 :meth:`bnlab.CrossIterationBatchNorm._train_torch` is the same step in torch ops; the tests hold
@@ -66,11 +70,12 @@ def pooled_forward(x, gamma, beta, eps, pool_past, weight, bias, win_mu, win_nu,
             nu_p = np.float64(win_nu[p, c])
             if compensate:
                 g = c // per_group
-                t_mu = weight.dtype.type(0)  # (float32 sums vectorize; a dot product of F terms)
-                t_nu = weight.dtype.type(0)
+                t_mu = 0.0  # (float64: <d nu/dW, W> is of the size of mu^2, and the next line takes a
+                t_nu = 0.0  # difference of two such products; float32 values multiply exactly in float64)
                 for f in range(f_):
-                    t_mu += win_dmu[p, g, f] * weight[c, f]
-                    t_nu += win_dnu[p, c, f] * weight[c, f]
+                    w = np.float64(weight[c, f])
+                    t_mu += np.float64(win_dmu[p, g, f]) * w
+                    t_nu += np.float64(win_dnu[p, c, f]) * w
                 db = np.float64(bias[c]) - win_bias[p, c]
                 nu_p = nu_p + t_nu - win_dnu_w[p, c] + 2.0 * mu_p * db
                 mu_p = mu_p + t_mu - win_dmu_w[p, c] + db
@@ -90,39 +95,52 @@ def pooled_forward(x, gamma, beta, eps, pool_past, weight, bias, win_mu, win_nu,
 
 
 @numba.njit(cache=True)
-def commit(stats, m, running_mean, running_var, momentum, slot, bias, win_mu, win_nu, win_bias, win_dmu_w, win_dnu_w,
-           valid, compensate):
+def commit(stats, m, running_mean, running_var, momentum, slot, bias, win_mu, win_nu, win_bias, valid, compensate):
     """Fold the batch (``stats`` rows 0 and 1: its mean and biased variance) into the running
-    statistics (unbiased variance m/(m-1) sigma2) and make it window entry ``slot`` (when >= 0);
-    returns False, changing nothing, when its statistics are not finite in the buffers' dtype.
-
-    The entry's products of the derivatives with the producer's weight W now (``win_dmu_w``,
-    ``win_dnu_w``) need no dot products: x_c = <W_c, patch> + b_c, so
-        <d mu_c/dW_c, W_c> = E[<patch, W_c>] = mu_c - b_c,
-        <d nu_c/dW_c, W_c> = 2 E[x_c <patch, W_c>] = 2 (nu_c - b_c mu_c).
-    """
+    statistics (unbiased variance m/(m-1) sigma2) and make it window entry ``slot`` (when >= 0):
+    its mean, second moment and (compensated) the producer's bias; the store kernels then write
+    its derivatives. Returns False, changing nothing, when its statistics are not finite in the
+    buffers' dtype."""
     mean, var = stats[0], stats[1]
     c_ = mean.shape[0]
     if not fold_running(mean, var, m, running_mean, running_var, momentum):
         return False
     if slot >= 0:
         for c in range(c_):
-            nu = var[c] + mean[c] * mean[c]
             win_mu[slot, c] = mean[c]
-            win_nu[slot, c] = nu
+            win_nu[slot, c] = var[c] + mean[c] * mean[c]
             if compensate:
                 win_bias[slot, c] = bias[c]
-                win_dmu_w[slot, c] = mean[c] - bias[c]
-                win_dnu_w[slot, c] = 2.0 * (nu - bias[c] * mean[c])
         valid[slot] = True
     return True
 
 
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _weight_products(slot, c, weight, win_dmu, win_dnu, win_dmu_w, win_dnu_w):
+    """Channel ``c``'s products of entry ``slot``'s stored derivatives with the producer's weight
+    now, <d mu_c/dW_c, W_c> and <d nu_c/dW_c, W_c>, in float64 from the stored values.
+
+    (In exact arithmetic they are mu_c - b_c and 2 (nu_c - b_c mu_c), as x_c = <W_c, patch> + b_c.
+    But pooled_forward subtracts them from the same products at later weights, and only products
+    of the same rounded derivatives cancel to their difference, <d nu/dW, W_t - W_p>.)"""
+    g = c // (win_dnu.shape[1] // win_dmu.shape[1])
+    t_mu = 0.0
+    t_nu = 0.0
+    for f in range(weight.shape[1]):
+        w = np.float64(weight[c, f])
+        t_mu += np.float64(win_dmu[slot, g, f]) * w
+        t_nu += np.float64(win_dnu[slot, c, f]) * w
+    win_dmu_w[slot, c] = t_mu
+    win_dnu_w[slot, c] = t_nu
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def store_conv(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dnu, dnu_scale, win_dmu, win_dnu):
+def store_conv(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dnu, dnu_scale, weight, win_dmu,
+               win_dnu, win_dmu_w, win_dnu_w):
     """Window entry ``slot``'s derivatives for a Conv2d producer: d mu/dW (:func:`mean_patches` of
     its input ``u``) and d nu/dW = ``dnu_scale * dnu`` (``dnu`` ``(C, F)`` from torch's
-    weight-gradient kernel)."""
+    weight-gradient kernel), and their products with the producer's ``weight`` ``(C, F)``
+    (:func:`_weight_products`)."""
     groups, f_ = win_dmu.shape[1], win_dmu.shape[2]
     patches = np.empty((groups, f_))
     mean_patches(u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, patches)
@@ -132,6 +150,7 @@ def store_conv(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 
     for c in prange(dnu.shape[0]):
         for f in range(f_):
             win_dnu[slot, c, f] = dnu[c, f] * dnu_scale
+        _weight_products(slot, c, weight, win_dmu, win_dnu, win_dmu_w, win_dnu_w)
 
 
 POSITIONS_PER_CHUNK = 4096  # at most (but one image row) the output positions of a chunk of store_conv_moments
@@ -139,14 +158,15 @@ POSITIONS_PER_CHUNK = 4096  # at most (but one image row) the output positions o
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def store_conv_moments(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, weight, bias, win_dmu,
-                       win_dnu):
+                       win_dnu, win_dmu_w, win_dnu_w):
     """Window entry ``slot``'s derivatives for a Conv2d producer of one group, from the second
     moments of its input patches instead of a weight-gradient reduction.
 
     With x_c(p) = <W_c, P(p)> + b_c over the m output positions p (``weight`` ``(C, F)``, ``bias``):
         d nu_c/dW_c = 2/m sum_p x_c(p) P(p) = 2/m (W_c S + b_c s),
         S = sum_p P(p) P(p)^T (F x F),  s = sum_p P(p) = m d mu/dW,
-    F (F + 1) / 2 products a position (and C F^2 for W S) instead of the reduction's C F. Any
+    F (F + 1) / 2 products a position (and C F^2 for W S) instead of the reduction's C F; then
+    the products with ``weight`` (:func:`_weight_products`). Any
     geometry gives the same values; it is the faster one only for a first conv over a few input
     channels, at stride 1 along the width, where the patches' rows are copies (the layer's rule:
     :func:`bnlab.functional.moments_pay`). Threads split the batch into chunks of output
@@ -185,6 +205,7 @@ def store_conv_moments(slot, u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h,
             for f1 in range(f_):
                 t += np.float64(weight[c, f1]) * second[f1, f2]
             win_dnu[slot, c, f2] = t * scale + 2.0 * bias[c] * mean[0, f2]
+        _weight_products(slot, c, weight, win_dmu, win_dnu, win_dmu_w, win_dnu_w)
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
@@ -231,11 +252,12 @@ def _upper_gram(rows, out):
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def store_linear(slot, x, u, win_dmu, win_dnu):
+def store_linear(slot, x, u, weight, win_dmu, win_dnu, win_dmu_w, win_dnu_w):
     """Window entry ``slot``'s derivatives for a Linear producer, ``x (N, C) = u (N, F) W^T + b``:
     d mu/dW = the mean row of u; d nu_c/dW_c = 2/N sum_n x[n, c] u[n] (outer products accumulated
     row by row, straight into the window: torch's ``x^T @ u`` at a small N runs several times
-    slower, ``(u^T @ x)^T`` comes out transposed)."""
+    slower, ``(u^T @ x)^T`` comes out transposed); then their products with ``weight``
+    (:func:`_weight_products`)."""
     n_, c_ = x.shape
     f_ = u.shape[1]
     dmu = win_dmu[slot, 0]
@@ -254,6 +276,7 @@ def store_linear(slot, x, u, win_dmu, win_dnu):
             un = u[n]
             for f in range(f_):
                 row[f] += a * un[f]
+        _weight_products(slot, c, weight, win_dmu, win_dnu, win_dmu_w, win_dnu_w)
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)

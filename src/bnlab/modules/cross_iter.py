@@ -18,6 +18,15 @@ from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, _caller_le
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
 WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
                   "window_valid")
+# The window's per-channel statistics, kept in float64 whatever the layer's dtype: nu and the
+# products <d nu/dW, W> are of the size of mu^2, and the pooled variance is their difference with
+# mu^2, so in float32 a channel whose mean is 1,000 times its spread lost the variance whole.
+WINDOW_STATISTICS = ("window_mu", "window_nu", "window_bias", "window_dmu_w", "window_dnu_w")
+
+
+def _statistics_dtype(device) -> torch.dtype:
+    """float64, but on a device without it (Apple's MPS), float32."""
+    return torch.float32 if torch.device(device if device is not None else "cpu").type == "mps" else torch.float64
 
 
 def _any(flags: torch.Tensor) -> bool:
@@ -59,9 +68,14 @@ class CrossIterationBatchNorm(BatchNorm):
     ``broadcast_buffers=False`` (else every rank pools rank 0's past statistics). Under activation
     checkpointing the recomputation of a forward normalizes with the statistics that forward
     pooled (the layer keeps them for its last 32 forwards), and stores and counts nothing.
-    Low precision (``torch.autocast``, or ``model.half()``/``.to(torch.bfloat16)``): the statistics,
-    derivatives and window are float32, and the window's buffers stay float32 through a conversion
+    Low precision (``torch.autocast``, or ``model.half()``/``.to(torch.bfloat16)``): the statistics
+    and derivatives are float32, and the window's derivatives stay float32 through a conversion
     (the compensation's differences would cancel in 8 or 11 bits); the output has the input's dtype.
+    The window's per-channel statistics (mu, nu, the biases and the derivatives' products with the
+    weights) are float64 in every model, through ``.float()`` too (float32 on Apple's MPS, which
+    has no float64): nu and the products are of the size of mu^2 and the pooled variance is their
+    difference with mu^2, so in float32 a channel whose mean is 1,000 times its spread would lose
+    its variance whole.
 
     Speed: d mu/dW is the mean input patch and d nu/dW one weight-gradient reduction (torch's
     kernel for a conv, called from the producer's forward hook), never extra autograd passes.
@@ -85,15 +99,16 @@ class CrossIterationBatchNorm(BatchNorm):
         if burn_in < 0:
             raise ValueError(f"burn_in must be 0 or more iterations, got {burn_in}")
         self.window, self.burn_in, self.compensate = window, burn_in, compensate
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": self._derivatives_dtype(self.running_mean.dtype)}
+        statistics = {"device": device, "dtype": _statistics_dtype(device)}
         past = window - 1
         self.register_buffer("iteration", torch.tensor(0, dtype=torch.long, device=device))
         self.register_buffer("window_valid", torch.zeros(past, dtype=torch.bool, device=device))
-        self.register_buffer("window_mu", torch.zeros(past, num_features, **factory))
-        self.register_buffer("window_nu", torch.zeros(past, num_features, **factory))
-        self.register_buffer("window_bias", torch.zeros(past, num_features, **factory))
-        self.register_buffer("window_dmu_w", torch.zeros(past, num_features, **factory))  # <d mu/d W, W> then
-        self.register_buffer("window_dnu_w", torch.zeros(past, num_features, **factory))  # <d nu/d W, W> then
+        self.register_buffer("window_mu", torch.zeros(past, num_features, **statistics))
+        self.register_buffer("window_nu", torch.zeros(past, num_features, **statistics))
+        self.register_buffer("window_bias", torch.zeros(past, num_features, **statistics))
+        self.register_buffer("window_dmu_w", torch.zeros(past, num_features, **statistics))  # <d mu/d W, W> then
+        self.register_buffer("window_dnu_w", torch.zeros(past, num_features, **statistics))  # <d nu/d W, W> then
         for name in ("window_dmu", "window_dnu"):  # shaped by the producer: allocated by pair()
             self.register_buffer(name, torch.zeros(past, 0, **factory))
         self.__dict__["_producer"] = None  # a plain reference: not a submodule, not in state_dict
@@ -123,7 +138,7 @@ class CrossIterationBatchNorm(BatchNorm):
                     raise ValueError(f"{self._label()}: its window holds derivatives for a producer of shape "
                                      f"{tuple(getattr(self, name).shape[1:])}, this producer's are {shape[1:]}; "
                                      "pair it with the layer it was trained after")
-                setattr(self, name, torch.zeros(shape, dtype=self.window_mu.dtype, device=self.window_mu.device))
+                setattr(self, name, torch.zeros(shape, dtype=self.window_dnu.dtype, device=self.window_dnu.device))
         self._unhook()  # (paired before: one hook, on the current producer only)
         self.__dict__["_producer"] = producer
         self.__dict__["_checked"] = False
@@ -260,8 +275,7 @@ class CrossIterationBatchNorm(BatchNorm):
             y = self._batch_norm(x, fold=False)[0]
         elif path == "pooled":
             past_mu, past_nu, k = recorded
-            y = CrossIterationNormFunction.apply(x, *self._affine(x), past_mu.to(x.dtype), past_nu.to(x.dtype), k,
-                                                 self.eps)[0]
+            y = CrossIterationNormFunction.apply(x, *self._affine(x), past_mu, past_nu, k, self.eps)[0]
         else:  # the numba kernels' forward, with the window's part of the statistics it wrote
             past = _past_sums(recorded[0], self.eps)
             y = ReplayedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, past,
@@ -353,13 +367,23 @@ class CrossIterationBatchNorm(BatchNorm):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    @staticmethod
+    def _derivatives_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The derivatives' dtype: the layer's, float32 at least."""
+        return torch.float32 if dtype in F.LOW_PRECISION else dtype
+
     def _apply(self, fn, *args, **kwargs):
         self.__dict__["_state"] = None  # its views would keep the old tensors alive
         super()._apply(fn, *args, **kwargs)
-        for name in WINDOW_BUFFERS:  # model.half(), .to(torch.bfloat16): the window stays float32, as the
-            buffer = self._buffers[name]  # compensation's differences cancel in 8 or 11 bits
+        for name in ("window_dmu", "window_dnu"):  # model.half(), .to(torch.bfloat16): float32 at least, as
+            buffer = self._buffers[name]  # the compensation's differences cancel in 8 or 11 bits
             if buffer.dtype in F.LOW_PRECISION:
                 self._buffers[name] = buffer.float()
+        for name in WINDOW_STATISTICS:  # model.float() too: float64 (WINDOW_STATISTICS)
+            buffer = self._buffers[name]
+            dtype = _statistics_dtype(buffer.device)
+            if buffer.dtype != dtype:
+                self._buffers[name] = buffer.to(dtype)
         return self
 
     def __getstate__(self):
@@ -385,8 +409,7 @@ class CrossIterationBatchNorm(BatchNorm):
         filled = int(self.window_valid.sum()) if pooling else 0
         if filled > 0:
             past_mu, past_nu, n = self._past_statistics(filled)
-            y, mu, var = CrossIterationNormFunction.apply(x, *self._affine(x), past_mu.to(x.dtype),
-                                                          past_nu.to(x.dtype), n + 1, self.eps)
+            y, mu, var = CrossIterationNormFunction.apply(x, *self._affine(x), past_mu, past_nu, n + 1, self.eps)
             self._remember(mu, var, ("pooled", past_mu, past_nu, n + 1))
             with torch.no_grad():
                 folded = F.update_running_stats_(self.running_mean, self.running_var, mu, var,
@@ -396,8 +419,9 @@ class CrossIterationBatchNorm(BatchNorm):
             self._remember(mu, var, ("bn",))
         if folded:  # a non-finite batch never enters the window
             with torch.no_grad():
+                mu = mu.to(self.window_mu.dtype)  # (float64: nu = sigma2 + mu^2 keeps sigma2's digits)
                 self.window_mu[slot] = mu
-                self.window_nu[slot] = var + mu * mu
+                self.window_nu[slot] = var.to(mu.dtype) + mu * mu
                 if self.compensate:
                     weight, bias = self._producer_weights()
                     self.window_dmu[slot], self.window_dnu[slot] = self._derivatives(x, u, gradient)
