@@ -377,8 +377,7 @@ class CrossIterationBatchNorm(BatchNorm):
         super()._apply(fn, *args, **kwargs)
         for name in ("window_dmu", "window_dnu"):  # model.half(), .to(torch.bfloat16): float32 at least, as
             buffer = self._buffers[name]  # the compensation's differences cancel in 8 or 11 bits
-            if buffer.dtype in F.LOW_PRECISION:
-                self._buffers[name] = buffer.float()
+            self._buffers[name] = buffer.to(self._derivatives_dtype(buffer.dtype))
         for name in WINDOW_STATISTICS:  # model.float() too: float64 (WINDOW_STATISTICS)
             buffer = self._buffers[name]
             dtype = _statistics_dtype(buffer.device)
