@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             made = [folder for folder in (Path(cfg.out), *Path(cfg.out).parents) if not folder.exists()]
             try:
                 module.run(cfg, resume=bool(args.resume))
-            except (DataError, CheckpointError, ConfigError) as err:
+            except (DataError, CheckpointError, ConfigError):
                 _remove_if_empty(made)  # (refused before it wrote anything: no empty run folder left behind)
-                raise err
+                raise
             except KeyboardInterrupt:
                 print(f"\nInterrupted; checkpoints are in {cfg.out}. Resume with:\n"
                       f"  bnlab reproduce {args.experiment} --resume {cfg.out}", file=sys.stderr)
