@@ -188,6 +188,20 @@ def test_non_finite_batch_does_not_poison_running_stats_and_warns_with_layer_nam
     assert int(net[1].num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("backend", ["auto", "autograd", "fused"])
+def test_a_finite_batch_whose_variance_overflows_is_left_out_and_the_warning_says_so(backend):
+    """Values near 1e20 are finite in float32, but their variance (1e40) is not: the batch is left
+    out of the running statistics as a NaN batch is, and the warning no longer says the input held
+    NaN or inf."""
+    layer = bnlab.BatchNorm1d(2, backend=backend)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    huge = torch.tensor([[1e20, 1.0], [-1e20, 2.0], [3e19, 3.0]])
+    with pytest.warns(RuntimeWarning, match="non-finite batch statistics.*a variance beyond the running statistics'"):
+        layer(huge)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def _paired(window, burn_in, backend="auto"):
     net = bnlab.cross_iteration(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)), window, burn_in)
     net[1].backend = backend

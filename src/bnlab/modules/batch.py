@@ -251,8 +251,8 @@ class BatchNorm(nn.Module):
             self.num_batches_tracked.add_(1)
         else:
             warnings.warn(
-                f"{self._label()}: non-finite batch statistics (NaN or inf in the input); this batch "
-                "was not folded into the running statistics",
+                f"{self._label()}: non-finite batch statistics (NaN or inf in the input, or a variance "
+                "beyond the running statistics' dtype); this batch was not folded into the running statistics",
                 RuntimeWarning,
                 stacklevel=3,
             )
