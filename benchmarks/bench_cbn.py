@@ -1,7 +1,7 @@
 """Training-step time of the small-batch experiment's network with CBN against BN, at batch 4.
 
     python benchmarks/bench_cbn.py [--batch 4] [--steps 300] [--threads N] [--parts] [--variants] [--norm-cost]
-                                   [--moments]
+                                   [--moments] [--fixed-cost]
 
 Three networks train on the same MNIST-sized random batches with SGD + momentum, measured in one
 run, interleaved in blocks: bnlab's cross-iteration layers (window 4, past their burn-in), bnlab's
@@ -17,6 +17,10 @@ isolated comparison behind a choice in the code (a Linear producer's d nu/dW).
 prints what the normalization layers cost in each network's step (its step minus that one's).
 
 ``--threads N`` runs torch's ops and the numba kernels on N threads each (default: as they start).
+
+``--fixed-cost`` times one layer's fixed cost, forward + backward on a tiny input where its
+arithmetic is next to nothing (Python, autograd's bookkeeping, kernel calls): torch's BN, bnlab's
+BN and CBN.
 
 ``--moments`` times a conv's d nu/dW both ways alone (torch's weight-gradient reduction, the
 patches' second moments) on a few shapes.
@@ -167,6 +171,34 @@ def network(method: str) -> nn.Module:
     return SmallConvNet(method, steps=10**6, cfg=Config(burn_in=0.0), classes=10)
 
 
+def fixed_cost(rounds: int = 30, steps: int = 300) -> None:
+    """What one normalization layer costs a training step where its arithmetic is next to nothing:
+    forward + backward after a Linear(8, 8) at batch 4 (torch's BN, bnlab's BN, CBN with window 4
+    past its burn-in), minus the same step without it. Rounds interleave the four."""
+    u = torch.randn(4, 8)
+    nets = {}
+    for name in ("none", "torch's BN", "bnlab's BN", "CBN"):
+        linear = nn.Linear(8, 8)
+        norm = {"none": nn.Identity, "torch's BN": nn.BatchNorm1d, "bnlab's BN": bnlab.BatchNorm1d,
+                "CBN": lambda c: bnlab.CrossIterationBatchNorm1d(c, window=4).pair(linear)}[name](8)
+        nets[name] = nn.Sequential(linear, norm)
+    times = {name: [] for name in nets}
+    for _ in range(rounds):
+        for name, net in nets.items():
+            for _ in range(20):  # (CBN: past its first window - 1 steps, pooling)
+                net(u).sum().backward()
+            start = time.perf_counter()
+            for _ in range(steps):
+                net(u).sum().backward()
+            times[name].append((time.perf_counter() - start) / steps)
+    step = {name: statistics.median(t) for name, t in times.items()}
+    cost = {name: (step[name] - step["none"]) * 1e6 for name in nets if name != "none"}
+    extra = cost["CBN"] - cost["bnlab's BN"]
+    print("one layer's fixed cost, forward + backward after Linear(8, 8) at batch 4 (median of "
+          f"{rounds} rounds): " + ", ".join(f"{name} {us:.1f} us" for name, us in cost.items())
+          + f"; CBN {extra:.1f} us more than bnlab's BN")
+
+
 def parts(args, x, y) -> None:
     """Time the pieces of CBN's training step by wrapping them, inside real training steps."""
     spent = {}
@@ -256,6 +288,8 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also time three CBN variants in the same run")
     parser.add_argument("--moments", action="store_true",
                         help="also time a conv's d nu/dW both ways alone, on a few shapes")
+    parser.add_argument("--fixed-cost", action="store_true",
+                        help="also time one layer's fixed cost (forward + backward) on a tiny input")
     parser.add_argument("--norm-cost", action="store_true",
                         help="also time the network without normalization: what the layers cost")
     args = parser.parse_args()
@@ -300,6 +334,8 @@ def main() -> None:
         parts(args, x, y)
     if args.moments:
         moments()
+    if args.fixed_cost:
+        fixed_cost()
 
 
 if __name__ == "__main__":

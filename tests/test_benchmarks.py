@@ -20,7 +20,7 @@ def load_bench_cbn():
 
 def test_bench_cbn_runs_and_reports_ratios_and_parts():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cbn.py"), "--steps", "60", "--parts",
-                          "--variants", "--moments"],
+                          "--variants", "--moments", "--fixed-cost"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     ratios = re.search(r"ratio CBN/BN ([\d.]+), CBN/torch's BN ([\d.]+)", out)
     assert ratios and all(float(r) > 0 for r in ratios.groups()), out
@@ -40,6 +40,9 @@ def test_bench_cbn_runs_and_reports_ratios_and_parts():
     assert all(float(a) > 0 and float(b) > 0 for _, a, b in per_layer), out
     variants = dict(re.findall(r"^  (CBN.*?): [\d.]+ ms, ([\d.]+)x BN$", out, flags=re.M))
     assert set(variants) == set(load_bench_cbn().VARIANTS) and all(float(r) > 0 for r in variants.values()), out
+    fixed = re.search(r"torch's BN ([\d.]+) us, bnlab's BN ([\d.]+) us, CBN ([\d.]+) us; CBN (-?[\d.]+) us more", out)
+    assert fixed and all(float(c) > 0 for c in fixed.groups()[:3]), out
+    assert abs(float(fixed[3]) - float(fixed[2]) - float(fixed[4])) < 0.15, out
 
 
 def test_official_style_derivatives_equal_the_layers():
