@@ -285,7 +285,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, help="torch's and numba's threads (default: as they start)")
     parser.add_argument("--parts", action="store_true", help="also time the pieces of CBN's step")
-    parser.add_argument("--variants", action="store_true", help="also time three CBN variants in the same run")
+    parser.add_argument("--variants", action="store_true", help="also time five CBN variants in the same run")
     parser.add_argument("--moments", action="store_true",
                         help="also time a conv's d nu/dW both ways alone, on a few shapes")
     parser.add_argument("--fixed-cost", action="store_true",
