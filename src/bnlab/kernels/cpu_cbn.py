@@ -56,7 +56,6 @@ def pooled_forward(x, gamma, beta, eps, pool_past, weight, bias, win_mu, win_nu,
         if valid[p]:
             k += 1
     per_group = c_ // win_dmu.shape[1] if compensate else 1
-    f_ = weight.shape[1]
     for c in prange(c_):
         mu, v = channel_moments(x, c)
         mean[c] = mu
@@ -69,13 +68,7 @@ def pooled_forward(x, gamma, beta, eps, pool_past, weight, bias, win_mu, win_nu,
             mu_p = np.float64(win_mu[p, c])
             nu_p = np.float64(win_nu[p, c])
             if compensate:
-                g = c // per_group
-                t_mu = 0.0  # (float64: <d nu/dW, W> is of the size of mu^2, and the next line takes a
-                t_nu = 0.0  # difference of two such products; float32 values multiply exactly in float64)
-                for f in range(f_):
-                    w = np.float64(weight[c, f])
-                    t_mu += np.float64(win_dmu[p, g, f]) * w
-                    t_nu += np.float64(win_dnu[p, c, f]) * w
+                t_mu, t_nu = _products_with(weight, p, c, c // per_group, win_dmu, win_dnu)
                 db = np.float64(bias[c]) - win_bias[p, c]
                 nu_p = nu_p + t_nu - win_dnu_w[p, c] + 2.0 * mu_p * db
                 mu_p = mu_p + t_mu - win_dmu_w[p, c] + db
@@ -115,23 +108,31 @@ def commit(stats, m, running_mean, running_var, momentum, slot, bias, win_mu, wi
     return True
 
 
+@numba.njit(cache=True, fastmath=FASTMATH, inline="always")  # (in the callers' loops: as fast as written there)
+def _products_with(weight, p, c, g, win_dmu, win_dnu):
+    """<d mu_c/dW_c, W_c> and <d nu_c/dW_c, W_c> for window entry ``p``'s stored derivatives (group
+    ``g``'s mean patch) and the producer's ``weight`` rows, summed in float64: <d nu/dW, W> is of
+    the size of mu^2 and the compensation takes differences of such products; float32 values
+    multiply exactly in float64."""
+    t_mu = 0.0
+    t_nu = 0.0
+    for f in range(weight.shape[1]):
+        w = np.float64(weight[c, f])
+        t_mu += np.float64(win_dmu[p, g, f]) * w
+        t_nu += np.float64(win_dnu[p, c, f]) * w
+    return t_mu, t_nu
+
+
 @numba.njit(cache=True, fastmath=FASTMATH)
 def _weight_products(slot, c, weight, win_dmu, win_dnu, win_dmu_w, win_dnu_w):
     """Channel ``c``'s products of entry ``slot``'s stored derivatives with the producer's weight
-    now, <d mu_c/dW_c, W_c> and <d nu_c/dW_c, W_c>, in float64 from the stored values.
+    now (:func:`_products_with`), into ``win_dmu_w``/``win_dnu_w``.
 
     (In exact arithmetic they are mu_c - b_c and 2 (nu_c - b_c mu_c), as x_c = <W_c, patch> + b_c.
     But pooled_forward subtracts them from the same products at later weights, and only products
     of the same rounded derivatives cancel to their difference, <d nu/dW, W_t - W_p>.)"""
     g = c // (win_dnu.shape[1] // win_dmu.shape[1])
-    t_mu = 0.0
-    t_nu = 0.0
-    for f in range(weight.shape[1]):
-        w = np.float64(weight[c, f])
-        t_mu += np.float64(win_dmu[slot, g, f]) * w
-        t_nu += np.float64(win_dnu[slot, c, f]) * w
-    win_dmu_w[slot, c] = t_mu
-    win_dnu_w[slot, c] = t_nu
+    win_dmu_w[slot, c], win_dnu_w[slot, c] = _products_with(weight, slot, c, g, win_dmu, win_dnu)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
