@@ -40,8 +40,11 @@ def test_bench_cbn_runs_and_reports_ratios_and_parts():
     assert all(float(a) > 0 and float(b) > 0 for _, a, b in per_layer), out
     variants = dict(re.findall(r"^  (CBN.*?): [\d.]+ ms, ([\d.]+)x BN$", out, flags=re.M))
     assert set(variants) == set(load_bench_cbn().VARIANTS) and all(float(r) > 0 for r in variants.values()), out
-    fixed = re.search(r"torch's BN ([\d.]+) us, bnlab's BN ([\d.]+) us, CBN ([\d.]+) us; CBN (-?[\d.]+) us more", out)
-    assert fixed and all(float(c) > 0 for c in fixed.groups()[:3]), out
+    # each layer's cost is a difference of two timed steps (no sign asserted: tests assert no timing);
+    # the extra it prints is the difference of the figures it prints
+    fixed = re.search(r"torch's BN (-?[\d.]+) us, bnlab's BN (-?[\d.]+) us, CBN (-?[\d.]+) us; CBN (-?[\d.]+) us more",
+                      out)
+    assert fixed, out
     assert abs(float(fixed[3]) - float(fixed[2]) - float(fixed[4])) < 0.15, out
 
 
