@@ -1,5 +1,7 @@
 """gradcheck and gradgradcheck in float64 for bnlab's hand-written backward, train and eval."""
 
+import copy
+
 import pytest
 import torch
 
@@ -69,3 +71,39 @@ def test_gradcheck_fused_bn_act(act, layout):
         return BatchNormActFunction.apply(x, w, b, 1e-5, act, 0.1)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradgradcheck_fused_bn_act(act, affine):
+    """The kernels' backward has no graph; under create_graph=True the gradient is autograd's
+    through the same forward in torch ops, so a gradient penalty or MAML through the layer works."""
+    from bnlab.autograd import BatchNormActFunction
+
+    x, w, b = inputs((3, 2, 3, 2), affine, seed=6)
+
+    def f(x, *wb):
+        return BatchNormActFunction.apply(x, *(wb or (None, None)), 1e-5, act, 0.1)[0]
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b) if affine else (x,))
+
+
+def test_a_gradient_penalty_through_the_fused_kernels_is_torchs():
+    """A gradient penalty through a conv and the fused BN + ReLU, with a constant gradient reaching
+    the layer (torch's once_differentiable then returned no graph, and the penalty's gradient came
+    out as the conv's part alone: silently wrong): the same gradients as torch's BN and ReLU."""
+    import bnlab
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, dtype=torch.float64)
+    ours = torch.nn.Sequential(conv, bnlab.BatchNormAct2d(3, backend="fused", dtype=torch.float64))
+    theirs = torch.nn.Sequential(copy.deepcopy(conv), torch.nn.BatchNorm2d(3, dtype=torch.float64), torch.nn.ReLU())
+    u = torch.randn(4, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    for model in (ours, theirs):
+        (g,) = torch.autograd.grad((model(u) * c).sum(), u, create_graph=True)
+        g.square().sum().backward()
+    torch.testing.assert_close(ours[0].weight.grad, theirs[0].weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours[0].bias.grad, theirs[0].bias.grad, rtol=1e-10, atol=1e-12)
+    assert ours[0].weight.grad.abs().max() > 1e-3  # (the penalty depends on the conv's weight)

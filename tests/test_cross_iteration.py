@@ -495,6 +495,7 @@ def test_gradcheck_cross_iteration_norm_function(affine):
         return CrossIterationNormFunction.apply(x, *(wb or (None, None)), past_mu, past_nu, 3, 1e-5)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b) if affine else (x,))
+    assert torch.autograd.gradgradcheck(f, (x, w, b) if affine else (x,))  # (a gradient penalty through it)
     # The forward is the pooled normalization written out.
     dims = (0, 2, 3)
     mu, nu = x.mean(dims), x.square().mean(dims)
@@ -596,6 +597,7 @@ def test_gradcheck_fused_cross_iteration_norm_function(affine):
         return FusedCrossIterationNormFunction.apply(x, *(wb or (None, None)), layer.eps, True, state.norm, stats)
 
     assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))  # (create_graph=True: autograd through torch ops)
     # The forward is the pooled normalization of the torch path, whose statistics the reference checks.
     past_mu, past_nu, n = layer._past_statistics(3)
     from bnlab.autograd import CrossIterationNormFunction
@@ -610,10 +612,6 @@ def test_gradcheck_fused_cross_iteration_norm_function(affine):
     torch.testing.assert_close(torch.from_numpy(stats[2:4]), torch.stack([pooled_mu, (pooled_var + layer.eps).rsqrt()]),
                                rtol=1e-10, atol=1e-12)
     assert stats[4, 0] == n + 1
-    y = f(x, *params)
-    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):  # no double backward on the kernels
-        g.sum().backward()
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -622,7 +620,6 @@ def test_gradcheck_replayed_cross_iteration_norm_function(affine):
     forward's output and statistics from the past sums it pooled; a function of x whose gradient
     is the pooled normalization's."""
     from bnlab.autograd import FusedCrossIterationNormFunction, ReplayedCrossIterationNormFunction
-    from bnlab.modules.cross_iter import _past_sums
 
     producer, layer = pair("conv", 3, affine=affine)
     run(producer, layer, 3, lr=0.05)
@@ -633,7 +630,7 @@ def test_gradcheck_replayed_cross_iteration_norm_function(affine):
     recorded, replayed = np.empty((5, x.shape[1])), np.empty((5, x.shape[1]))
     expected = FusedCrossIterationNormFunction.apply(x, *wb, layer.eps, True, state.norm, recorded)
     assert recorded[4, 0] == 3  # (a full window: the compensated entries are in the sums)
-    past = _past_sums(recorded, layer.eps)
+    past = F.pooled_past_sums(recorded, layer.eps)
 
     def f(x, *wb):
         return ReplayedCrossIterationNormFunction.apply(x, *(wb or (None, None)), layer.eps, past, state.norm,
@@ -643,6 +640,7 @@ def test_gradcheck_replayed_cross_iteration_norm_function(affine):
     np.testing.assert_allclose(replayed[:4], recorded[:4], rtol=1e-10, atol=1e-12)
     assert replayed[4, 0] == 3
     assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))
 
 
 def test_the_kernels_follow_tensors_that_moved():

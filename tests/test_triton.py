@@ -117,3 +117,21 @@ def test_tensors_beyond_int32_offsets_are_refused_by_name_and_left_to_torch_by_a
     F.check_triton(huge[: 2**29])  # (fits)
     cuda_tensor = lambda numel: types.SimpleNamespace(device=torch.device("cuda"), numel=lambda: numel)  # noqa: E731
     assert F.use_triton(cuda_tensor(2**31 - 1)) and not F.use_triton(cuda_tensor(2**31))
+
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_a_gradient_of_the_gradient_is_torchs(act):
+    """The kernels' backward has no graph; under create_graph=True (a gradient penalty) the
+    gradient is autograd's through the same forward in torch ops: the second derivatives are
+    torch's BN and activation's."""
+    x, w, b, dy = make((3, 2, 4, 4), "nchw", torch.float32)
+    results = []
+    for backend in ("triton", "native"):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        y = F.batch_norm_act_train(xi, wi, bi, 1e-5, act, 0.1, backend)[0]
+        (g,) = torch.autograd.grad((y * dy).sum(), xi, create_graph=True)
+        g.square().sum().backward()
+        results.append((g.detach(), xi.grad, wi.grad, bi.grad))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, **TOL[torch.float32])

@@ -4,15 +4,82 @@
 backpropagation (compact form, :func:`bnlab.functional.batch_norm_backward`) as its backward,
 rather than autograd through elementwise ops. Its backward is itself built from differentiable
 torch ops, so double backward (gradgradcheck) works too.
+
+The kernels' functions (numba on the CPU, Triton, cross-iteration BN's) run their own backward
+when no graph of the gradient is wanted, and under ``backward(create_graph=True)`` (a gradient
+penalty, MAML) autograd's through the same forward in torch ops (:func:`gradient_graph`), so
+every layer but the synchronized one is twice differentiable.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
 
 from bnlab import functional as F
 
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The identity on a backward's results, whose own backward refuses with ``why``: what a
+    gradient of a gradient through a hand-written, once-differentiable backward meets."""
+
+    @staticmethod
+    def forward(ctx, why, *grads):
+        ctx.why = why
+        return grads
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.why)
+
+
+def differentiable_once(what: str, instead: str):
+    """torch's ``once_differentiable`` for a backward, with an error that names the layer's kernels
+    and what to use instead: the backward runs without a graph, and a gradient of its gradient (a
+    gradient penalty, double backward) raises when it reaches it, not before (with
+    ``create_graph=True`` the first gradient is still computed). Unlike torch's decorator it marks
+    the results whether or not the incoming gradients require grad: the true second derivative
+    also runs through the saved input, and a gradient taken through the results without this
+    layer's part would be silently wrong."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():  # (backward(create_graph=True) only: a graph is being built)
+                return grads
+            tensors = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+            why = (f"{what} is differentiable once: a gradient of its gradient (a gradient penalty, double backward) "
+                   f"needs {instead} there")
+            # (detached copies that require grad: the results were computed without a graph, and the
+            # refusing node must be on the path of any gradient taken through them)
+            wrapped = _NoSecondDerivative.apply(why, *(grads[i].detach().requires_grad_() for i in tensors))
+            grads = list(grads)
+            for i, g in zip(tensors, wrapped):
+                grads[i] = g
+            return tuple(grads)
+
+        return wrapper
+
+    return decorate
+
+
+
+def gradient_graph(ctx, y: torch.Tensor, inputs: tuple, dy: torch.Tensor) -> tuple:
+    """The backward as a graph, for ``backward(create_graph=True)`` (a gradient penalty, MAML): the
+    gradients of ``y``, the forward computed again from the saved ``inputs`` in differentiable torch
+    ops, by autograd. The hand-written kernels' backward has no graph; this one's is autograd's
+    own. Returns one gradient per input (None where not needed)."""
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
+    grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+    result = [None] * len(ctx.needs_input_grad)
+    for i, g in zip(wanted, grads):
+        result[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(result)
 
 class BatchNormFunction(torch.autograd.Function):
     """y, mu_B, sigma2_B = Algorithm 1 (x, gamma, beta); gradients flow to x, gamma and beta only.
@@ -66,6 +133,20 @@ def _restore(view: torch.Tensor, like: torch.Tensor, rows: bool) -> torch.Tensor
     return view.view(like.shape)
 
 
+
+def _affine_arrays(weight, bias, x: torch.Tensor):
+    """gamma and beta as the kernels take them: detached, ones and zeros without an affine."""
+    c = x.shape[1]
+    w = weight.detach() if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
+    b = bias.detach() if bias is not None else torch.zeros(c, dtype=x.dtype, device=x.device)
+    return w, b
+
+
+def _bn_act(x, weight, bias, eps, act, slope):
+    """act(BN(x)) with batch statistics, in differentiable torch ops: the kernels' forward as a graph."""
+    mean, var_biased = F.batch_stats(x)
+    return F.activation(F.normalize(x, mean, torch.rsqrt(var_biased + eps), weight, bias), act, slope)
+
 class BatchNormActFunction(torch.autograd.Function):
     """y, mu_B, invstd = act(BN(x)) on the CPU in two passes forward and three backward (numba).
 
@@ -77,25 +158,26 @@ class BatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, act, slope):
         from bnlab.kernels import cpu_fused
 
-        c = x.shape[1]
-        w = (weight if weight is not None else torch.ones(c, dtype=x.dtype)).detach()
-        b = (bias if bias is not None else torch.zeros(c, dtype=x.dtype)).detach()
+        w, b = _affine_arrays(weight, bias, x)
         xv, rows = _layout(x)
         y, mean, invstd = cpu_fused.forward(xv.numpy(), w.numpy(), b.numpy(), eps, act, slope, rows)
-        ctx.save_for_backward(x, w, b)
+        ctx.save_for_backward(x, weight, bias)
         ctx.stats = (mean, invstd)
         ctx.config = (act, slope, rows, weight is not None)
+        ctx.eps = eps
         mean_t, invstd_t = torch.from_numpy(mean), torch.from_numpy(invstd)
         ctx.mark_non_differentiable(mean_t, invstd_t)
         return _restore(torch.from_numpy(y), x, rows), mean_t, invstd_t
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _dinvstd):
         from bnlab.kernels import cpu_fused
 
-        x, w, b = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
         act, slope, rows, affine = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
+            return gradient_graph(ctx, _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
+        w, b = _affine_arrays(weight, bias, x)
         xv, _ = _layout(x)
         channels_last = rows and x.dim() == 4 and x[0, 0].numel() > 1
         dyv, _ = _layout(dy.to(memory_format=torch.channels_last) if channels_last else dy)
@@ -118,18 +200,20 @@ class TritonBatchNormActFunction(torch.autograd.Function):
         w = (weight if weight is not None else torch.ones(c, device=x.device)).detach()
         b = (bias if bias is not None else torch.zeros(c, device=x.device)).detach()
         y, mean, invstd = triton_bn.forward(x, w, b, eps, act, slope, running_mean, running_var, momentum)
-        ctx.save_for_backward(x, w, b, mean, invstd)
+        ctx.save_for_backward(x, w, b, mean, invstd, weight, bias)
         ctx.config = (act, slope, weight is not None)
+        ctx.eps = eps
         ctx.mark_non_differentiable(mean, invstd)
         return y, mean, invstd
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _dinvstd):
         from bnlab.kernels import triton_bn
 
-        x, w, b, mean, invstd = ctx.saved_tensors
+        x, w, b, mean, invstd, weight, bias = ctx.saved_tensors
         act, slope, affine = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
+            return gradient_graph(ctx, _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
         dx, dw, db = triton_bn.backward(dy, x, w, b, mean, invstd, act, slope)
         grad_w = dw.to(w.dtype) if affine and ctx.needs_input_grad[1] else None
         grad_b = db.to(b.dtype) if affine and ctx.needs_input_grad[2] else None
@@ -167,15 +251,17 @@ class CrossIterationNormFunction(torch.autograd.Function):
         var_bar = ((var.to(wide) + mu_wide * mu_wide + past_nu) / k - mu_bar * mu_bar).clamp_min_(0)
         mu_bar, var_bar = mu_bar.to(mu.dtype), var_bar.to(mu.dtype)
         y = torch.native_batch_norm(x, weight, bias, mu_bar, var_bar, False, 0.0, eps)[0]
-        ctx.save_for_backward(x, weight, mu_bar, var_bar)
-        ctx.k, ctx.eps, ctx.has_bias = k, eps, bias is not None
+        ctx.save_for_backward(x, weight, bias, mu_bar, var_bar)
+        ctx.k, ctx.eps, ctx.has_bias, ctx.past = k, eps, bias is not None, (past_mu, past_nu)
         ctx.mark_non_differentiable(mu, var)
         return y, mu, var
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmu, _dvar):
-        x, weight, mu_bar, var_bar = ctx.saved_tensors
+        x, weight, bias, mu_bar, var_bar = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
+            y = F.cross_iteration_normalize(x, weight, bias, *ctx.past, ctx.k, ctx.eps)
+            return gradient_graph(ctx, y, (x, weight, bias), dy)
         dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, x, weight, mu_bar, var_bar, None, None, False, ctx.eps, [True, True, True])
         nd, km = x.dim(), ctx.k * F.values_per_channel(x)
@@ -199,8 +285,9 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
     ``(kernels, gamma, beta, window)``: the module :mod:`bnlab.kernels.cpu_cbn`, NumPy views of
     ``weight`` and ``bias`` (ones and zeros without them) and ``window``, the producer's weight
     and bias, the layer's window buffers and ``compensate``. Backward:
-    :func:`bnlab.kernels.cpu_cbn.pooled_backward`. Float32 and float64 channels-first CPU tensors;
-    no double backward.
+    :func:`bnlab.kernels.cpu_cbn.pooled_backward` (under ``create_graph=True``,
+    :func:`gradient_graph` through :func:`bnlab.functional.cross_iteration_normalize`). Float32 and
+    float64 channels-first CPU tensors.
 
     Returns y, and fills ``stats``, a NumPy ``(5, C)`` float64 array: the batch's mean and biased
     variance (what the running statistics and the window take), then the pooled mean and
@@ -217,15 +304,19 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
         ctx.k = kernels.pooled_forward(xa, gamma, beta, eps, pool_past, *window, y.numpy().reshape(n, c, -1),
                                        stats[0], stats[1], stats[2], stats[3])
         stats[4, 0] = ctx.k
-        ctx.save_for_backward(x, weight)  # (x only there: activation checkpointing frees and recomputes it)
-        ctx.arrays = (kernels, gamma, stats)
+        ctx.save_for_backward(x, weight, bias)  # (x only there: activation checkpointing frees and recomputes it)
+        ctx.arrays, ctx.eps = (kernels, gamma, stats), eps
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
         kernels, gamma, stats = ctx.arrays
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
+            past_mu, past_nu, k = F.pooled_past_sums(stats, ctx.eps)
+            y = F.cross_iteration_normalize(x, weight, bias, torch.from_numpy(past_mu), torch.from_numpy(past_nu), k,
+                                            ctx.eps)
+            return gradient_graph(ctx, y, (x, weight, bias), dy)
         xa = x.detach().numpy().reshape(x.shape[0], x.shape[1], -1)  # (N, C, *) -> (N, C, S)
         dx = torch.empty_like(x)
         dgamma, dbeta = np.empty(xa.shape[1], xa.dtype), np.empty(xa.shape[1], xa.dtype)
@@ -262,6 +353,6 @@ class ReplayedCrossIterationNormFunction(FusedCrossIterationNormFunction):
         scale = torch.from_numpy(gamma * invstd).to(x.dtype)  # (as the kernel rounds them)
         offset = torch.from_numpy(beta - mu_bar * gamma * invstd).to(x.dtype)
         y = x.detach() * F.per_channel(scale, x.dim()) + F.per_channel(offset, x.dim())
-        ctx.save_for_backward(x, weight)
-        ctx.arrays = (kernels, gamma, stats)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.arrays, ctx.eps = (kernels, gamma, stats), eps
         return y

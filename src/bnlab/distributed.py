@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bnlab import functional as F
+from bnlab.autograd import differentiable_once
 from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
 from bnlab.modules.batch import momentum_argument, warn_left
 
@@ -75,7 +76,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y, mean, var_biased, int(n)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once("synchronized BN", "every rank's layer unsynchronized (bnlab.BatchNorm*), or Group Norm")
     def backward(ctx, dy, _dmean, _dvar, _dn):
         if ctx.n == 0:  # (on every rank: no collective)
             x, weight = ctx.saved_tensors

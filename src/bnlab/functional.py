@@ -236,9 +236,10 @@ def batch_norm_train(
       hand-written backward;
     - ``"native"``: PyTorch's fused ATen kernels (``torch.native_batch_norm``, which also updates
       the buffers in the same pass), the fastest correct path on the CPU;
-    - ``"fused"``: bnlab's compiled CPU kernels (:mod:`bnlab.kernels.cpu_fused`; float32/float64,
-      no double backward); for BN alone they do not beat ``"native"`` (benchmarks/RESULTS.md),
-      their use is BN fused with an activation (:func:`batch_norm_act_train`);
+    - ``"fused"``: bnlab's compiled CPU kernels (:mod:`bnlab.kernels.cpu_fused`; float32/float64;
+      a gradient of the gradient by autograd through torch ops); for BN alone they do not beat
+      ``"native"`` (benchmarks/RESULTS.md), their use is BN fused with an activation
+      (:func:`batch_norm_act_train`);
     - ``"triton"``: the Triton kernels of :mod:`bnlab.kernels.triton_bn` (one launch a direction);
     - ``"auto"``: ``"triton"`` for CUDA tensors when Triton is importable, else ``"native"``.
     """
@@ -798,6 +799,34 @@ def cross_iteration_pool(mu, nu, mu_past, nu_past):
     mu_bar = mus.mean(0)
     return mu_bar, (nus.mean(0) - mu_bar * mu_bar).clamp_min(0)
 
+
+
+def cross_iteration_normalize(x, weight, bias, past_mu, past_nu, k: int, eps: float) -> torch.Tensor:
+    """Yao et al. 2020's pooled normalization in differentiable torch ops, the window's part given.
+
+    mu_bar = (mu_B + past_mu) / k, nu_bar = (sigma2_B + mu_B^2 + past_nu) / k,
+    y = gamma (x - mu_bar) / sqrt(nu_bar - mu_bar^2 + eps) + beta, with ``past_mu`` and ``past_nu``
+    ``(C,)`` the sums of the k - 1 compensated, clipped past entries (constants; the pooling in
+    their dtype, float64, as there nu_bar and mu_bar^2 do not cancel). What the layer's autograd
+    functions compute, as a graph: their backward for a gradient of a gradient.
+    """
+    mu, var = batch_stats(x)
+    wide = past_mu.dtype
+    mu_wide = mu.to(wide)
+    mu_bar = (mu_wide + past_mu) / k
+    var_bar = ((var.to(wide) + mu_wide * mu_wide + past_nu) / k - mu_bar * mu_bar).clamp_min(0)
+    return normalize(x, mu_bar.to(mu.dtype), torch.rsqrt(var_bar + eps).to(mu.dtype), weight, bias)
+
+
+def pooled_past_sums(stats, eps: float):
+    """The window's part of a fused CBN forward's pooled statistics, from what it wrote (``stats``, a
+    NumPy ``(5, C)`` float64 array: the batch's mean and variance, mu_bar, 1/sqrt(sigma2_bar + eps), k:
+    :class:`bnlab.autograd.FusedCrossIterationNormFunction`): (sum of compensated mu, sum of
+    max(nu, mu^2), k), as mu_bar = (mu + past mu) / k and sigma2_bar + mu_bar^2 = (nu + past nu) / k."""
+    mean, var, mu_bar, invstd = stats[:4]
+    k = int(stats[4, 0])
+    nu_bar = 1.0 / (invstd * invstd) - eps + mu_bar * mu_bar
+    return k * mu_bar - mean, k * nu_bar - (var + mean * mean), k
 
 # Cross-iteration BN's training step on the CPU: the numba kernels of bnlab.kernels.cpu_cbn, on
 # NumPy views of the layer's tensors that the layer keeps between steps (remaking them costs more

@@ -277,7 +277,7 @@ class CrossIterationBatchNorm(BatchNorm):
             past_mu, past_nu, k = recorded
             y = CrossIterationNormFunction.apply(x, *self._affine(x), past_mu, past_nu, k, self.eps)[0]
         else:  # the numba kernels' forward, with the window's part of the statistics it wrote
-            past = _past_sums(recorded[0], self.eps)
+            past = F.pooled_past_sums(recorded[0], self.eps)
             y = ReplayedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, past,
                                                          self._kernel_state(x).norm, np.empty((5, x.shape[1])))
         return y.to(dtype)
@@ -431,16 +431,6 @@ class CrossIterationBatchNorm(BatchNorm):
                 self.window_valid[slot] = True
         return y, folded
 
-
-def _past_sums(stats: np.ndarray, eps: float):
-    """The window's part of a fused forward's pooled statistics, from what it wrote (the batch's mean
-    and variance, mu_bar, 1/sqrt(sigma2_bar + eps), k: :class:`FusedCrossIterationNormFunction`):
-    (sum of compensated mu, sum of max(nu, mu^2), k), as mu_bar = (mu + past mu) / k and
-    sigma2_bar + mu_bar^2 = (nu + past nu) / k."""
-    mean, var, mu_bar, invstd = stats[:4]
-    k = int(stats[4, 0])
-    nu_bar = 1.0 / (invstd * invstd) - eps + mu_bar * mu_bar
-    return k * mu_bar - mean, k * nu_bar - (var + mean * mean), k
 
 
 class CrossIterationBatchNorm1d(CrossIterationBatchNorm):
