@@ -73,7 +73,6 @@ def test_gradcheck_fused_bn_act(act, layout):
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("affine", [True, False])
 def test_gradgradcheck_fused_bn_act(act, affine):

@@ -87,7 +87,6 @@ def test_without_a_process_group_it_is_local_bn_and_gradchecks():
     assert torch.autograd.gradcheck(lambda x, w, b: SyncBatchNormFunction.apply(x, w, b, 1e-5, None)[0], (xs, w, b))
 
 
-
 def test_a_gradient_of_a_gradient_raises_by_name():
     """The synchronized backward is differentiable once (a collective inside): a gradient penalty
     through it raises an error that names it, instead of torch's generic one."""
@@ -98,6 +97,7 @@ def test_a_gradient_of_a_gradient_raises_by_name():
     (g,) = torch.autograd.grad((y.square() * dy).sum(), xs, create_graph=True)
     with pytest.raises(RuntimeError, match="synchronized BN is differentiable once"):
         g.square().sum().backward()
+
 
 def test_convert_swaps_plain_bn_layers_only():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), bnlab.BatchNorm1d(2),

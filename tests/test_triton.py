@@ -119,7 +119,6 @@ def test_tensors_beyond_int32_offsets_are_refused_by_name_and_left_to_torch_by_a
     assert F.use_triton(cuda_tensor(2**31 - 1)) and not F.use_triton(cuda_tensor(2**31))
 
 
-
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_a_gradient_of_the_gradient_is_torchs(act):
     """The kernels' backward has no graph; under create_graph=True (a gradient penalty) the

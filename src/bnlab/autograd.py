@@ -21,7 +21,6 @@ import torch
 from bnlab import functional as F
 
 
-
 class _NoSecondDerivative(torch.autograd.Function):
     """The identity on a backward's results, whose own backward refuses with ``why``: what a
     gradient of a gradient through a hand-written, once-differentiable backward meets."""
@@ -68,7 +67,6 @@ def differentiable_once(what: str, instead: str):
     return decorate
 
 
-
 def gradient_graph(ctx, y: torch.Tensor, inputs: tuple, dy: torch.Tensor) -> tuple:
     """The backward as a graph, for ``backward(create_graph=True)`` (a gradient penalty, MAML): the
     gradients of ``y``, the forward computed again from the saved ``inputs`` in differentiable torch
@@ -80,6 +78,7 @@ def gradient_graph(ctx, y: torch.Tensor, inputs: tuple, dy: torch.Tensor) -> tup
     for i, g in zip(wanted, grads):
         result[i] = g if g is not None else torch.zeros_like(inputs[i])
     return tuple(result)
+
 
 class BatchNormFunction(torch.autograd.Function):
     """y, mu_B, sigma2_B = Algorithm 1 (x, gamma, beta); gradients flow to x, gamma and beta only.
@@ -133,7 +132,6 @@ def _restore(view: torch.Tensor, like: torch.Tensor, rows: bool) -> torch.Tensor
     return view.view(like.shape)
 
 
-
 def _affine_arrays(weight, bias, x: torch.Tensor):
     """gamma and beta as the kernels take them: detached, ones and zeros without an affine."""
     c = x.shape[1]
@@ -146,6 +144,7 @@ def _bn_act(x, weight, bias, eps, act, slope):
     """act(BN(x)) with batch statistics, in differentiable torch ops: the kernels' forward as a graph."""
     mean, var_biased = F.batch_stats(x)
     return F.activation(F.normalize(x, mean, torch.rsqrt(var_biased + eps), weight, bias), act, slope)
+
 
 class BatchNormActFunction(torch.autograd.Function):
     """y, mu_B, invstd = act(BN(x)) on the CPU in two passes forward and three backward (numba).

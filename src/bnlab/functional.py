@@ -800,7 +800,6 @@ def cross_iteration_pool(mu, nu, mu_past, nu_past):
     return mu_bar, (nus.mean(0) - mu_bar * mu_bar).clamp_min(0)
 
 
-
 def cross_iteration_normalize(x, weight, bias, past_mu, past_nu, k: int, eps: float) -> torch.Tensor:
     """Yao et al. 2020's pooled normalization in differentiable torch ops, the window's part given.
 
@@ -827,6 +826,7 @@ def pooled_past_sums(stats, eps: float):
     k = int(stats[4, 0])
     nu_bar = 1.0 / (invstd * invstd) - eps + mu_bar * mu_bar
     return k * mu_bar - mean, k * nu_bar - (var + mean * mean), k
+
 
 # Cross-iteration BN's training step on the CPU: the numba kernels of bnlab.kernels.cpu_cbn, on
 # NumPy views of the layer's tensors that the layer keeps between steps (remaking them costs more

@@ -432,7 +432,6 @@ class CrossIterationBatchNorm(BatchNorm):
         return y, folded
 
 
-
 class CrossIterationBatchNorm1d(CrossIterationBatchNorm):
     """:class:`CrossIterationBatchNorm` after a Linear layer: ``(N, C)`` inputs."""
 
@@ -592,4 +591,3 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         setattr(modules[parent_name] if parent_name else model, child, new.train(old.training))
     _keep_windows_local(model, [name for name, _ in pairs])
     return name_layers(model)
-
