@@ -87,16 +87,54 @@ def test_without_a_process_group_it_is_local_bn_and_gradchecks():
     assert torch.autograd.gradcheck(lambda x, w, b: SyncBatchNormFunction.apply(x, w, b, 1e-5, None)[0], (xs, w, b))
 
 
-def test_a_gradient_of_a_gradient_raises_by_name():
-    """The synchronized backward is differentiable once (a collective inside): a gradient penalty
-    through it raises an error that names it, instead of torch's generic one."""
-    x, dy = whole_batch()
-    xs = x.clone().requires_grad_()
+def test_without_a_process_group_a_gradient_of_the_gradient_gradchecks():
+    x, _ = whole_batch()
+    xs = x[:3, :, :2, :2].clone().requires_grad_()
     w = torch.rand(3, dtype=torch.float64, requires_grad=True)
-    y = SyncBatchNormFunction.apply(xs, w, None, 1e-5, None)[0]
-    (g,) = torch.autograd.grad((y.square() * dy).sum(), xs, create_graph=True)
-    with pytest.raises(RuntimeError, match="synchronized BN is differentiable once"):
-        g.square().sum().backward()
+    b = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: SyncBatchNormFunction.apply(x, w, b, 1e-5, None)[0],
+                                        (xs, w, b))
+
+
+def penalty_worker(rank, world, store, split, out):
+    """A gradient penalty through SyncBN on this rank's part of the batch: the gradient of
+    sum(y * c) over the whole batch with respect to this rank's inputs, squared and summed, then
+    differentiated again."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    x, c = whole_batch()
+    start, stop = (0, split) if rank == 0 else (split, SHAPE[0])
+    layer = bnlab.SyncBatchNorm(SHAPE[1], dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    xs = x[start:stop].clone().requires_grad_()
+    (g,) = torch.autograd.grad((layer(xs) * c[start:stop]).sum(), xs, create_graph=True)
+    g.square().sum().backward()
+    assert layer.bias.grad is None  # (the input gradient does not depend on beta)
+    np.savez(os.path.join(out, f"rank{rank}.npz"), g=g.detach().numpy(), dx=xs.grad.numpy(),
+             dw=layer.weight.grad.numpy())
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("split", [5, 8], ids=["uneven", "empty-rank"])
+def test_a_gradient_penalty_over_two_gloo_processes_equals_whole_batch_bn(split, tmp_path):
+    """Under create_graph=True the synchronized backward is a graph (two differentiable
+    all-reduces), so a gradient penalty through SyncBN over two halves of a batch equals one
+    through BN over the whole batch: the input gradients, their gradients, and the summed gamma
+    gradients."""
+    mp.spawn(penalty_worker, args=(2, str(tmp_path / "store"), split, str(tmp_path)), nprocs=2, join=True)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    x, c = whole_batch()
+    reference = torch.nn.BatchNorm2d(SHAPE[1], dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    xs = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad((reference(xs) * c).sum(), xs, create_graph=True)
+    g.square().sum().backward()
+    for key, expected in (("g", g.detach()), ("dx", xs.grad)):
+        np.testing.assert_allclose(np.concatenate([r[key] for r in ranks]), expected.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ranks[0]["dw"] + ranks[1]["dw"], reference.weight.grad.numpy(), rtol=1e-9,
+                               atol=1e-12)
+    assert np.abs(reference.weight.grad.numpy()).max() > 1e-3  # (the penalty depends on gamma)
 
 
 def test_convert_swaps_plain_bn_layers_only():

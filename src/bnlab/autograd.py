@@ -8,63 +8,15 @@ torch ops, so double backward (gradgradcheck) works too.
 The kernels' functions (numba on the CPU, Triton, cross-iteration BN's) run their own backward
 when no graph of the gradient is wanted, and under ``backward(create_graph=True)`` (a gradient
 penalty, MAML) autograd's through the same forward in torch ops (:func:`gradient_graph`), so
-every layer but the synchronized one is twice differentiable.
+every layer is twice differentiable (the synchronized one too: :mod:`bnlab.distributed`).
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import torch
 
 from bnlab import functional as F
-
-
-class _NoSecondDerivative(torch.autograd.Function):
-    """The identity on a backward's results, whose own backward refuses with ``why``: what a
-    gradient of a gradient through a hand-written, once-differentiable backward meets."""
-
-    @staticmethod
-    def forward(ctx, why, *grads):
-        ctx.why = why
-        return grads
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(ctx.why)
-
-
-def differentiable_once(what: str, instead: str):
-    """torch's ``once_differentiable`` for a backward, with an error that names the layer's kernels
-    and what to use instead: the backward runs without a graph, and a gradient of its gradient (a
-    gradient penalty, double backward) raises when it reaches it, not before (with
-    ``create_graph=True`` the first gradient is still computed). Unlike torch's decorator it marks
-    the results whether or not the incoming gradients require grad: the true second derivative
-    also runs through the saved input, and a gradient taken through the results without this
-    layer's part would be silently wrong."""
-
-    def decorate(backward):
-        @functools.wraps(backward)
-        def wrapper(ctx, *grad_outputs):
-            with torch.no_grad():
-                grads = backward(ctx, *grad_outputs)
-            if not torch.is_grad_enabled():  # (backward(create_graph=True) only: a graph is being built)
-                return grads
-            tensors = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
-            why = (f"{what} is differentiable once: a gradient of its gradient (a gradient penalty, double backward) "
-                   f"needs {instead} there")
-            # (detached copies that require grad: the results were computed without a graph, and the
-            # refusing node must be on the path of any gradient taken through them)
-            wrapped = _NoSecondDerivative.apply(why, *(grads[i].detach().requires_grad_() for i in tensors))
-            grads = list(grads)
-            for i, g in zip(tensors, wrapped):
-                grads[i] = g
-            return tuple(grads)
-
-        return wrapper
-
-    return decorate
 
 
 def gradient_graph(ctx, y: torch.Tensor, inputs: tuple, dy: torch.Tensor) -> tuple:

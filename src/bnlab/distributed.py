@@ -11,7 +11,9 @@ gloo on the CPU included. The statistics are those of the union of every rank's 
               with the global sums: dx = gamma * invstd / n * (n dy - sum dy - x_hat sum dy x_hat).
 
 dgamma and dbeta are each rank's own part, as in torch (DistributedDataParallel sums or averages
-the parameters' gradients across ranks).
+the parameters' gradients across ranks). Under ``backward(create_graph=True)`` (a gradient
+penalty) the backward is autograd's through the forward written with two differentiable
+all-reduces instead, so it has a graph; every rank must take it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bnlab import functional as F
-from bnlab.autograd import differentiable_once
+from bnlab.autograd import gradient_graph
 from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
 from bnlab.modules.batch import momentum_argument, warn_left
 
@@ -32,6 +34,37 @@ PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatc
 
 def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the group's ranks, on every rank, differentiable to any order: the gradient of
+    a sum that every rank receives is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def _synchronized_bn(x, weight, bias, eps, group, n: float):
+    """:class:`SyncBatchNormFunction`'s output in differentiable torch ops (two all-reduces: the
+    group's sum, then its sum of squared deviations from the group's mean, over ``n`` values per
+    channel): its backward as a graph, for a gradient of a gradient. Every rank must take it."""
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs, dims, nd = x.to(stat_dtype), F.reduce_dims(x), x.dim()
+
+    def over_group(t):
+        return _AllReduceSum.apply(t, group) if _world(group) > 1 else t
+
+    mean = over_group(xs.sum(dims)) / n
+    var_biased = over_group((xs - F.per_channel(mean, nd)).square().sum(dims)) / n
+    return F.normalize(x, mean, torch.rsqrt(var_biased + eps), weight, bias)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -71,18 +104,21 @@ class SyncBatchNormFunction(torch.autograd.Function):
         mean, var_biased = mean.to(stat_dtype), var_biased.to(stat_dtype)
         invstd = torch.rsqrt(var_biased + eps)
         y = F.normalize(x, mean, invstd, weight, bias)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
         ctx.mark_non_differentiable(mean, var_biased)
         return y, mean, var_biased, int(n)
 
     @staticmethod
-    @differentiable_once("synchronized BN", "every rank's layer unsynchronized (bnlab.BatchNorm*), or Group Norm")
     def backward(ctx, dy, _dmean, _dvar, _dn):
         if ctx.n == 0:  # (on every rank: no collective)
             x, weight = ctx.saved_tensors
             zeros = torch.zeros_like(weight) if weight is not None else None
             return torch.zeros_like(x), zeros, zeros, None, None
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
+            y = _synchronized_bn(x, weight, bias, ctx.eps, ctx.group, ctx.n)
+            return gradient_graph(ctx, y, (x, weight, bias), dy)
         nd, dims = x.dim(), F.reduce_dims(x)
         dys = dy.to(mean.dtype)
         x_hat = (x.to(mean.dtype) - F.per_channel(mean, nd)) * F.per_channel(invstd, nd)
