@@ -134,3 +134,24 @@ def test_a_gradient_of_the_gradient_is_torchs(act):
         results.append((g.detach(), xi.grad, wi.grad, bi.grad))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
+
+
+def test_a_tensor_momentum_averages_without_a_host_read():
+    """Under torch.compile the cumulative average's weight 1/t is a 0-d tensor (read on the host, it
+    would break the graph): the kernel folds the batch in at weight 1 into the working copies, and
+    the copies are averaged in with the tensor weight."""
+    x, w, b, _ = make((4, 3, 5, 5), "nchw", torch.float32)
+    rm = torch.randn(3, device=DEVICE)
+    rv = torch.rand(3, device=DEVICE) + 0.5
+    trm, trv = rm.clone(), rv.clone()
+
+    class NoHostRead(torch.Tensor):  # (what torch.compile would break its graph on)
+        def __float__(self):
+            raise AssertionError("the weight was read on the host")
+
+    weight_t = torch.tensor(1.0 / 3.0, dtype=torch.float64, device=DEVICE).as_subclass(NoHostRead)
+    folded = F.batch_norm_act_train(x, w, b, 1e-5, "relu", 0.1, "triton", rm, rv, weight_t)[3]
+    torch.nn.functional.batch_norm(x, trm, trv, w, b, True, 1.0 / 3.0)
+    torch.testing.assert_close(rm, trm, **TOL[torch.float32])
+    torch.testing.assert_close(rv, trv, **TOL[torch.float32])
+    assert folded

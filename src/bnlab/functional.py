@@ -492,10 +492,14 @@ def batch_norm_act_train(
 
         tracking = running_mean is not None and running_var is not None
         updated = working_copies(running_mean, running_var, x) if tracking else (None, None)
-        momentum = float(momentum)  # (the kernel takes a number: under torch.compile 1/t breaks the graph here)
-        y, mean, invstd = TritonBatchNormActFunction.apply(x, weight, bias, eps, act, slope, *updated, momentum)
+        weight_t = momentum if isinstance(momentum, torch.Tensor) else None  # (1/t under torch.compile)
+        y, mean, invstd = TritonBatchNormActFunction.apply(x, weight, bias, eps, act, slope, *updated,
+                                                           1.0 if weight_t is not None else momentum)
         if not tracking:
             return y, mean, invstd, False
+        if weight_t is not None:  # (the kernel takes a number: the copies hold the batch's statistics; average
+            updated = tuple(r.lerp(c.to(r.dtype), weight_t.to(r.dtype))  # them in here, with no host read)
+                            for r, c in zip((running_mean, running_var), updated))
         return y, mean, invstd, fold_if_finite_(statistics_sum(mean, invstd), (running_mean, running_var), updated)
     if backend == "fused" or (backend == "auto" and use_fused(x, act)):
         return _fused_act_train(x, weight, bias, eps, act, slope, running_mean, running_var, momentum)
