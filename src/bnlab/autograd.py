@@ -84,11 +84,11 @@ def _restore(view: torch.Tensor, like: torch.Tensor, rows: bool) -> torch.Tensor
     return view.view(like.shape)
 
 
-def _affine_arrays(weight, bias, x: torch.Tensor):
-    """gamma and beta as the kernels take them: detached, ones and zeros without an affine."""
+def _affine_arrays(weight, bias, x: torch.Tensor, dtype: torch.dtype):
+    """gamma and beta as the kernels take them: detached, ones and zeros of ``dtype`` without an affine."""
     c = x.shape[1]
-    w = weight.detach() if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
-    b = bias.detach() if bias is not None else torch.zeros(c, dtype=x.dtype, device=x.device)
+    w = weight.detach() if weight is not None else torch.ones(c, dtype=dtype, device=x.device)
+    b = bias.detach() if bias is not None else torch.zeros(c, dtype=dtype, device=x.device)
     return w, b
 
 
@@ -109,12 +109,12 @@ class BatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, act, slope):
         from bnlab.kernels import cpu_fused
 
-        w, b = _affine_arrays(weight, bias, x)
+        w, b = _affine_arrays(weight, bias, x, x.dtype)
         xv, rows = _layout(x)
         y, mean, invstd = cpu_fused.forward(xv.numpy(), w.numpy(), b.numpy(), eps, act, slope, rows)
         ctx.save_for_backward(x, weight, bias)
         ctx.stats = (mean, invstd)
-        ctx.config = (act, slope, rows, weight is not None)
+        ctx.config = (act, slope, rows)
         ctx.eps = eps
         mean_t, invstd_t = torch.from_numpy(mean), torch.from_numpy(invstd)
         ctx.mark_non_differentiable(mean_t, invstd_t)
@@ -125,16 +125,16 @@ class BatchNormActFunction(torch.autograd.Function):
         from bnlab.kernels import cpu_fused
 
         x, weight, bias = ctx.saved_tensors
-        act, slope, rows, affine = ctx.config
+        act, slope, rows = ctx.config
         if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
             return gradient_graph(ctx, _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
-        w, b = _affine_arrays(weight, bias, x)
+        w, b = _affine_arrays(weight, bias, x, x.dtype)
         xv, _ = _layout(x)
         channels_last = rows and x.dim() == 4 and x[0, 0].numel() > 1
         dyv, _ = _layout(dy.to(memory_format=torch.channels_last) if channels_last else dy)
         dx, dw, db = cpu_fused.backward(dyv.numpy(), xv.numpy(), w.numpy(), b.numpy(), *ctx.stats, act, slope, rows)
-        grad_w = torch.from_numpy(dw).to(x.dtype) if affine and ctx.needs_input_grad[1] else None
-        grad_b = torch.from_numpy(db).to(x.dtype) if affine and ctx.needs_input_grad[2] else None
+        grad_w = torch.from_numpy(dw).to(x.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = torch.from_numpy(db).to(x.dtype) if weight is not None and ctx.needs_input_grad[2] else None
         return _restore(torch.from_numpy(dx), x, rows), grad_w, grad_b, None, None, None
 
 
@@ -147,12 +147,10 @@ class TritonBatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, act, slope, running_mean, running_var, momentum):
         from bnlab.kernels import triton_bn
 
-        c = x.shape[1]
-        w = (weight if weight is not None else torch.ones(c, device=x.device)).detach()
-        b = (bias if bias is not None else torch.zeros(c, device=x.device)).detach()
+        w, b = _affine_arrays(weight, bias, x, torch.float32)
         y, mean, invstd = triton_bn.forward(x, w, b, eps, act, slope, running_mean, running_var, momentum)
-        ctx.save_for_backward(x, w, b, mean, invstd, weight, bias)
-        ctx.config = (act, slope, weight is not None)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.config = (act, slope)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, invstd)
         return y, mean, invstd
@@ -161,13 +159,14 @@ class TritonBatchNormActFunction(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dinvstd):
         from bnlab.kernels import triton_bn
 
-        x, w, b, mean, invstd, weight, bias = ctx.saved_tensors
-        act, slope, affine = ctx.config
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        act, slope = ctx.config
         if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
             return gradient_graph(ctx, _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
+        w, b = _affine_arrays(weight, bias, x, torch.float32)
         dx, dw, db = triton_bn.backward(dy, x, w, b, mean, invstd, act, slope)
-        grad_w = dw.to(w.dtype) if affine and ctx.needs_input_grad[1] else None
-        grad_b = db.to(b.dtype) if affine and ctx.needs_input_grad[2] else None
+        grad_w = dw.to(w.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = db.to(b.dtype) if weight is not None and ctx.needs_input_grad[2] else None
         return dx, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -195,15 +194,10 @@ class CrossIterationNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, past_mu, past_nu, k, eps):
-        mu, var = F.batch_stats(x)  # (two-pass: nu = var + mu^2 >= mu^2, in the past sums' dtype, float64)
-        wide = past_mu.dtype
-        mu_wide = mu.to(wide)
-        mu_bar = (mu_wide + past_mu) / k
-        var_bar = ((var.to(wide) + mu_wide * mu_wide + past_nu) / k - mu_bar * mu_bar).clamp_min_(0)
-        mu_bar, var_bar = mu_bar.to(mu.dtype), var_bar.to(mu.dtype)
+        mu, var, mu_bar, var_bar = F.cross_iteration_statistics(x, past_mu, past_nu, k)  # (two-pass: nu >= mu^2)
         y = torch.native_batch_norm(x, weight, bias, mu_bar, var_bar, False, 0.0, eps)[0]
         ctx.save_for_backward(x, weight, bias, mu_bar, var_bar)
-        ctx.k, ctx.eps, ctx.has_bias, ctx.past = k, eps, bias is not None, (past_mu, past_nu)
+        ctx.k, ctx.eps, ctx.past = k, eps, (past_mu, past_nu)
         ctx.mark_non_differentiable(mu, var)
         return y, mu, var
 
@@ -223,7 +217,7 @@ class CrossIterationNormFunction(torch.autograd.Function):
         b = scale * sum_dy / -km - a * mu_bar
         dx.addcmul_(x, F.per_channel(a.to(x.dtype), nd)).add_(F.per_channel(b.to(x.dtype), nd))
         grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_dy if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_b = sum_dy if bias is not None and ctx.needs_input_grad[2] else None
         return dx, grad_w, grad_b, None, None, None, None
 
 

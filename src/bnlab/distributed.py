@@ -36,6 +36,11 @@ def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+def _statistics_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 statistics for float64 inputs, float32 for the others (float16/bfloat16 included)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class _AllReduceSum(torch.autograd.Function):
     """The sum over the group's ranks, on every rank, differentiable to any order: the gradient of
     a sum that every rank receives is the sum of every rank's gradient."""
@@ -56,8 +61,7 @@ def _synchronized_bn(x, weight, bias, eps, group, n: float):
     """:class:`SyncBatchNormFunction`'s output in differentiable torch ops (two all-reduces: the
     group's sum, then its sum of squared deviations from the group's mean, over ``n`` values per
     channel): its backward as a graph, for a gradient of a gradient. Every rank must take it."""
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xs, dims, nd = x.to(stat_dtype), F.reduce_dims(x), x.dim()
+    xs, dims, nd = x.to(_statistics_dtype(x)), F.reduce_dims(x), x.dim()
 
     def over_group(t):
         return _AllReduceSum.apply(t, group) if _world(group) > 1 else t
@@ -73,7 +77,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group):
         c = x.shape[1]
-        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stat_dtype = _statistics_dtype(x)
         xs = x.to(stat_dtype)
         n_local = F.values_per_channel(x) if x.numel() else 0
         if n_local:

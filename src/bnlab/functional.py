@@ -219,6 +219,23 @@ def working_copies(running_mean: torch.Tensor, running_var: torch.Tensor, x: tor
     return running_mean.to(dtype, copy=True), running_var.to(dtype, copy=True)
 
 
+def kernel_momentum(momentum: "float | torch.Tensor") -> float:
+    """The momentum for a kernel that folds the batch into :func:`working_copies`: ``momentum``, or 1
+    for a 0-d tensor (the cumulative average's 1/t under torch.compile, which read on the host would
+    break the graph): the copies then hold the batch's mean and unbiased variance, and
+    :func:`fold_copies_` averages them in with the tensor."""
+    return 1.0 if isinstance(momentum, torch.Tensor) else momentum
+
+
+def fold_copies_(running_mean, running_var, copies, momentum, mean, invstd) -> "bool | torch.Tensor":
+    """The running statistics <- a kernel's :func:`working_copies` (after :func:`kernel_momentum`),
+    for a finite batch only (:func:`fold_if_finite_`: a bad batch must not poison the buffers);
+    with a tensor ``momentum`` the copies are averaged in with it first."""
+    if isinstance(momentum, torch.Tensor):
+        copies = tuple(r.lerp(c.to(r.dtype), momentum.to(r.dtype)) for r, c in zip((running_mean, running_var), copies))
+    return fold_if_finite_(statistics_sum(mean, invstd), (running_mean, running_var), copies)
+
+
 def batch_norm_train(
     x, weight=None, bias=None, eps=1e-5, backend="auto", running_mean=None, running_var=None, momentum=0.1
 ):
@@ -257,17 +274,11 @@ def batch_norm_train(
         )
         return y, mean, torch.rsqrt(var_biased + eps), folded
     updated = working_copies(running_mean, running_var, x) if tracking else (None, None)
-    weight_t = momentum if isinstance(momentum, torch.Tensor) else None  # (1/t under torch.compile)
-    y, mean, invstd = torch.native_batch_norm(x, weight, bias, *updated, True, 1.0 if weight_t is not None else
-                                              momentum, eps)
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, *updated, True, kernel_momentum(momentum), eps)
     mean, invstd = mean.detach(), invstd.detach()
     if not tracking:
         return y, mean, invstd, False
-    if weight_t is not None:  # the copies hold the batch's mean and unbiased variance: average them in
-        updated = tuple(r.lerp(c.to(r.dtype), weight_t.to(r.dtype)) for r, c in zip((running_mean, running_var),
-                                                                                    updated))
-    # (a bad batch must not poison the buffers)
-    return y, mean, invstd, fold_if_finite_(statistics_sum(mean, invstd), (running_mean, running_var), updated)
+    return y, mean, invstd, fold_copies_(running_mean, running_var, updated, momentum, mean, invstd)
 
 
 def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, backend="auto"):
@@ -492,15 +503,11 @@ def batch_norm_act_train(
 
         tracking = running_mean is not None and running_var is not None
         updated = working_copies(running_mean, running_var, x) if tracking else (None, None)
-        weight_t = momentum if isinstance(momentum, torch.Tensor) else None  # (1/t under torch.compile)
         y, mean, invstd = TritonBatchNormActFunction.apply(x, weight, bias, eps, act, slope, *updated,
-                                                           1.0 if weight_t is not None else momentum)
+                                                           kernel_momentum(momentum))
         if not tracking:
             return y, mean, invstd, False
-        if weight_t is not None:  # (the kernel takes a number: the copies hold the batch's statistics; average
-            updated = tuple(r.lerp(c.to(r.dtype), weight_t.to(r.dtype))  # them in here, with no host read)
-                            for r, c in zip((running_mean, running_var), updated))
-        return y, mean, invstd, fold_if_finite_(statistics_sum(mean, invstd), (running_mean, running_var), updated)
+        return y, mean, invstd, fold_copies_(running_mean, running_var, updated, momentum, mean, invstd)
     if backend == "fused" or (backend == "auto" and use_fused(x, act)):
         return _fused_act_train(x, weight, bias, eps, act, slope, running_mean, running_var, momentum)
     y, mean, invstd, folded = batch_norm_train(
@@ -804,21 +811,27 @@ def cross_iteration_pool(mu, nu, mu_past, nu_past):
     return mu_bar, (nus.mean(0) - mu_bar * mu_bar).clamp_min(0)
 
 
-def cross_iteration_normalize(x, weight, bias, past_mu, past_nu, k: int, eps: float) -> torch.Tensor:
-    """Yao et al. 2020's pooled normalization in differentiable torch ops, the window's part given.
-
-    mu_bar = (mu_B + past_mu) / k, nu_bar = (sigma2_B + mu_B^2 + past_nu) / k,
-    y = gamma (x - mu_bar) / sqrt(nu_bar - mu_bar^2 + eps) + beta, with ``past_mu`` and ``past_nu``
-    ``(C,)`` the sums of the k - 1 compensated, clipped past entries (constants; the pooling in
-    their dtype, float64, as there nu_bar and mu_bar^2 do not cancel). What the layer's autograd
-    functions compute, as a graph: their backward for a gradient of a gradient.
-    """
+def cross_iteration_statistics(x, past_mu, past_nu, k: int):
+    """Yao et al. 2020's pooled statistics, the window's part given: the batch's mean mu_B and biased
+    variance sigma2_B, then mu_bar = (mu_B + past_mu) / k and sigma2_bar = nu_bar - mu_bar^2 with
+    nu_bar = (sigma2_B + mu_B^2 + past_nu) / k (clipped at 0). ``past_mu``, ``past_nu`` ``(C,)``: the
+    sums of the k - 1 compensated, clipped past entries (constants). The pooling runs in their
+    dtype (float64: the window's), as nu_bar and mu_bar^2 are of the size of mu^2 and their
+    difference would cancel in float32; mu_bar and sigma2_bar come back in the batch statistics'
+    dtype. Differentiable in x."""
     mu, var = batch_stats(x)
-    wide = past_mu.dtype
-    mu_wide = mu.to(wide)
+    mu_wide = mu.to(past_mu.dtype)
     mu_bar = (mu_wide + past_mu) / k
-    var_bar = ((var.to(wide) + mu_wide * mu_wide + past_nu) / k - mu_bar * mu_bar).clamp_min(0)
-    return normalize(x, mu_bar.to(mu.dtype), torch.rsqrt(var_bar + eps).to(mu.dtype), weight, bias)
+    var_bar = ((var.to(past_mu.dtype) + mu_wide * mu_wide + past_nu) / k - mu_bar * mu_bar).clamp_min(0)
+    return mu, var, mu_bar.to(mu.dtype), var_bar.to(mu.dtype)
+
+
+def cross_iteration_normalize(x, weight, bias, past_mu, past_nu, k: int, eps: float) -> torch.Tensor:
+    """y = gamma (x - mu_bar) / sqrt(sigma2_bar + eps) + beta with :func:`cross_iteration_statistics`,
+    in differentiable torch ops: what the layer's autograd functions compute, as a graph (their
+    backward for a gradient of a gradient)."""
+    _, _, mu_bar, var_bar = cross_iteration_statistics(x, past_mu, past_nu, k)
+    return normalize(x, mu_bar, torch.rsqrt(var_bar + eps), weight, bias)
 
 
 def pooled_past_sums(stats, eps: float):
