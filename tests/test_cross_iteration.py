@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 from torch import nn
@@ -894,3 +894,86 @@ def test_float32_keeps_the_variance_of_a_channel_whose_mean_dwarfs_its_spread(ki
     for step, (a, b) in enumerate(zip(exact, single)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-3, msg=lambda m: f"step {step}: {m}")
     torch.testing.assert_close(var32, var64, rtol=1e-4, atol=0)
+
+
+def autograd_statistics(producer, u):
+    """The producer's per-channel mu and nu on ``u`` and their derivatives with respect to its weight
+    and bias, by autograd (channel j depends on row j only: the gradient of sum_j stat_j has
+    d stat_j / d W_j in row j), with the weight and bias they were taken at."""
+    weight = producer.weight.detach().clone().requires_grad_(True)
+    bias = None if producer.bias is None else producer.bias.detach().clone()
+    if isinstance(producer, nn.Linear):
+        x = nn.functional.linear(u, weight, bias)
+    else:
+        x = producer._conv_forward(u, weight, bias)
+    dims = [d for d in range(x.dim()) if d != 1]
+    mu, nu = x.mean(dims), x.square().mean(dims)
+    dmu, = torch.autograd.grad(mu.sum(), weight, retain_graph=True)
+    dnu, = torch.autograd.grad(nu.sum(), weight)
+    return [t.detach().numpy() for t in (mu, nu, dmu, dnu, weight)] + [None if bias is None else bias.numpy()]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_a_training_run_follows_equations_7_to_9_with_autograd_derivatives(data):
+    """Over a training run of a random producer (Linear or Conv2d: stride, padding, dilation, groups,
+    bias) with a random window, burn-in, batch and affine flag, on either path, each step's output is
+    the reference's pooling (``reference.cross_iteration_statistics``) of the current batch and the
+    window's last k - 1 batches (none during the burn-in), whose derivatives autograd takes here
+    independently of the layer; and the input's gradient is the one through the current batch's
+    statistics alone."""
+    draw = lambda strategy: data.draw(strategy)  # noqa: E731
+    bias = draw(st.booleans())
+    if draw(st.booleans()):
+        producer, dims = nn.Linear(draw(st.integers(2, 9)), draw(st.integers(1, 6)), bias=bias), 1
+        shape = (draw(st.integers(2, 6)), producer.in_features)
+    else:
+        groups = draw(st.sampled_from([1, 2]))
+        producer = nn.Conv2d(groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 4)),
+                             draw(st.integers(1, 3)), stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, 1)),
+                             dilation=draw(st.integers(1, 2)), groups=groups, bias=bias)
+        side = draw(st.integers(5, 8))
+        shape, dims = (draw(st.integers(1, 4)), producer.in_channels, side, side), 2
+        assume(producer(torch.zeros(shape))[:, 0].numel() > 1)  # (a variance needs two values per channel)
+    window, burn_in, affine = draw(st.integers(1, 5)), draw(st.integers(0, 3)), draw(st.booleans())
+    cls = (bnlab.CrossIterationBatchNorm1d, bnlab.CrossIterationBatchNorm2d)[dims - 1]
+    producer = producer.double()
+    layer = cls(producer.weight.shape[0], window=window, burn_in=burn_in, affine=affine, dtype=torch.float64,
+                backend=draw(st.sampled_from(PATHS))).pair(producer)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5, generator=g), layer.bias.uniform_(-0.5, 0.5, generator=g)
+    history = []
+    for step in range(8):
+        spread, shift = 0.5 + torch.rand(2, generator=g, dtype=torch.float64)
+        u = torch.randn(shape, generator=g, dtype=torch.float64) * spread + (shift - 1) * 2
+        now = autograd_statistics(producer, u)
+        x = producer(u)
+        y = layer(x)
+        past = history[max(0, len(history) - window + 1) :] if step >= burn_in and window > 1 else []
+        entries = [now, *past]
+        mu_bar, var_bar = R.cross_iteration_statistics(*([e[i] for e in entries] for i in range(6)), now[4], now[5])
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        # The current batch's share of the pooled statistics as torch ops of x, the window's share
+        # (what the reference pooled, less the current batch's) a constant: the gradient's path.
+        k, reduced = len(entries), [0, *range(2, x.dim())]
+        past_mu = torch.from_numpy(mu_bar - now[0] / k)
+        past_nu = torch.from_numpy(var_bar + mu_bar**2 - np.maximum(now[1], now[0] ** 2) / k)
+        xd = x.detach().requires_grad_(True)
+        mu_now, nu_now = xd.mean(reduced), xd.square().mean(reduced)
+        mu_pooled = mu_now / k + past_mu
+        nu_pooled = torch.maximum(nu_now, mu_now**2) / k + past_nu
+        expected = (xd - mu_pooled.view(view)) / torch.sqrt(nu_pooled - mu_pooled**2 + layer.eps).view(view)
+        if affine:
+            expected = expected * layer.weight.detach().view(view) + layer.bias.detach().view(view)
+        torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-10, msg=f"output at step {step}")
+        upstream = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        grad_x, grad_w = torch.autograd.grad((y * upstream).sum(), (x, producer.weight))
+        expected_grad, = torch.autograd.grad((expected * upstream).sum(), xd)
+        torch.testing.assert_close(grad_x, expected_grad, rtol=1e-8, atol=1e-10, msg=f"input gradient at step {step}")
+        history.append(now)
+        with torch.no_grad():  # (the producer moves: every past entry needs its compensation)
+            producer.weight -= 0.05 * grad_w
+            if bias:
+                producer.bias += 0.05 * torch.randn(producer.bias.shape, generator=g, dtype=torch.float64)
