@@ -23,6 +23,9 @@ def test_renorm_schedule_is_the_papers():
     assert lim(0) == (1.0, 0.0) and lim(5_000) == (1.0, 0.0)
     assert lim(22_500) == pytest.approx((2.0, 4.375))  # halfway to 40k for r, 7/8 of the way to 25k for d
     assert lim(25_000) == pytest.approx((1 + 2 * 20 / 35, 5.0)) and lim(60_000) == (3.0, 5.0)
+    # no ramp (its end not past the warm-up): the limits at once after the warm-up's steps, not a step late
+    assert F.renorm_limits(0, 3.0, 5.0, 0, 0, 0) == (3.0, 5.0)
+    assert F.renorm_limits(1, 3.0, 5.0, 2, 2, 1) == (1.0, 0.0) and F.renorm_limits(2, 3.0, 5.0, 2, 2, 1) == (3.0, 5.0)
 
 
 @pytest.mark.parametrize("shape", [(6, 4), (3, 4, 2, 3)])
@@ -113,6 +116,71 @@ def test_a_bn_checkpoint_loads_into_batch_renorm_with_bns_inference(source):
     assert int(renorm.num_batches_tracked) == 3
     x = data((2, 3, 4, 4), seed=7)[0]
     torch.testing.assert_close(renorm.eval()(x), bn.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def paper_limits(t, r_max, d_max, warmup, r_max_steps, d_max_steps):
+    """Ioffe 2017's schedule at step t (from 0), written out: (1, 0) for the first ``warmup`` steps,
+    then linear to (r_max, d_max) at steps ``r_max_steps`` and ``d_max_steps``, constant after (at
+    once where such a step is not past the warm-up)."""
+    if t < warmup:
+        return 1.0, 0.0
+    share = lambda end: 1.0 if end <= warmup else min(1.0, (t - warmup) / (end - warmup))  # noqa: E731
+    return 1 + (r_max - 1) * share(r_max_steps), d_max * share(d_max_steps)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_batch_renorm_follows_the_papers_schedule_and_moving_averages_over_a_run(data):
+    """Keras' way: over a training run every moving statistic is recomputed by hand in NumPy.
+    Random rank, sizes, limits and their schedule, momentum (a rate or None), affine flag; each
+    step's output is the reference's with the limits of the schedule at that step and the moving
+    averages kept here; the input's gradient is BN's of dy * gamma * r; gamma's and beta's are
+    sum dy * x_hat and sum dy."""
+    draw = data.draw
+    rank, c = draw(st.integers(2, 5)), draw(st.integers(1, 4))
+    shape = (draw(st.integers(2, 5)), c, *(draw(st.integers(1, 3)) for _ in range(rank - 2)))
+    r_max, d_max = draw(st.floats(1.0, 3.0)), draw(st.floats(0.0, 2.0))
+    warmup = draw(st.integers(0, 3))
+    ends = draw(st.integers(warmup, warmup + 5)), draw(st.integers(warmup, warmup + 5))
+    momentum, affine = draw(st.sampled_from([0.01, 0.3, None])), draw(st.booleans())
+    cls = {2: bnlab.BatchRenorm1d, 3: bnlab.BatchRenorm1d, 4: bnlab.BatchRenorm2d, 5: bnlab.BatchRenorm3d}[rank]
+    layer = cls(c, momentum=momentum, affine=affine, dtype=torch.float64, r_max=r_max, d_max=d_max, warmup=warmup,
+                r_max_steps=ends[0], d_max_steps=ends[1])
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    gamma, beta = np.ones(c), np.zeros(c)
+    if affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5, generator=g), layer.bias.uniform_(-1, 1, generator=g)
+        gamma, beta = layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
+    mu, sigma = np.zeros(c), np.ones(c)
+    for t in range(9):
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * (1 + 2 * t % 3) + (t - 4)
+        dy = torch.randn(shape, generator=g, dtype=torch.float64)
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        y.backward(dy)
+        ref = R.batch_renorm_train(x.numpy(), gamma, beta, mu, sigma, *paper_limits(t, r_max, d_max, warmup, *ends))
+        torch.testing.assert_close(y.detach().numpy(), ref["y"], rtol=1e-10, atol=1e-12, msg=f"output at step {t}")
+        view = (1, c) + (1,) * (rank - 2)
+        xb = x.clone().requires_grad_()
+        torch.nn.functional.batch_norm(xb, None, None, training=True).backward(
+            dy * torch.from_numpy(gamma * ref["r"]).view(view))
+        torch.testing.assert_close(xr.grad, xb.grad, rtol=1e-9, atol=1e-12, msg=f"input gradient at step {t}")
+        if affine:
+            x_hat = (ref["y"] - beta.reshape(view)) / gamma.reshape(view)
+            reduced = (0, *range(2, rank))
+            torch.testing.assert_close(layer.weight.grad.numpy(), (dy.numpy() * x_hat).sum(reduced), rtol=1e-9,
+                                       atol=1e-12)
+            torch.testing.assert_close(layer.bias.grad.numpy(), dy.numpy().sum(reduced), rtol=1e-9, atol=1e-12)
+            layer.weight.grad, layer.bias.grad = None, None
+        rate = 1 / (t + 1) if momentum is None else momentum
+        mu, sigma = mu + rate * (ref["mu_B"] - mu), sigma + rate * (ref["sigma_B"] - sigma)
+        torch.testing.assert_close(layer.running_mean.numpy(), mu, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(layer.running_std.numpy(), sigma, rtol=1e-12, atol=1e-14)
+        assert int(layer.num_batches_tracked) == t + 1
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    expected = gamma.reshape(view) * (x.numpy() - mu.reshape(view)) / sigma.reshape(view) + beta.reshape(view)
+    torch.testing.assert_close(layer.eval()(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape, vbs", [((10, 3), 4), ((6, 2, 3, 3), 2), ((8, 3, 5), 8)])

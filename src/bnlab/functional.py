@@ -553,12 +553,16 @@ def _fused_act_train(x, weight, bias, eps, act, slope, running_mean, running_var
 
 
 def renorm_limits(step: int, r_max: float, d_max: float, warmup: int, r_max_steps: int, d_max_steps: int):
-    """Ioffe 2017's schedule: (r_max, d_max) = (1, 0) for ``warmup`` steps, then relaxed linearly to
-    ``r_max`` at step ``r_max_steps`` and ``d_max`` at ``d_max_steps`` (paper: 5k, 40k, 25k)."""
+    """Ioffe 2017's schedule at ``step`` (from 0): (r_max, d_max) = (1, 0) for the first ``warmup``
+    steps, then relaxed linearly to ``r_max`` at step ``r_max_steps`` and ``d_max`` at
+    ``d_max_steps`` (paper: 5k, 40k, 25k); a limit whose step is not past ``warmup`` is reached
+    at once (``warmup=0, r_max_steps=0, d_max_steps=0``: no schedule)."""
 
     def ramp(target, start_value, end_step):
-        if step <= warmup or end_step <= warmup:
-            return start_value if step <= warmup else target
+        if step < warmup:
+            return start_value
+        if end_step <= warmup:
+            return target
         return start_value + (target - start_value) * min(1.0, (step - warmup) / (end_step - warmup))
 
     return ramp(r_max, 1.0, r_max_steps), ramp(d_max, 0.0, d_max_steps)
