@@ -196,6 +196,51 @@ def test_ghost_bn_matches_reference_and_running_stats_average_the_ghost_batches(
     np.testing.assert_allclose(layer.running_var.numpy(), np.mean(unbiased, axis=0), rtol=1e-12)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_ghost_bn_over_a_run_follows_the_reference_chunk_by_chunk(data):
+    """Over a training run with random rank, sizes, virtual batch size (a last chunk smaller or not),
+    momentum (a rate or None) and affine flag: each step's output is the reference's, the input's
+    gradient each chunk's BN backward alone, and the running statistics (recomputed by hand) fold
+    in the chunks' average mean and unbiased variance once per step."""
+    draw = data.draw
+    rank, c, vbs = draw(st.integers(2, 4)), draw(st.integers(1, 3)), draw(st.integers(2, 4))
+    spatial = tuple(draw(st.integers(1, 3)) for _ in range(rank - 2))
+    n = draw(st.integers(vbs, 3 * vbs).filter(lambda n: n % vbs != 1 or spatial and np.prod(spatial) > 1))
+    momentum, affine = draw(st.sampled_from([0.1, 0.5, None])), draw(st.booleans())
+    cls = bnlab.GhostBatchNorm1d if rank < 4 else bnlab.GhostBatchNorm2d
+    layer = cls(c, virtual_batch_size=vbs, momentum=momentum, affine=affine, dtype=torch.float64)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    gamma, beta = np.ones(c), np.zeros(c)
+    if affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5, generator=g), layer.bias.uniform_(-1, 1, generator=g)
+        gamma, beta = layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
+    mean, var = np.zeros(c), np.ones(c)
+    view = (1, c) + (1,) * (rank - 2)
+    for t in range(5):
+        x = torch.randn((n, c, *spatial), generator=g, dtype=torch.float64) * (1 + t) + t
+        dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        y.backward(dy)
+        ref = R.ghost_batch_norm_train(x.numpy(), gamma, beta, vbs, layer.eps)
+        torch.testing.assert_close(y.detach().numpy(), ref["y"], rtol=1e-10, atol=1e-12, msg=f"output at step {t}")
+        expected = []
+        for chunk, dy_chunk in zip(x.split(vbs), dy.split(vbs)):
+            chunk = chunk.clone().requires_grad_()
+            torch.nn.functional.batch_norm(chunk, None, None, training=True, eps=layer.eps).backward(
+                dy_chunk * torch.from_numpy(gamma).view(view))
+            expected.append(chunk.grad)
+        torch.testing.assert_close(xr.grad, torch.cat(expected), rtol=1e-9, atol=1e-12, msg=f"gradient at step {t}")
+        rate = 1 / (t + 1) if momentum is None else momentum
+        unbiased = [v * m / (m - 1) for v, m in zip(ref["sigma2_B"], ref["m"])]
+        mean = mean + rate * (ref["mu_B"].mean(0) - mean)
+        var = var + rate * (np.mean(unbiased, axis=0) - var)
+        torch.testing.assert_close(layer.running_mean.numpy(), mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(layer.running_var.numpy(), var, rtol=1e-12, atol=1e-14)
+
+
 def test_ghost_bn_inference_uses_running_stats_not_virtual_batches():
     layer = bnlab.GhostBatchNorm1d(3, virtual_batch_size=2, dtype=torch.float64)
     layer(data((8, 3))[0])
