@@ -921,7 +921,8 @@ def test_a_training_run_follows_equations_7_to_9_with_autograd_derivatives(data)
     the reference's pooling (``reference.cross_iteration_statistics``) of the current batch and the
     window's last k - 1 batches (none during the burn-in), whose derivatives autograd takes here
     independently of the layer; and the input's gradient is the one through the current batch's
-    statistics alone."""
+    statistics alone. The running statistics follow the current batch (recomputed by hand), and
+    inference uses them."""
     draw = lambda strategy: data.draw(strategy)  # noqa: E731
     bias = draw(st.booleans())
     if draw(st.booleans()):
@@ -944,7 +945,7 @@ def test_a_training_run_follows_equations_7_to_9_with_autograd_derivatives(data)
     if affine:
         with torch.no_grad():
             layer.weight.uniform_(0.5, 1.5, generator=g), layer.bias.uniform_(-0.5, 0.5, generator=g)
-    history = []
+    history, running_mean, running_var = [], np.zeros(layer.num_features), np.ones(layer.num_features)
     for step in range(8):
         spread, shift = 0.5 + torch.rand(2, generator=g, dtype=torch.float64)
         u = torch.randn(shape, generator=g, dtype=torch.float64) * spread + (shift - 1) * 2
@@ -973,7 +974,20 @@ def test_a_training_run_follows_equations_7_to_9_with_autograd_derivatives(data)
         expected_grad, = torch.autograd.grad((expected * upstream).sum(), xd)
         torch.testing.assert_close(grad_x, expected_grad, rtol=1e-8, atol=1e-10, msg=f"input gradient at step {step}")
         history.append(now)
+        # the running statistics follow the current batch alone, as BN's (momentum 0.1, unbiased variance)
+        m = x[:, 0].numel()
+        running_mean = 0.9 * running_mean + 0.1 * now[0]
+        running_var = 0.9 * running_var + 0.1 * (now[1] - now[0] ** 2) * m / (m - 1)
+        torch.testing.assert_close(layer.running_mean.numpy(), running_mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.running_var.numpy(), running_var, rtol=1e-8, atol=1e-10)
+        assert int(layer.num_batches_tracked) == int(layer.iteration) == step + 1
         with torch.no_grad():  # (the producer moves: every past entry needs its compensation)
             producer.weight -= 0.05 * grad_w
             if bias:
                 producer.bias += 0.05 * torch.randn(producer.bias.shape, generator=g, dtype=torch.float64)
+    x = producer(u).detach()
+    mean, var = torch.from_numpy(running_mean).view(view), torch.from_numpy(running_var).view(view)
+    expected = (x - mean) / torch.sqrt(var + layer.eps)
+    if affine:
+        expected = expected * layer.weight.detach().view(view) + layer.bias.detach().view(view)
+    torch.testing.assert_close(layer.eval()(x), expected, rtol=1e-9, atol=1e-10)  # (inference: BN's, Algorithm 2)
