@@ -917,12 +917,12 @@ def autograd_statistics(producer, u):
 @given(st.data())
 def test_a_training_run_follows_equations_7_to_9_with_autograd_derivatives(data):
     """Over a training run of a random producer (Linear or Conv2d: stride, padding, dilation, groups,
-    bias) with a random window, burn-in, batch and affine flag, on either path, each step's output is
-    the reference's pooling (``reference.cross_iteration_statistics``) of the current batch and the
-    window's last k - 1 batches (none during the burn-in), whose derivatives autograd takes here
-    independently of the layer; and the input's gradient is the one through the current batch's
-    statistics alone. The running statistics follow the current batch (recomputed by hand), and
-    inference uses them."""
+    bias) with a random window, burn-in, batch, affine flag and compensation (or naive CBN), on
+    either path, each step's output is the reference's pooling
+    (``reference.cross_iteration_statistics``) of the current batch and the window's last k - 1
+    batches (none during the burn-in), whose derivatives autograd takes here independently of the
+    layer; and the input's gradient is the one through the current batch's statistics alone. The
+    running statistics follow the current batch (recomputed by hand), and inference uses them."""
     draw = lambda strategy: data.draw(strategy)  # noqa: E731
     bias = draw(st.booleans())
     if draw(st.booleans()):
@@ -937,10 +937,11 @@ def test_a_training_run_follows_equations_7_to_9_with_autograd_derivatives(data)
         shape, dims = (draw(st.integers(1, 4)), producer.in_channels, side, side), 2
         assume(producer(torch.zeros(shape))[:, 0].numel() > 1)  # (a variance needs two values per channel)
     window, burn_in, affine = draw(st.integers(1, 5)), draw(st.integers(0, 3)), draw(st.booleans())
+    compensate = draw(st.booleans())  # (False: naive CBN, the window's raw statistics)
     cls = (bnlab.CrossIterationBatchNorm1d, bnlab.CrossIterationBatchNorm2d)[dims - 1]
     producer = producer.double()
-    layer = cls(producer.weight.shape[0], window=window, burn_in=burn_in, affine=affine, dtype=torch.float64,
-                backend=draw(st.sampled_from(PATHS))).pair(producer)
+    layer = cls(producer.weight.shape[0], window=window, burn_in=burn_in, compensate=compensate, affine=affine,
+                dtype=torch.float64, backend=draw(st.sampled_from(PATHS))).pair(producer)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     if affine:
         with torch.no_grad():
@@ -954,7 +955,8 @@ def test_a_training_run_follows_equations_7_to_9_with_autograd_derivatives(data)
         y = layer(x)
         past = history[max(0, len(history) - window + 1) :] if step >= burn_in and window > 1 else []
         entries = [now, *past]
-        mu_bar, var_bar = R.cross_iteration_statistics(*([e[i] for e in entries] for i in range(6)), now[4], now[5])
+        mu_bar, var_bar = R.cross_iteration_statistics(*([e[i] for e in entries] for i in range(6)), now[4], now[5],
+                                                       compensate)
         view = (1, -1) + (1,) * (x.dim() - 2)
         # The current batch's share of the pooled statistics as torch ops of x, the window's share
         # (what the reference pooled, less the current batch's) a constant: the gradient's path.
