@@ -29,9 +29,19 @@ def setup() -> None:
     if STAMP.exists() and STAMP.read_text() == digest:
         return
     print(f"Setting up {VENV} (once; takes about a minute)...", flush=True)
-    venv.create(VENV, with_pip=True, clear=VENV.exists())
+    try:
+        venv.create(VENV, with_pip=True, clear=VENV.exists())
+    except subprocess.CalledProcessError as err:  # (pip comes from ensurepip, which some distributions split off)
+        sys.exit(f"make.py: could not put pip into {VENV} ({err}). This Python has no ensurepip: on Debian or "
+                 f"Ubuntu install python3-venv (apt install python3.{sys.version_info.minor}-venv), then run "
+                 "this command again.")
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run(pip + ["-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[test,triton]"], check=True)
+    try:
+        subprocess.run(pip + ["-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[test,triton]"], check=True)
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"make.py: installing bnlab into {VENV} failed (pip exited with {err.returncode}; its messages are "
+                 "above). It needs PyPI: check the network or the proxy (PIP_INDEX_URL for a mirror), then run this "
+                 "command again; it starts the set-up over.")
     STAMP.write_text(digest)
 
 
