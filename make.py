@@ -32,9 +32,9 @@ def setup() -> None:
     try:
         venv.create(VENV, with_pip=True, clear=VENV.exists())
     except subprocess.CalledProcessError as err:  # (pip comes from ensurepip, which some distributions split off)
-        sys.exit(f"make.py: could not put pip into {VENV} ({err}). This Python has no ensurepip: on Debian or "
-                 f"Ubuntu install python3-venv (apt install python3.{sys.version_info.minor}-venv), then run "
-                 "this command again.")
+        sys.exit(f"make.py: could not put pip into {VENV} ({err}). Most often this Python has no ensurepip: on "
+                 f"Debian or Ubuntu install python3-venv (apt install python3.{sys.version_info.minor}-venv), then "
+                 "run this command again.")
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     try:
         subprocess.run(pip + ["-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[test,triton]"], check=True)

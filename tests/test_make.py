@@ -27,7 +27,7 @@ def test_a_python_without_ensurepip_is_told_the_package_to_install(make, monkeyp
 
     monkeypatch.setattr(make.venv, "create", create)
     with pytest.raises(SystemExit, match=r"no ensurepip: on Debian or Ubuntu install python3-venv \(apt install "
-                                         r"python3\.\d+-venv\)"):
+                                         r"python3\.\d+-venv\), then run this command again"):
         make.setup()
     assert not make.STAMP.exists()  # (the next run tries again)
 
