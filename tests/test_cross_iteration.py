@@ -897,9 +897,10 @@ def test_float32_keeps_the_variance_of_a_channel_whose_mean_dwarfs_its_spread(ki
 
 
 def autograd_statistics(producer, u):
-    """The producer's per-channel mu and nu on ``u`` and their derivatives with respect to its weight
-    and bias, by autograd (channel j depends on row j only: the gradient of sum_j stat_j has
-    d stat_j / d W_j in row j), with the weight and bias they were taken at."""
+    """The producer's per-channel mu and nu on ``u``, their derivatives with respect to its weight by
+    autograd (channel j depends on row j only: the gradient of sum_j stat_j has d stat_j / d W_j in
+    row j), and the weight and bias they were taken at (the reference moves mu by a change db of the
+    bias and nu by 2 mu db itself), in the order ``reference.cross_iteration_statistics`` takes."""
     weight = producer.weight.detach().clone().requires_grad_(True)
     bias = None if producer.bias is None else producer.bias.detach().clone()
     if isinstance(producer, nn.Linear):
@@ -923,7 +924,7 @@ def test_a_training_run_follows_equations_7_to_9_with_autograd_derivatives(data)
     batches (none during the burn-in), whose derivatives autograd takes here independently of the
     layer; and the input's gradient is the one through the current batch's statistics alone. The
     running statistics follow the current batch (recomputed by hand), and inference uses them."""
-    draw = lambda strategy: data.draw(strategy)  # noqa: E731
+    draw = data.draw
     bias = draw(st.booleans())
     if draw(st.booleans()):
         producer, dims = nn.Linear(draw(st.integers(2, 9)), draw(st.integers(1, 6)), bias=bias), 1
@@ -992,4 +993,4 @@ def test_a_training_run_follows_equations_7_to_9_with_autograd_derivatives(data)
     expected = (x - mean) / torch.sqrt(var + layer.eps)
     if affine:
         expected = expected * layer.weight.detach().view(view) + layer.bias.detach().view(view)
-    torch.testing.assert_close(layer.eval()(x), expected, rtol=1e-9, atol=1e-10)  # (inference: BN's, Algorithm 2)
+    torch.testing.assert_close(layer.eval()(x), expected, rtol=1e-9, atol=1e-10)  # (inference: BN's, on them)
