@@ -154,7 +154,7 @@ def test_batch_renorm_follows_the_papers_schedule_and_moving_averages_over_a_run
         gamma, beta = layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
     mu, sigma = np.zeros(c), np.ones(c)
     for t in range(9):
-        x = torch.randn(shape, generator=g, dtype=torch.float64) * (1 + 2 * t % 3) + (t - 4)
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * (1 + (2 * t) % 3) + (t - 4)  # (r and d clip)
         dy = torch.randn(shape, generator=g, dtype=torch.float64)
         xr = x.clone().requires_grad_()
         y = layer(xr)
