@@ -133,6 +133,7 @@ class NetTask:
         self.sampler.set_state(tensors["rng.sampler"])
         self.sgd.reload_()
 
+
 @torch.no_grad()
 def test_accuracy(model, data: Tensors, sgd: BinaryInputSGD) -> float:
     logits = model.head(sgd.first_layer(data.index_test, offsets=data.offsets_test))

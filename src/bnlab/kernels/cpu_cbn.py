@@ -333,5 +333,3 @@ def mean_patches(u, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, grou
                         for b in range(b0, b1):
                             total += row[b * stride_w + j * dil_w - pad_w]
                 out[ci // per_group, (ci % per_group * kh + i) * kw + j] = total * scale
-
-

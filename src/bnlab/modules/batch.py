@@ -359,7 +359,6 @@ class BatchNormAct2d(BatchNormAct):
     ranks = (4,)
 
 
-
 def _caller_level(outside: tuple[str, ...] = ("bnlab.",)) -> int:
     """``warnings.warn``'s stacklevel of the first caller outside the packages ``outside`` (a
     subclass's __init__ calls BatchNorm's, torch's load_state_dict recurses: the warning should
@@ -410,4 +409,3 @@ def name_layers(model: nn.Module) -> nn.Module:
         if isinstance(module, BatchNorm):
             module.name = name or type(module).__name__
     return model
-

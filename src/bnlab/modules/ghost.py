@@ -53,4 +53,3 @@ class GhostBatchNorm2d(GhostBatchNorm):
     """:class:`GhostBatchNorm` over ``(N, C, H, W)`` inputs."""
 
     ranks = (4,)
-

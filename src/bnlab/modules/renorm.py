@@ -98,4 +98,3 @@ class BatchRenorm3d(BatchRenorm):
     """:class:`BatchRenorm` over ``(N, C, D, H, W)`` inputs."""
 
     ranks = (5,)
-
