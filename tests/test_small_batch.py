@@ -118,6 +118,16 @@ def test_a_bn_checkpoint_loads_into_batch_renorm_with_bns_inference(source):
     torch.testing.assert_close(renorm.eval()(x), bn.eval()(x), rtol=1e-12, atol=1e-12)
 
 
+def random_affine_(layer, generator):
+    """gamma from [0.5, 1.5) and beta from [-1, 1) drawn into an affine layer; returns copies as NumPy
+    arrays (ones and zeros for a layer without them)."""
+    if layer.weight is None:
+        return np.ones(layer.num_features), np.zeros(layer.num_features)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=generator), layer.bias.uniform_(-1, 1, generator=generator)
+    return layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
+
+
 def paper_limits(t, r_max, d_max, warmup, r_max_steps, d_max_steps):
     """Ioffe 2017's schedule at step t (from 0), written out: (1, 0) for the first ``warmup`` steps,
     then linear to (r_max, d_max) at steps ``r_max_steps`` and ``d_max_steps``, constant after (at
@@ -147,11 +157,7 @@ def test_batch_renorm_follows_the_papers_schedule_and_moving_averages_over_a_run
     layer = cls(c, momentum=momentum, affine=affine, dtype=torch.float64, r_max=r_max, d_max=d_max, warmup=warmup,
                 r_max_steps=ends[0], d_max_steps=ends[1])
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    gamma, beta = np.ones(c), np.zeros(c)
-    if affine:
-        with torch.no_grad():
-            layer.weight.uniform_(0.5, 1.5, generator=g), layer.bias.uniform_(-1, 1, generator=g)
-        gamma, beta = layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
+    gamma, beta = random_affine_(layer, g)
     mu, sigma = np.zeros(c), np.ones(c)
     for t in range(9):
         x = torch.randn(shape, generator=g, dtype=torch.float64) * (1 + (2 * t) % 3) + (t - 4)  # (r and d clip)
@@ -211,11 +217,7 @@ def test_ghost_bn_over_a_run_follows_the_reference_chunk_by_chunk(data):
     cls = bnlab.GhostBatchNorm1d if rank < 4 else bnlab.GhostBatchNorm2d
     layer = cls(c, virtual_batch_size=vbs, momentum=momentum, affine=affine, dtype=torch.float64)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    gamma, beta = np.ones(c), np.zeros(c)
-    if affine:
-        with torch.no_grad():
-            layer.weight.uniform_(0.5, 1.5, generator=g), layer.bias.uniform_(-1, 1, generator=g)
-        gamma, beta = layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
+    gamma, beta = random_affine_(layer, g)
     mean, var = np.zeros(c), np.ones(c)
     view = (1, c) + (1,) * (rank - 2)
     for t in range(5):
