@@ -126,6 +126,42 @@ def test_a_retained_graph_recomputes_the_same_forward_twice():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind", ["batch renorm", "cbn"])
+def test_identical_batches_train_as_the_plain_model_when_the_calls_can_be_told_apart(kind, reentrant):
+    """The same batch at every step (overfitting one batch): each step's recomputation is of that
+    step's forward, the latest on the batch, although earlier records match it too."""
+    torch.manual_seed(0)
+    plain = MODELS[kind]().double()
+    twin = copy.deepcopy(plain)
+    xs, ws = batches(torch.float64)
+    train(plain, [xs[0]] * STEPS, ws)
+    train(Checkpointed(twin, reentrant), [xs[0]] * STEPS, ws)
+    assert_same_state(plain, twin, 1e-11)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("segments", ["one segment", "two segments"])
+@pytest.mark.parametrize("kind", ["batch renorm", "cbn"])
+def test_a_layer_called_twice_on_identical_batches_before_one_backward_is_refused(kind, segments, reentrant):
+    """Two calls on identical batches, each changing the state the other's output depends on, in
+    checkpointed segments: the records cannot say which call is recomputed (one segment repeats
+    them in forward order, two segments in backward order), and returning the latest for both
+    gave wrong gradients silently. Now the second recomputation raises."""
+    torch.manual_seed(0)
+    net = MODELS[kind]().double()
+    xs, ws = batches(torch.float64)
+    for x in xs[:3]:  # (CBN past its burn-in: the window pools)
+        net(x)
+    if segments == "one segment":
+        y = checkpoint(lambda t: net(t) * 2 + net(t), xs[3], use_reentrant=reentrant)
+    else:
+        y = checkpoint(net, xs[3], use_reentrant=reentrant) * 2 + checkpoint(net, xs[3], use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="second call on an identical batch.*Keep the layer outside the "
+                                           "checkpointed segments"):
+        (y * ws[3]).sum().backward()
+
+
 def test_a_recomputation_of_an_unseen_batch_is_refused():
     """Only a forward the layer recorded can be repeated: its output depends on the window."""
     torch.manual_seed(0)

@@ -207,14 +207,28 @@ class BatchNorm(nn.Module):
         records = self.__dict__.get("_records")
         if records is None:
             records = self.__dict__["_records"] = collections.deque(maxlen=REMEMBERED)
-        records.append((mean, var, state))
+        records.append([mean, var, state, None])  # (the last: the backward pass that recalled it)
 
     def _recall(self, x: torch.Tensor):
-        """The state :meth:`_remember` kept for the latest forward on the batch ``x``."""
+        """The state :meth:`_remember` kept for the latest forward on the batch ``x``.
+
+        Records are found by the batch's statistics, so two forwards on identical batches cannot be
+        told apart. Where both could be the one recomputed (the latest was recalled already in this
+        backward pass: the layer ran twice on identical batches inside checkpointed segments), it
+        raises rather than give one call the other's output."""
         mean, var = F.batch_key(x)
-        for recorded_mean, recorded_var, state in reversed(self.__dict__.get("_records") or ()):
-            if F.same_batch(mean, var, recorded_mean, recorded_var, self.eps):
-                return state
+        matches = [record for record in reversed(self.__dict__.get("_records") or ())
+                   if F.same_batch(mean, var, record[0], record[1], self.eps)]
+        if matches:
+            latest, task = matches[0], torch._C._current_graph_task_id()
+            if latest[3] == task and len(matches) > 1:
+                raise RuntimeError(f"{self._label()}: recomputed inside a backward pass (activation checkpointing) "
+                                   "for a second call on an identical batch: its output depends on state each call "
+                                   "changed, and the calls cannot be told apart by their batches. Keep the layer "
+                                   "outside the checkpointed segments, or do not give it identical batches twice "
+                                   "before one backward")
+            latest[3] = task
+            return latest[2]
         raise RuntimeError(f"{self._label()}: recomputed inside a backward pass (activation checkpointing) on a batch "
                            f"that none of its last {REMEMBERED} training forwards normalized. Its output depends on "
                            "state its forward changed, so it can only repeat a forward it recorded: recompute the "

@@ -67,9 +67,9 @@ class CrossIterationBatchNorm(BatchNorm):
     keeps it out of DDP's buffer broadcast; for layers paired by hand, wrap with
     ``broadcast_buffers=False`` (else every rank pools rank 0's past statistics). Under activation
     checkpointing the recomputation of a forward normalizes with the statistics that forward
-    pooled (the layer keeps them for its last 32 forwards, found by the batch's statistics: called
-    twice on identical batches inside one checkpointed segment, the layer would recompute both
-    calls with the later one's), and stores and counts nothing.
+    pooled (the layer keeps them for its last 32 forwards, found by the batch's statistics: two
+    calls on identical batches before one backward, inside checkpointed segments, cannot be told
+    apart and raise), and stores and counts nothing.
     Low precision (``torch.autocast``, or ``model.half()``/``.to(torch.bfloat16)``): the statistics
     and derivatives are float32, and the window's derivatives stay float32 through a conversion
     (the compensation's differences would cancel in 8 or 11 bits); the output has the input's dtype.

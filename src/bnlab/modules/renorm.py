@@ -22,8 +22,8 @@ class BatchRenorm(BatchNorm):
     state_dict loads into it (sigma = sqrt(running_var + eps)), with the same inference outputs.
     Under activation checkpointing the recomputation of a forward takes r and d from the moving
     averages that forward had (kept for the layer's last 32 forwards, found by the batch's
-    statistics: called twice on identical batches inside one checkpointed segment, the layer would
-    recompute both calls with the later one's) and updates nothing.
+    statistics: two calls on identical batches before one backward, inside checkpointed segments,
+    cannot be told apart and raise) and updates nothing.
 
     Example:
         >>> layer = BatchRenorm2d(64, r_max=3.0, d_max=5.0)   # for micro-batches of 4, say
