@@ -217,11 +217,12 @@ class BatchNorm(nn.Module):
         backward pass: the layer ran twice on identical batches inside checkpointed segments), it
         raises rather than give one call the other's output."""
         mean, var = F.batch_key(x)
-        matches = [record for record in reversed(self.__dict__.get("_records") or ())
-                   if F.same_batch(mean, var, record[0], record[1], self.eps)]
-        if matches:
-            latest, task = matches[0], torch._C._current_graph_task_id()
-            if latest[3] == task and len(matches) > 1:
+        matches = (record for record in reversed(self.__dict__.get("_records") or ())
+                   if F.same_batch(mean, var, record[0], record[1], self.eps))
+        latest = next(matches, None)  # (the older ones only looked at when needed: a few torch ops each)
+        if latest is not None:
+            task = torch._C._current_graph_task_id()
+            if latest[3] == task and next(matches, None) is not None:
                 raise RuntimeError(f"{self._label()}: recomputed inside a backward pass (activation checkpointing) "
                                    "for a second call on an identical batch: its output depends on state each call "
                                    "changed, and the calls cannot be told apart by their batches. Keep the layer "
