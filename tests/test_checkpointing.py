@@ -56,6 +56,17 @@ class Checkpointed(nn.Module):
         return checkpoint(self.net, x, use_reentrant=self.reentrant)
 
 
+class Twice(nn.Module):
+    """The network called twice on each batch (weights shared, as in a siamese pair)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) * 2 + self.net(x)
+
+
 def train(net, batches, projections):
     opt = torch.optim.SGD(net.parameters(), lr=0.2)
     for x, w in zip(batches, projections):
@@ -154,12 +165,27 @@ def test_a_layer_called_twice_on_identical_batches_before_one_backward_is_refuse
     for x in xs[:3]:  # (CBN past its burn-in: the window pools)
         net(x)
     if segments == "one segment":
-        y = checkpoint(lambda t: net(t) * 2 + net(t), xs[3], use_reentrant=reentrant)
+        y = checkpoint(Twice(net), xs[3], use_reentrant=reentrant)
     else:
         y = checkpoint(net, xs[3], use_reentrant=reentrant) * 2 + checkpoint(net, xs[3], use_reentrant=reentrant)
     with pytest.raises(RuntimeError, match="second call on an identical batch.*Keep the layer outside the "
                                            "checkpointed segments"):
         (y * ws[3]).sum().backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_two_calls_on_identical_batches_whose_states_agree_are_recomputed(reentrant):
+    """Cross-iteration BN in its burn-in is BN (the last window - 1 iterations store, but pool
+    nothing): its output does not depend on the state either call changed, so two calls on
+    identical batches in a checkpointed segment are no ambiguity, and train as without it."""
+    torch.manual_seed(0)
+    plain = cbn(burn_in=4)().double()  # (window 3: iterations 0-1 plain BN, 2-3 store; two calls a step)
+    twin = copy.deepcopy(plain)
+    xs, ws = batches(torch.float64)
+    train(Twice(plain), xs[:2], ws)
+    train(Checkpointed(Twice(twin), reentrant), xs[:2], ws)
+    assert int(twin[1].iteration) == 4
+    assert_same_state(plain, twin, 1e-11)
 
 
 def test_a_recomputation_of_an_unseen_batch_is_refused():

@@ -214,15 +214,16 @@ class BatchNorm(nn.Module):
 
         Records are found by the batch's statistics, so two forwards on identical batches cannot be
         told apart. Where both could be the one recomputed (the latest was recalled already in this
-        backward pass: the layer ran twice on identical batches inside checkpointed segments), it
-        raises rather than give one call the other's output."""
+        backward pass: the layer ran twice on identical batches inside checkpointed segments) and
+        their states differ, it raises rather than give one call the other's output."""
         mean, var = F.batch_key(x)
         matches = (record for record in reversed(self.__dict__.get("_records") or ())
                    if F.same_batch(mean, var, record[0], record[1], self.eps))
         latest = next(matches, None)  # (the older ones only looked at when needed: a few torch ops each)
         if latest is not None:
             task = torch._C._current_graph_task_id()
-            if latest[3] == task and next(matches, None) is not None:
+            older = next(matches, None) if latest[3] == task else None
+            if older is not None and not _same_state(latest[2], older[2]):
                 raise RuntimeError(f"{self._label()}: recomputed inside a backward pass (activation checkpointing) "
                                    "for a second call on an identical batch: its output depends on state each call "
                                    "changed, and the calls cannot be told apart by their batches. Keep the layer "
@@ -372,6 +373,18 @@ class BatchNormAct2d(BatchNormAct):
     """:class:`BatchNormAct` over ``(N, C, H, W)`` inputs (NCHW or channels_last)."""
 
     ranks = (4,)
+
+
+def _same_state(a, b) -> bool:
+    """Whether two recorded states (:meth:`BatchNorm._remember`: tuples of tensors, NumPy arrays and
+    numbers) are equal, so that either gives a recomputation the same output."""
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_same_state, a, b))
+    if hasattr(a, "shape") or hasattr(b, "shape"):  # (tensors, and NumPy arrays: the fused CBN forward's statistics)
+        a, b = (torch.as_tensor(t) if hasattr(t, "shape") else None for t in (a, b))
+        return (a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype
+                and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all()))
+    return a == b
 
 
 def _caller_level(outside: tuple[str, ...] = ("bnlab.",)) -> int:

@@ -397,7 +397,7 @@ class CrossIterationBatchNorm(BatchNorm):
         normalization (an autograd function), the running statistics and the window's statistics,
         then (compensated, and the batch finite) the window's derivatives. ``gradient``: a conv's
         weight gradient from x, when the producer's hook took it (:meth:`_capture`)."""
-        stats = np.empty((5, x.shape[1]))  # (filled by the forward; its own per call: backward reads it)
+        stats = np.zeros((5, x.shape[1]))  # (filled by the forward, row 4 but k; its own per call: backward reads it)
         y = FusedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, pooling, views.norm, stats)
         self._remember(stats[0], stats[1], ("fused", stats))
         folded = F.cross_iteration_commit_(views, stats, F.values_per_channel(x), self.batch_weight(), slot)
