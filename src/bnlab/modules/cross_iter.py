@@ -69,7 +69,7 @@ class CrossIterationBatchNorm(BatchNorm):
     checkpointing the recomputation of a forward normalizes with the statistics that forward
     pooled (the layer keeps them for its last 32 forwards, found by the batch's statistics: two
     calls on identical batches before one backward, inside checkpointed segments, cannot be told
-    apart and raise), and stores and counts nothing.
+    apart and raise where their states differ), and stores and counts nothing.
     Low precision (``torch.autocast``, or ``model.half()``/``.to(torch.bfloat16)``): the statistics
     and derivatives are float32, and the window's derivatives stay float32 through a conversion
     (the compensation's differences would cancel in 8 or 11 bits); the output has the input's dtype.

@@ -23,7 +23,7 @@ class BatchRenorm(BatchNorm):
     Under activation checkpointing the recomputation of a forward takes r and d from the moving
     averages that forward had (kept for the layer's last 32 forwards, found by the batch's
     statistics: two calls on identical batches before one backward, inside checkpointed segments,
-    cannot be told apart and raise) and updates nothing.
+    cannot be told apart and raise where their states differ) and updates nothing.
 
     Example:
         >>> layer = BatchRenorm2d(64, r_max=3.0, d_max=5.0)   # for micro-batches of 4, say
