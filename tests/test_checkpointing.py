@@ -174,17 +174,24 @@ def test_a_layer_called_twice_on_identical_batches_before_one_backward_is_refuse
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_two_calls_on_identical_batches_whose_states_agree_are_recomputed(reentrant):
+@pytest.mark.parametrize("kind", ["batch renorm", "cbn"])
+def test_two_calls_on_identical_batches_whose_states_agree_are_recomputed(kind, reentrant):
     """Cross-iteration BN in its burn-in is BN (the last window - 1 iterations store, but pool
-    nothing): its output does not depend on the state either call changed, so two calls on
-    identical batches in a checkpointed segment are no ambiguity, and train as without it."""
+    nothing), and Batch Renorm in its warm-up too (r = 1, d = 0): the output does not depend on
+    the state either call changed, so two calls on identical batches in a checkpointed segment are
+    no ambiguity, and train as without checkpointing."""
     torch.manual_seed(0)
-    plain = cbn(burn_in=4)().double()  # (window 3: iterations 0-1 plain BN, 2-3 store; two calls a step)
+    if kind == "cbn":
+        plain = cbn(burn_in=4)().double()  # (window 3: iterations 0-1 plain BN, 2-3 store; two calls a step)
+    else:
+        plain = pair(*(lambda c, cls=cls: cls(c, **{**RENORM, "warmup": 4}) for cls in
+                       (bnlab.BatchRenorm2d, bnlab.BatchRenorm1d)))().double()
     twin = copy.deepcopy(plain)
     xs, ws = batches(torch.float64)
     train(Twice(plain), xs[:2], ws)
     train(Checkpointed(Twice(twin), reentrant), xs[:2], ws)
-    assert int(twin[1].iteration) == 4
+    counts = twin[1].iteration if kind == "cbn" else twin[1].num_batches_tracked
+    assert int(counts) == 4
     assert_same_state(plain, twin, 1e-11)
 
 

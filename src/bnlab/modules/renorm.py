@@ -71,15 +71,18 @@ class BatchRenorm(BatchNorm):
     @F.eager_under_compile
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         r_max, d_max = self.limits()
-        moving = (self.running_mean.clone(), self.running_std.clone())  # r and d come from them: kept for a
-        y, mean, invstd, folded = F.batch_renorm_train(  # recomputation, as the limits are
+        # r and d come from the moving averages: kept for a recomputation, as the limits are (in the
+        # warm-up, r = 1 and d = 0 whatever they are: nothing to keep, and two such forwards agree)
+        moving = (self.running_mean.clone(), self.running_std.clone()) if (r_max, d_max) != (1.0, 0.0) else None
+        y, mean, invstd, folded = F.batch_renorm_train(
             x, self.weight, self.bias, self.running_mean, self.running_std, r_max, d_max, self.eps, self.batch_weight())
         self._remember(mean, invstd.reciprocal().square() - self.eps, (moving, r_max, d_max))
         return y, folded
 
     def _recompute(self, x: torch.Tensor) -> torch.Tensor:
         # r and d from the moving averages and limits that the forward being recomputed had
-        (mean, std), r_max, d_max = self._recall(x)
+        moving, r_max, d_max = self._recall(x)
+        mean, std = (moving if moving is not None else (self.running_mean, self.running_std))
         return F.batch_renorm_train(x, self.weight, self.bias, mean.clone(), std.clone(), r_max, d_max, self.eps,
                                     0.0)[0]
 
