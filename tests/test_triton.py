@@ -16,6 +16,7 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install bnlab[triton])")
 
+import bnlab  # noqa: E402
 from bnlab import functional as F  # noqa: E402
 from bnlab import reference as R  # noqa: E402
 from bnlab.kernels import triton_bn  # noqa: E402
@@ -91,6 +92,54 @@ def test_inference_is_one_pass_with_folded_scale_and_shift(act, shape, layout):
     rv = torch.rand(shape[1], device=DEVICE) + 0.5
     y = triton_bn.inference(x, w, b, rm, rv, 1e-5, act, 0.1)
     expected = ACTS[act](torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5))
+    torch.testing.assert_close(y, expected, **TOL[torch.float32])
+
+
+# Layouts a model hands over besides the CASES': name -> (the shape of a tensor, the view of it).
+VIEWS = {
+    "(N, C) column slice": ((6, 10), lambda t: t[:, ::2]),
+    "(N, C) expanded": ((1, 5), lambda t: t.expand(6, 5)),
+    "(N, C, L) strided": ((4, 3, 14), lambda t: t[:, :, ::2]),
+    "(N, C, L) transposed": ((4, 7, 3), lambda t: t.transpose(1, 2)),
+    "(N, C, H, W) H and W transposed": ((3, 2, 5, 6), lambda t: t.transpose(2, 3)),
+    "(N, C, H, W) strided rows": ((3, 2, 10, 6), lambda t: t[:, :, ::2]),
+    "(N, C, H, W) channel slice": ((3, 4, 5, 6), lambda t: t[:, 1:3]),
+    "(N, C, H, W) channels_last slice": ((3, 4, 5, 6), lambda t: t.to(memory_format=torch.channels_last)[:, 1:3]),
+}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_any_input_layout_trains_and_infers_as_torch(view):
+    """Strided, sliced, expanded and transposed views, through the layer (two training steps:
+    outputs, gradients, running statistics) and the inference kernel. The kernels write the
+    output at the input's offsets, so they take a layout as it is only where an empty tensor like
+    it has its strides; an output allocated otherwise was written out of its bounds (a heap
+    corruption on the CPU) or in part, and transposed H and W were refused in the backward (until
+    2026-11-24)."""
+    g = torch.Generator().manual_seed(1)
+    shape, view_of = VIEWS[view]
+    base = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEVICE)
+    c = view_of(base).shape[1]
+    rank = view_of(base).dim()
+    ours = (bnlab.BatchNormAct1d if rank < 4 else bnlab.BatchNormAct2d)(c, act="leaky_relu", negative_slope=0.1,
+                                                                       backend="triton").to(DEVICE)
+    theirs = (torch.nn.BatchNorm1d if rank < 4 else torch.nn.BatchNorm2d)(c).to(DEVICE)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5, generator=g)
+        theirs.bias.uniform_(-1, 1, generator=g)
+    ours.load_state_dict(theirs.state_dict())
+    for _ in range(2):
+        bo, bt = base.clone().requires_grad_(), base.clone().requires_grad_()
+        yo, yt = ours(view_of(bo)), ACTS["leaky_relu"](theirs(view_of(bt)))
+        dy = torch.randn(yt.shape, generator=g).to(DEVICE)
+        yo.backward(dy), yt.backward(dy)
+        for a, b in ((yo, yt), (bo.grad, bt.grad), (ours.weight.grad, theirs.weight.grad),
+                     (ours.bias.grad, theirs.bias.grad), (ours.running_mean, theirs.running_mean),
+                     (ours.running_var, theirs.running_var)):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+    x, w, b = view_of(base), theirs.weight.detach(), theirs.bias.detach()
+    y = triton_bn.inference(x, w, b, theirs.running_mean, theirs.running_var, 1e-5, "leaky_relu", 0.1)
+    expected = ACTS["leaky_relu"](torch.nn.functional.batch_norm(x, theirs.running_mean, theirs.running_var, w, b))
     torch.testing.assert_close(y, expected, **TOL[torch.float32])
 
 

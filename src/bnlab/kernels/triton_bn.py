@@ -2,16 +2,20 @@
 ``TRITON_INTERPRET=1`` for tests).
 
 Math: Ioffe & Szegedy 2015, Algorithm 1 and section 3, as in :mod:`bnlab.kernels.cpu_fused`.
-One program per channel. The input is addressed as (N, C, S) with any strides, so contiguous NCHW
-(strides C*S, S, 1), channels_last NHWC (S*C, 1, C) and (N, C) all run without a copy. Statistics
-accumulate in float32 whatever the input dtype (float32, float16, bfloat16): a first pass takes
-the mean, a second the variance around it (no E[x^2] - E[x]^2 cancellation), a third writes
-act(gamma * x_hat + beta) and folds the batch into the running statistics in the same launch.
-Backward: one pass for dbeta = sum g and dgamma = sum g * x_hat (g = dy * act'(u), u recomputed
-from x), one for dx. Inference: one elementwise pass with the folded scale and shift.
+One program per channel. The input is addressed as (N, C, S) through one stride each, so
+contiguous NCHW (strides C*S, S, 1), channels_last NHWC (S*C, 1, C) and (N, C) in either order run
+without a copy, and the output gets the input's layout; other layouts (strided or channel slices,
+transposed H and W) are copied to contiguous first. Statistics accumulate in float32 whatever
+the input dtype (float32, float16, bfloat16): a first pass takes the mean, a second the variance
+around it (no E[x^2] - E[x]^2 cancellation), a third writes act(gamma * x_hat + beta) and folds the
+batch into the running statistics in the same launch. Backward: one pass for dbeta = sum g and
+dgamma = sum g * x_hat (g = dy * act'(u), u recomputed from x), one for dx. Inference: one
+elementwise pass with the folded scale and shift.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -146,18 +150,34 @@ def _inference_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, total, C, S, sn, sc, s
 
 
 def _ncs(t: torch.Tensor):
-    """(N, S, strides n, c, s) of ``t`` viewed as (N, C, S); S flattens the spatial dims."""
-    n, c = t.shape[:2]
-    spatial = t.shape[2:]
-    s = 1
-    for d in spatial:
-        s *= d
-    if len(spatial) == 0:
+    """(N, S, strides n, c, s) of ``t`` viewed as (N, C, S); S flattens the spatial dims, which
+    :func:`_addressable` has checked lie one stride apart."""
+    n, s = t.shape[0], math.prod(t.shape[2:])
+    if t.dim() == 2:
         return n, 1, t.stride(0), t.stride(1), 1
-    for k in range(2, t.dim() - 1):  # the spatial dims must flatten to one stride (NCHW, channels_last)
-        if t.shape[k] > 1 and t.stride(k) != t.stride(k + 1) * t.shape[k + 1]:
-            raise ValueError("triton batch norm: the spatial dimensions must be laid out contiguously")
     return n, s, t.stride(0), t.stride(1), t.stride(-1)
+
+
+def _flat_spatial(t: torch.Tensor) -> bool:
+    """Whether ``t``'s spatial dims (2 on) flatten to one stride, as in NCHW and channels_last."""
+    return all(t.shape[k] == 1 or t.stride(k) == t.stride(k + 1) * t.shape[k + 1] for k in range(2, t.dim() - 1))
+
+
+def _addressable(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` as the kernels address it, as (N, C, S) through one stride each, and an empty tensor
+    of its shape, dtype and strides for the kernel to write (y, dx) at the same offsets.
+
+    ``t`` itself where it can be (contiguous, channels_last, a transposed (N, C) or (N, C, L)):
+    its spatial dims flatten to one stride and it is dense without overlap, so ``empty_like``
+    keeps its strides. Otherwise (a strided slice, a channel slice, an expanded tensor, transposed
+    H and W) a contiguous copy: written at the input's offsets, an output with strides of its own
+    would be written out of its bounds, or in part.
+    """
+    out = torch.empty_like(t)
+    if out.stride() != t.stride() or not _flat_spatial(t):
+        t = t.contiguous()
+        out = torch.empty_like(t)
+    return t, out
 
 
 def _block(m: int) -> int:
@@ -165,14 +185,12 @@ def _block(m: int) -> int:
 
 
 def forward(x, weight, bias, eps, act, slope, running_mean=None, running_var=None, momentum=0.1):
-    """Returns ``(y, mean, invstd)``; y has x's layout and dtype; folds the batch into the running
-    buffers it is given, whatever its statistics (one program per channel cannot know whether
-    another's are finite: the caller passes copies and keeps them only for a finite batch,
-    :func:`bnlab.functional.fold_if_finite_`)."""
+    """Returns ``(y, mean, invstd)``; y has x's dtype, and its layout where the kernels address it
+    (:func:`_addressable`); folds the batch into the running buffers it is given, whatever its
+    statistics (one program per channel cannot know whether another's are finite: the caller
+    passes copies and keeps them only for a finite batch, :func:`bnlab.functional.fold_if_finite_`)."""
     c = x.shape[1]
-    if x.dim() > 2 and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
-    y = torch.empty_like(x)
+    x, y = _addressable(x)
     mean = torch.empty(c, dtype=torch.float32, device=x.device)
     invstd = torch.empty_like(mean)
     n, s, sn, sc, ss = _ncs(x)
@@ -186,9 +204,11 @@ def forward(x, weight, bias, eps, act, slope, running_mean=None, running_var=Non
 
 
 def backward(dy, x, weight, bias, mean, invstd, act, slope):
-    """Returns ``(dx, dgamma, dbeta)``; dx has x's layout and dtype."""
+    """Returns ``(dx, dgamma, dbeta)``; dx has x's dtype, and its layout where the kernels address it."""
     c = x.shape[1]
-    dx = torch.empty_like(x)
+    x, dx = _addressable(x)
+    if not _flat_spatial(dy):  # (read only: any dense or strided layout whose spatial dims flatten)
+        dy = dy.contiguous()
     dw = torch.empty(c, dtype=torch.float32, device=x.device)
     db = torch.empty_like(dw)
     n, s, sn, sc, ss = _ncs(x)
@@ -203,7 +223,7 @@ def inference(x, weight, bias, running_mean, running_var, eps, act, slope):
     """y = act(x * scale + shift) with scale = gamma / sqrt(Var + eps), shift = beta - E[x] * scale."""
     scale = (weight.float() * torch.rsqrt(running_var.float() + eps)).contiguous()
     shift = (bias.float() - running_mean.float() * scale).contiguous()
-    y = torch.empty_like(x)
+    x, y = _addressable(x)
     n, s, sn, sc, ss = _ncs(x)
     total = x.numel()
     block = 1024
