@@ -143,6 +143,37 @@ def test_any_input_layout_trains_and_infers_as_torch(view):
     torch.testing.assert_close(y, expected, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_batch_norm_act_infers_in_one_pass_without_a_graph_and_differentiably_with_one(act, affine, monkeypatch):
+    """BatchNormAct in eval mode: under no_grad one launch of the inference kernel; where autograd
+    needs a graph (a gradient with respect to the input in eval mode), torch's ops, differentiable."""
+    launches = []
+    kernel = triton_bn.inference
+    monkeypatch.setattr(triton_bn, "inference", lambda *a: launches.append(a) or kernel(*a))
+    g = torch.Generator().manual_seed(2)
+    layer = bnlab.BatchNormAct2d(3, act=act, affine=affine, backend="triton").to(DEVICE).eval()
+    with torch.no_grad():
+        layer.running_mean.normal_(generator=g)
+        layer.running_var.uniform_(0.5, 2.0, generator=g)
+        if affine:
+            layer.weight.uniform_(0.5, 1.5, generator=g)
+            layer.bias.uniform_(-1, 1, generator=g)
+    x = torch.randn(4, 3, 5, 5, generator=g).to(DEVICE)
+    w, b = (layer.weight.detach(), layer.bias.detach()) if affine else (None, None)
+    expected = ACTS[act](torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var, w, b))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, **TOL[torch.float32])
+    assert len(launches) == 1
+    xi, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = layer(xi)
+    ACTS[act](torch.nn.functional.batch_norm(xt, layer.running_mean, layer.running_var, w, b)).backward(x)
+    y.backward(x)
+    torch.testing.assert_close(y, expected, **TOL[torch.float32])
+    torch.testing.assert_close(xi.grad, xt.grad, **TOL[torch.float32])
+    assert len(launches) == 1
+
+
 def test_non_finite_batch_leaves_running_stats_alone():
     x, w, b, _ = make((4, 3, 2, 2), "nchw", torch.float32)
     x[1, 2, 0, 0] = float("nan")

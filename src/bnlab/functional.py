@@ -290,6 +290,35 @@ def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e
     return normalize(x, running_mean.to(stat_dtype), invstd, weight, bias)
 
 
+def batch_norm_act_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, act="relu", slope=0.01,
+                        backend="auto"):
+    """act(Algorithm 2's output): act(gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta).
+
+    On the Triton path (``backend="triton"``, or ``"auto"`` on CUDA) with no autograd graph to
+    build (under ``torch.no_grad()`` or ``torch.inference_mode()``, or nothing requiring a
+    gradient), one elementwise pass with the folded scale s = gamma / sqrt(Var[x] + eps) and shift
+    beta - E[x] s (:func:`bnlab.kernels.triton_bn.inference`), in float32 whatever x's dtype.
+    Otherwise, and under torch.compile (whose own fusion takes the two ops), :func:`batch_norm_eval`
+    then the activation, which autograd differentiates.
+
+    Example:
+        >>> x = torch.randn(8, 4, 5, 5)
+        >>> y = batch_norm_act_eval(x, torch.zeros(4), torch.ones(4), act="relu")  # relu(x / sqrt(1 + eps))
+    """
+    if backend == "triton":
+        check_triton(x)
+    graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if (backend == "triton" or (backend == "auto" and use_triton(x))) and not graph and \
+            not torch.compiler.is_compiling():
+        from bnlab.kernels import triton_bn
+
+        c = x.shape[1]
+        weight = weight if weight is not None else torch.ones(c, device=x.device)
+        bias = bias if bias is not None else torch.zeros(c, device=x.device)
+        return triton_bn.inference(x, weight, bias, running_mean, running_var, eps, act, slope)
+    return activation(batch_norm_eval(x, running_mean, running_var, weight, bias, eps, backend), act, slope)
+
+
 def state_dtype(*tensors: "torch.Tensor | None") -> "torch.dtype | None":
     """The dtype of a layer's state, the first of ``tensors`` (its parameters, then its running
     statistics) that it has: what :func:`check_input` holds the input's dtype to. None without any."""

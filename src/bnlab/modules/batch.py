@@ -335,7 +335,8 @@ class BatchNormAct(BatchNorm):
     kernels (two passes over the data forward, three backward, against five and eight for BN then
     the activation; see benchmarks/RESULTS.md); SiLU and sigmoid, whose exp the kernels compute one value at a time,
     run BN then torch's activation unless ``backend="fused"``; CUDA tensors run the Triton kernels.
-    Inference: the running statistics, then ``act``.
+    Inference: the running statistics, then ``act``; on CUDA, without an autograd graph to build
+    (``torch.no_grad()``, ``bnlab.evaluating``), one Triton pass with the folded scale and shift.
 
     Example:
         >>> layer = BatchNormAct2d(64, act="relu")
@@ -353,7 +354,8 @@ class BatchNormAct(BatchNorm):
         return f"{super().extra_repr()}, act={self.act!r}"
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
-        return F.activation(super()._inference(x), self.act, self.negative_slope)
+        return F.batch_norm_act_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                     self.act, self.negative_slope, self.backend)
 
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
         y, _, _, folded = F.batch_norm_act_train(
