@@ -105,6 +105,8 @@ VIEWS = {
     "(N, C, H, W) strided rows": ((3, 2, 10, 6), lambda t: t[:, :, ::2]),
     "(N, C, H, W) channel slice": ((3, 4, 5, 6), lambda t: t[:, 1:3]),
     "(N, C, H, W) channels_last slice": ((3, 4, 5, 6), lambda t: t.to(memory_format=torch.channels_last)[:, 1:3]),
+    # (torch calls it contiguous: the size-1 dim's stride is 2, W's 1, and the last dim is H)
+    "(N, C, H, W) W of 1 transposed": ((5, 2, 1, 3), lambda t: t.transpose(2, 3)),
 }
 
 
@@ -115,7 +117,7 @@ def test_any_input_layout_trains_and_infers_as_torch(view):
     output at the input's offsets, so they take a layout as it is only where an empty tensor like
     it has its strides; an output allocated otherwise was written out of its bounds (a heap
     corruption on the CPU) or in part, and transposed H and W were refused in the backward (until
-    2026-11-24)."""
+    2026-11-24). The spatial stride is the innermost dim's longer than 1."""
     g = torch.Generator().manual_seed(1)
     shape, view_of = VIEWS[view]
     base = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEVICE)

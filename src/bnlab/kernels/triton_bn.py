@@ -149,18 +149,24 @@ def _inference_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, total, C, S, sn, sc, s
     tl.store(y_ptr + offs, _act(u, ACT, slope).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _spatial(t: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The sizes and strides of ``t``'s spatial dims (2 on) that are longer than 1 (a dim of size
+    1 may have any stride: torch calls such a tensor contiguous whatever it is)."""
+    dims = [k for k in range(2, t.dim()) if t.shape[k] > 1]
+    return [t.shape[k] for k in dims], [t.stride(k) for k in dims]
+
+
 def _ncs(t: torch.Tensor):
     """(N, S, strides n, c, s) of ``t`` viewed as (N, C, S); S flattens the spatial dims, which
     :func:`_addressable` has checked lie one stride apart."""
-    n, s = t.shape[0], math.prod(t.shape[2:])
-    if t.dim() == 2:
-        return n, 1, t.stride(0), t.stride(1), 1
-    return n, s, t.stride(0), t.stride(1), t.stride(-1)
+    sizes, strides = _spatial(t)
+    return t.shape[0], math.prod(sizes), t.stride(0), t.stride(1), strides[-1] if strides else 1
 
 
 def _flat_spatial(t: torch.Tensor) -> bool:
-    """Whether ``t``'s spatial dims (2 on) flatten to one stride, as in NCHW and channels_last."""
-    return all(t.shape[k] == 1 or t.stride(k) == t.stride(k + 1) * t.shape[k + 1] for k in range(2, t.dim() - 1))
+    """Whether ``t``'s spatial dims flatten to one stride, as in NCHW and channels_last."""
+    sizes, strides = _spatial(t)
+    return all(strides[k] == strides[k + 1] * sizes[k + 1] for k in range(len(sizes) - 1))
 
 
 def _addressable(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
