@@ -10,6 +10,8 @@ import types
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 DEVICE = os.environ.get("BNLAB_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -143,6 +145,66 @@ def test_any_input_layout_trains_and_infers_as_torch(view):
     y = triton_bn.inference(x, w, b, theirs.running_mean, theirs.running_var, 1e-5, "leaky_relu", 0.1)
     expected = ACTS["leaky_relu"](torch.nn.functional.batch_norm(x, theirs.running_mean, theirs.running_var, w, b))
     torch.testing.assert_close(y, expected, **TOL[torch.float32])
+
+
+LAYOUTS = {  # a view of a contiguous tensor, as a model may hand it over
+    "contiguous": lambda t: t,
+    "channels_last": lambda t: t.to(memory_format=torch.channels_last) if t.dim() == 4 else t,
+    "last two dims transposed": lambda t: t.transpose(-1, -2) if t.dim() > 3 else t,
+    "batch-dim order reversed": lambda t: t.transpose(0, -1).contiguous().transpose(0, -1),
+    "every other example": lambda t: t[::2],
+    "channel slice": lambda t: t[:, 1:],
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_the_layers_on_triton_train_and_infer_as_torchs_bn_and_activation(data):
+    """Random rank (2-5), sizes (1 included), layout, activation, momentum (a rate or None, the
+    cumulative average), affine and running-statistics flags: two training steps (outputs, input
+    and parameter gradients), inference, and the state_dict, against torch.nn's BN and the
+    activation."""
+    rank = data.draw(st.integers(2, 5), "rank")
+    layout = data.draw(st.sampled_from(sorted(LAYOUTS)), "layout")
+    n = data.draw(st.integers(4 if layout == "every other example" else 2, 7), "N")
+    c = data.draw(st.integers(2 if layout == "channel slice" else 1, 6), "C")
+    size = st.one_of(st.just(1), st.integers(2, 7))  # (1 often: a dim of size 1 may have any stride)
+    shape = (n, c, *data.draw(st.lists(size, min_size=rank - 2, max_size=rank - 2), "spatial"))
+    act = "identity" if rank == 5 else data.draw(st.sampled_from(sorted(ACTS)), "act")
+    kw = dict(affine=data.draw(st.booleans(), "affine"), track_running_stats=data.draw(st.booleans(), "track"),
+              momentum=data.draw(st.sampled_from([0.1, 0.3, None]), "momentum"))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), "seed"))
+    base = (torch.randn(shape, generator=g) * 3 - 1).to(DEVICE)
+    view = LAYOUTS[layout]
+    c = view(base).shape[1]
+    if rank == 5:
+        ours = bnlab.BatchNorm3d(c, backend="triton", **kw)
+    else:
+        ours = (bnlab.BatchNormAct1d if rank < 4 else bnlab.BatchNormAct2d)(c, act=act, negative_slope=0.1,
+                                                                           backend="triton", **kw)
+    theirs = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[
+        rank](c, **kw)
+    if kw["affine"]:
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5, generator=g)
+            theirs.bias.uniform_(-1, 1, generator=g)
+    ours, theirs = ours.to(DEVICE), theirs.to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    for training in (True, True, False):
+        ours.train(training), theirs.train(training)
+        bo, bt = base.clone().requires_grad_(), base.clone().requires_grad_()
+        yo, yt = ours(view(bo)), ACTS[act](theirs(view(bt)))
+        dy = torch.randn(yt.shape, generator=g).to(DEVICE)
+        yo.backward(dy), yt.backward(dy)
+        torch.testing.assert_close(yo, yt, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(bo.grad, bt.grad, rtol=1e-4, atol=1e-4)
+        if kw["affine"]:
+            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(view(base)), ACTS[act](theirs(view(base))), rtol=1e-4, atol=1e-4)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-4, atol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize("affine", [True, False])
