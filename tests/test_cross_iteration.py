@@ -665,6 +665,26 @@ def test_the_kernels_follow_tensors_that_moved():
     assert not np.shares_memory(old.norm[3][0], pb.weight.detach().numpy())
 
 
+def test_a_producer_weight_that_is_not_contiguous_trains_as_on_torch_ops():
+    """A weight stored permuted (ported from a framework that keeps kernels as H, W, in, out)
+    is not contiguous: its (C, F) reshape is a copy, which the kernels once kept and compensated
+    with at every later step, stale (until 2026-11-24). Such a producer takes the torch ops; a
+    weight transposed in place under ``.data =``, at the same address, is noticed too."""
+    (pa, a), (pb, b) = pair("conv", 3, backend="auto"), pair("conv", 3, backend="native")
+    for producer in (pa, pb):
+        producer.weight.data = producer.weight.data.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not pa.weight.is_contiguous() and pa(inputs("conv")).is_contiguous()
+    for ya, yb in zip(run(pa, a, 5, lr=0.05), run(pb, b, 5, lr=0.05)):
+        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-11)
+    assert a._kernel_state(pa(inputs("conv"))) is None
+    (pa, a), (pb, b) = pair("conv", 3, backend="auto"), pair("conv", 3, backend="native")
+    run(pa, a, 2, lr=0.05), run(pb, b, 2, lr=0.05)  # (the kernels' views made for the contiguous weight)
+    for producer in (pa, pb):
+        producer.weight.data = producer.weight.data.transpose(2, 3)  # (the same address, new strides)
+    for ya, yb in zip(run(pa, a, 4, lr=0.05, seed=2), run(pb, b, 4, lr=0.05, seed=2)):
+        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-11)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2), st.integers(1, 2),
        st.sampled_from([1, 2]), st.integers(3, 7), st.integers(3, 7))

@@ -909,7 +909,8 @@ class CrossIterationViews(NamedTuple):
 def cross_iteration_views(gamma, beta, running_mean, running_var, producer: torch.nn.Module, window: tuple,
                           compensate: bool) -> "CrossIterationViews | None":
     """NumPy views of a cross-iteration layer's tensors for the kernels, or None where they cannot
-    take them (a tensor off the CPU, or not float32/64).
+    take them (a tensor off the CPU, or not float32/64; a producer weight that is not contiguous,
+    whose ``(C, F)`` reshape would be a copy, stale after the next optimizer step).
 
     ``gamma``/``beta`` the layer's affine parameters (None without), ``window`` its window buffers
     ``(mu, nu, bias, dmu, dnu, dmu_w, dnu_w, valid)`` (``(P, C)``, ``(P, C)``, ``(P, C)``,
@@ -921,7 +922,7 @@ def cross_iteration_views(gamma, beta, running_mean, running_var, producer: torc
     tensors = (gamma, beta, running_mean, running_var, weight, bias)
     if not all(t is None or (t.is_cpu and t.dtype in FUSED_DTYPES) for t in tensors):
         return None
-    if not all(t.is_cpu for t in window) or window[0].dtype not in FUSED_DTYPES:
+    if not all(t.is_cpu for t in window) or window[0].dtype not in FUSED_DTYPES or not weight.is_contiguous():
         return None
     from bnlab.kernels import cpu_cbn  # numba: imported by the first layer that trains on it
 

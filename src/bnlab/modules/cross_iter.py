@@ -324,7 +324,8 @@ class CrossIterationBatchNorm(BatchNorm):
 
         Kept between steps and remade when a tensor behind them moved (``.to()``, ``pair()``,
         ``load_state_dict(assign=True)``, ``.data =``): the cached views hold the old tensors, so
-        an equal address is the same memory.
+        an equal address is the same memory. The producer weight's strides count too: a view of
+        it assigned with ``.data =`` (transposed, say) can start at the same address.
         """
         if not (self.backend == "auto" and F.fused_act_supported(x) and x.is_contiguous()):
             return None
@@ -334,7 +335,7 @@ class CrossIterationBatchNorm(BatchNorm):
         tensors = (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
                    producer._parameters["weight"], producer._parameters["bias"],
                    *[buffers[name] for name in WINDOW_BUFFERS])
-        key = [t.data_ptr() if t is not None else 0 for t in tensors]
+        key = [t.data_ptr() if t is not None else 0 for t in tensors] + [tensors[4].stride()]
         cached = self.__dict__.get("_state")
         if cached is None or cached[0] != key:
             views = F.cross_iteration_views(*tensors[:4], producer, tensors[6:], self.compensate)
