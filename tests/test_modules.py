@@ -400,12 +400,28 @@ def test_an_empty_batch_between_two_leaves_cross_iteration_bn_where_it_was():
         (lambda: bnlab.BatchNorm2d(3, eps=-1e-5), "eps must be 0 or more"),
         (lambda: bnlab.BatchRenorm2d(3, r_max=0.5), "r_max >= 1 and d_max >= 0"),
         (lambda: bnlab.BatchRenorm2d(3, d_max=-1.0), "r_max >= 1 and d_max >= 0"),
+        (lambda: bnlab.BatchRenorm2d(3, track_running_stats=False), "keeps them \\(track_running_stats=True\\)"),
         (lambda: bnlab.CrossIterationBatchNorm2d(3, burn_in=-1), "burn_in must be 0 or more"),
     ],
 )
 def test_settings_that_make_no_sense_are_refused_at_construction(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("layer, torch_layer", [(bnlab.BatchNorm2d, nn.BatchNorm2d),
+                                                (bnlab.BatchRenorm2d, nn.BatchNorm2d),
+                                                (bnlab.SyncBatchNorm, nn.SyncBatchNorm)])
+def test_the_layers_take_torch_nn_batch_norms_arguments_in_its_order(layer, torch_layer):
+    """(num_features, eps, momentum, affine, track_running_stats, then SyncBatchNorm's process_group,
+    device, dtype): a call written for torch's layer with positional arguments means the same with
+    bnlab's (Batch Renorm took device in track_running_stats' place until 2026-11-24). Ghost BN and
+    BatchNormAct take their own argument second (virtual_batch_size, act)."""
+    args = (3, 1e-3, 0.2, True, True, *((None,) if torch_layer is nn.SyncBatchNorm else ()), "cpu", torch.float64)
+    ours, theirs = layer(*args), torch_layer(*args)
+    for name in ("eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.weight.dtype == theirs.weight.dtype == torch.float64
 
 
 def test_one_example_is_fine_in_eval_mode():
