@@ -42,6 +42,11 @@ def test_truncated_and_corrupt_files_name_the_file(tmp_path):
     (tmp_path / "cut.idx.gz").write_bytes(gzip.compress(good)[:-10])
     with pytest.raises(D.DataError, match="cut.idx.gz.*gzip"):
         D.read_idx(tmp_path / "cut.idx.gz")
+    # sizes whose product is 2^64, 0 in int64: a header alone passed the size check, then failed in
+    # NumPy's reshape without the file's name (until 2026-11-24)
+    (tmp_path / "wrap.idx").write_bytes(bytes([0, 0, 0x08, 3]) + np.array([2**31, 2**31, 4], ">u4").tobytes())
+    with pytest.raises(D.DataError, match="wrap.idx.*truncated"):
+        D.read_idx(tmp_path / "wrap.idx")
 
 
 def tiny_mnist(folder: Path, gz: bool = True) -> dict:

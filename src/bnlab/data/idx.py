@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import zlib
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def read_idx(path) -> np.ndarray:
         raise DataError(f"{path}: truncated header ({len(data)} bytes)")
     shape = tuple(int(s) for s in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dtype = IDX_TYPES[type_code]
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # (Python's integers: no int64 wrap-around)
     if len(data) != expected:
         kind = "truncated" if len(data) < expected else "longer than its header says"
         raise DataError(f"{path}: {kind}: {len(data)} bytes, header {shape} needs {expected}")
