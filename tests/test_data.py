@@ -47,6 +47,10 @@ def test_truncated_and_corrupt_files_name_the_file(tmp_path):
     (tmp_path / "wrap.idx").write_bytes(bytes([0, 0, 0x08, 3]) + np.array([2**31, 2**31, 4], ">u4").tobytes())
     with pytest.raises(D.DataError, match="wrap.idx.*truncated"):
         D.read_idx(tmp_path / "wrap.idx")
+    # no values (a size of 0) beside sizes no array can have: NumPy's error, unnamed, until 2026-11-24
+    (tmp_path / "huge.idx").write_bytes(bytes([0, 0, 0x0E, 3]) + np.array([0, 2**32 - 1, 2**32 - 1], ">u4").tobytes())
+    with pytest.raises(D.DataError, match="huge.idx.*make no array"):
+        D.read_idx(tmp_path / "huge.idx")
 
 
 def tiny_mnist(folder: Path, gz: bool = True) -> dict:

@@ -62,7 +62,11 @@ def read_idx(path) -> np.ndarray:
     if len(data) != expected:
         kind = "truncated" if len(data) < expected else "longer than its header says"
         raise DataError(f"{path}: {kind}: {len(data)} bytes, header {shape} needs {expected}")
-    return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    try:
+        values = np.frombuffer(data, dtype, offset=header).reshape(shape)
+    except ValueError as err:  # (a size of 0 beside sizes NumPy cannot address: no values, no array)
+        raise DataError(f"{path}: header sizes {shape} make no array ({err})") from err
+    return values.astype(dtype.newbyteorder("="))
 
 
 def write_idx(path, array: np.ndarray, compress: bool | None = None) -> Path:
