@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bnlab import data as D
 from bnlab.data import mnist as M
@@ -51,6 +53,40 @@ def test_truncated_and_corrupt_files_name_the_file(tmp_path):
     (tmp_path / "huge.idx").write_bytes(bytes([0, 0, 0x0E, 3]) + np.array([0, 2**32 - 1, 2**32 - 1], ">u4").tobytes())
     with pytest.raises(D.DataError, match="huge.idx.*make no array"):
         D.read_idx(tmp_path / "huge.idx")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_damaged_file_is_read_whole_or_refused_by_name(tmp_path, data):
+    """Bytes changed, the file cut, its dimension count changed, random bytes, gzip cut: the
+    reader returns an array of the header's shape or raises its own error naming the file."""
+    array = data.draw(st.sampled_from([np.arange(60, dtype=np.uint8).reshape(3, 4, 5),
+                                       np.linspace(0, 1, 12).reshape(3, 4)]))
+    raw = bytearray(D.write_idx(tmp_path / "good.idx", array).read_bytes())
+    damage = data.draw(st.sampled_from(["bytes", "cut", "ndim", "random"]))
+    if damage == "bytes":
+        for at, value in data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)),
+                                            min_size=1, max_size=4)):
+            raw[at] = value
+    elif damage == "cut":
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    elif damage == "ndim":
+        raw[3] = data.draw(st.integers(0, 255))
+    else:
+        raw = bytearray(data.draw(st.binary(max_size=40)))
+    payload = bytes(raw)
+    if data.draw(st.booleans()):
+        payload = gzip.compress(payload)
+        payload = payload[: data.draw(st.integers(0, len(payload)))]
+    path = tmp_path / "damaged.idx"
+    path.write_bytes(payload)
+    try:
+        values = D.read_idx(path)
+    except D.DataError as err:
+        assert "damaged.idx" in str(err)
+    else:
+        read = gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload  # (what the reader read)
+        assert values.shape == tuple(int(n) for n in np.frombuffer(read, ">u4", count=read[3], offset=4))
 
 
 def tiny_mnist(folder: Path, gz: bool = True) -> dict:
