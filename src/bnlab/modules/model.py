@@ -71,9 +71,10 @@ def population_layers(model: nn.Module) -> list[nn.Module]:
 def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
     """Ioffe & Szegedy 2015, Algorithm 2: population statistics for every BN layer of ``model``.
 
-    Runs the batches through the training-mode network (every BN layer normalizing with its batch
-    statistics, cross-iteration BN too, whose window and iteration count are left alone; every
-    other module in eval mode, so dropout is off) and sets each layer's running statistics to
+    Runs the batches through the training-mode network without autograd (every BN layer
+    normalizing with its batch statistics, cross-iteration BN too, whose window and iteration count
+    are left alone; every other module in eval mode, so dropout is off) and sets each layer's
+    running statistics to
 
         E[x] = mean over batches of mu_B,   Var[x] = mean over batches of m/(m-1) * sigma2_B,
 
@@ -133,11 +134,12 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
             layer.train()
         for layer in pooled:  # batch statistics, as Algorithm 2 has them; the window stays as it is
             layer.__dict__["_batch_statistics"] = True
-        for batch in batches:
-            if forward is not None:
-                forward(model, batch)
-            else:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        with torch.no_grad():  # (statistics only: no autograd graph to build and free for each batch)
+            for batch in batches:
+                if forward is not None:
+                    forward(model, batch)
+                else:
+                    model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
         for h in hooks:
             h.remove()
