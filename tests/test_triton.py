@@ -252,15 +252,19 @@ def test_non_finite_batch_leaves_running_stats_alone():
     assert folded and not torch.equal(rm[0], before[0][0])
 
 
-def test_tensors_beyond_int32_offsets_are_refused_by_name_and_left_to_torch_by_auto():
+def test_auto_leaves_float64_and_tensors_beyond_int32_offsets_to_torch():
     """The kernels index in int32: a tensor of 2^31 values or more would wrap its offsets. Asked
-    for by name, Triton refuses it with the reason; "auto" gives it to torch's kernels."""
+    for by name, Triton refuses it with the reason; "auto" gives it to torch's kernels, and
+    float64 tensors too (until 2026-11-24 "auto" gave them to the kernels, float32 inside)."""
     huge = torch.zeros(1, 2, 1).expand(2**30, 2, 1)  # (2^31 values, 8 bytes of storage)
     with pytest.raises(ValueError, match="int32 offsets"):
         F.check_triton(huge)
     F.check_triton(huge[: 2**29])  # (fits)
-    cuda_tensor = lambda numel: types.SimpleNamespace(device=torch.device("cuda"), numel=lambda: numel)  # noqa: E731
+    cuda_tensor = lambda numel, dtype=torch.float32: types.SimpleNamespace(  # noqa: E731
+        device=torch.device("cuda"), numel=lambda: numel, dtype=dtype)
     assert F.use_triton(cuda_tensor(2**31 - 1)) and not F.use_triton(cuda_tensor(2**31))
+    # (and float64 runs torch's kernels, whose arithmetic is float64; the Triton kernels' is float32)
+    assert F.use_triton(cuda_tensor(8, torch.float16)) and not F.use_triton(cuda_tensor(8, torch.float64))
 
 
 @pytest.mark.parametrize("act", ["relu", "silu"])

@@ -258,7 +258,8 @@ def batch_norm_train(
       ``"native"`` (benchmarks/RESULTS.md), their use is BN fused with an activation
       (:func:`batch_norm_act_train`);
     - ``"triton"``: the Triton kernels of :mod:`bnlab.kernels.triton_bn` (one launch a direction);
-    - ``"auto"``: ``"triton"`` for CUDA tensors when Triton is importable, else ``"native"``.
+    - ``"auto"``: ``"triton"`` for CUDA tensors when Triton is importable (not float64 ones: the
+      kernels compute in float32), else ``"native"``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -294,10 +295,11 @@ def batch_norm_act_eval(x, running_mean, running_var, weight=None, bias=None, ep
                         backend="auto"):
     """act(Algorithm 2's output): act(gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta).
 
-    On the Triton path (``backend="triton"``, or ``"auto"`` on CUDA) with no autograd graph to
-    build (under ``torch.no_grad()`` or ``torch.inference_mode()``, or nothing requiring a
-    gradient), one elementwise pass with the folded scale s = gamma / sqrt(Var[x] + eps) and shift
-    beta - E[x] s (:func:`bnlab.kernels.triton_bn.inference`), in float32 whatever x's dtype.
+    On the Triton path (``backend="triton"``, or ``"auto"`` where :func:`use_triton` takes it)
+    with no autograd graph to build (under ``torch.no_grad()`` or ``torch.inference_mode()``, or
+    nothing requiring a gradient), one elementwise pass with the folded scale
+    s = gamma / sqrt(Var[x] + eps) and shift beta - E[x] s (:func:`bnlab.kernels.triton_bn.inference`),
+    in float32 whatever x's dtype.
     Otherwise, and under torch.compile (whose own fusion takes the two ops), :func:`batch_norm_eval`
     then the activation, which autograd differentiates.
 
@@ -448,8 +450,9 @@ TRITON_MAX_NUMEL = 2**31 - 1  # the kernels index in int32 (offsets up to numel)
 
 def use_triton(x: torch.Tensor) -> bool:
     """``backend="auto"``'s choice of the Triton kernels: CUDA tensors that int32 offsets can
-    address, when Triton is importable (else torch's kernels)."""
-    if x.device.type != "cuda" or x.numel() > TRITON_MAX_NUMEL:
+    address, when Triton is importable (else torch's kernels). Not float64: the kernels compute in
+    float32, and a float64 model (a gradcheck, say) wants float64 arithmetic, which torch's have."""
+    if x.device.type != "cuda" or x.numel() > TRITON_MAX_NUMEL or x.dtype == torch.float64:
         return False
     try:
         import triton  # noqa: F401

@@ -6,11 +6,11 @@ One program per channel. The input is addressed as (N, C, S) through one stride 
 contiguous NCHW (strides C*S, S, 1), channels_last NHWC (S*C, 1, C) and (N, C) in either order run
 without a copy, and the output gets the input's layout; other layouts (strided or channel slices,
 transposed H and W) are copied to contiguous first. Statistics accumulate in float32 whatever
-the input dtype (float32, float16, bfloat16): a first pass takes the mean, a second the variance
-around it (no E[x^2] - E[x]^2 cancellation), a third writes act(gamma * x_hat + beta) and folds the
-batch into the running statistics in the same launch. Backward: one pass for dbeta = sum g and
-dgamma = sum g * x_hat (g = dy * act'(u), u recomputed from x), one for dx. Inference: one
-elementwise pass with the folded scale and shift.
+the input dtype (float32, float16, bfloat16; float64 too, where asked for by name): a first pass
+takes the mean, a second the variance around it (no E[x^2] - E[x]^2 cancellation), a third writes
+act(gamma * x_hat + beta) and folds the batch into the running statistics in the same launch.
+Backward: one pass for dbeta = sum g and dgamma = sum g * x_hat (g = dy * act'(u), u recomputed
+from x), one for dx. Inference: one elementwise pass with the folded scale and shift.
 """
 
 from __future__ import annotations

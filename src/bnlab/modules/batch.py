@@ -334,7 +334,8 @@ class BatchNormAct(BatchNorm):
     it. Training with ReLU or leaky ReLU on large float32/float64 CPU tensors runs bnlab's fused
     kernels (two passes over the data forward, three backward, against five and eight for BN then
     the activation; see benchmarks/RESULTS.md); SiLU and sigmoid, whose exp the kernels compute one value at a time,
-    run BN then torch's activation unless ``backend="fused"``; CUDA tensors run the Triton kernels.
+    run BN then torch's activation unless ``backend="fused"``; CUDA tensors run the Triton kernels
+    (float64 ones torch's, whose arithmetic is float64).
     Inference: the running statistics, then ``act``; on CUDA, without an autograd graph to build
     (``torch.no_grad()``, ``bnlab.evaluating``), one Triton pass with the folded scale and shift.
 
