@@ -176,7 +176,7 @@ def test_the_layers_on_triton_train_and_infer_as_torchs_bn_and_activation(data):
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), "seed"))
     base = (torch.randn(shape, generator=g) * 3 - 1).to(DEVICE)
     view = LAYOUTS[layout]
-    c = view(base).shape[1]
+    c = view(base).shape[1]  # (a channel slice has one fewer)
     if rank == 5:
         ours = bnlab.BatchNorm3d(c, backend="triton", **kw)
     else:
