@@ -1,7 +1,7 @@
 """BN + activation, forward + backward: bnlab's fused layer against torch.nn.BatchNorm2d + ReLU.
 
     python benchmarks/bench_bn_act.py [--act relu] [--repeats 10] [--device cpu|cuda] [--dtype float32]
-                                      [--channels-last] [--shapes 256x1024,64x64x14x14]
+                                      [--backend auto] [--channels-last] [--eval] [--shapes 256x1024,64x64x14x14]
 
 For each shape, in one run, interleaved: the median time of bnlab.BatchNormAct (training mode,
 forward + backward) and of torch.nn.BatchNorm followed by the activation; their ratio (torch /
@@ -9,6 +9,9 @@ bnlab: above 1 means bnlab is faster); and bnlab's achieved bandwidth, counting 
 kernels' traffic (forward: x read twice, y written once; backward: x and dy read twice, dx
 written once: 8 tensor-sized transfers), as a fraction of a large device copy timed in the same
 run (read + write counted).
+
+``--eval`` times inference instead: eval mode under ``torch.no_grad()``, where bnlab's Triton path
+is one pass (x read, y written: 2 transfers) and the others BN then the activation.
 """
 
 import argparse
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--channels-last", action="store_true", help="4-D inputs in channels_last memory")
+    parser.add_argument("--eval", action="store_true", help="time inference (eval mode, no autograd) instead")
     parser.add_argument("--shapes", help="comma-separated shapes such as 256x1024,64x64x14x14 (default: SHAPES)")
     args = parser.parse_args()
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
@@ -64,7 +68,7 @@ def main() -> None:
     copy = copy_bandwidth(args.device, dtype)
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
           f"{args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, act {args.act}"
-          f"{', channels_last' if args.channels_last else ''}")
+          f"{', channels_last' if args.channels_last else ''}, {'inference' if args.eval else 'training'}")
     print(f"copy bandwidth: {copy / 1e9:.1f} GB/s (read + write)")
     print(f"{'shape':>22} {'bnlab ms':>9} {'torch ms':>9} {'speed-up':>9} {'GB/s':>7} {'of copy':>8}")
     ratios = []
@@ -80,10 +84,16 @@ def main() -> None:
         norm = nn.BatchNorm2d(c) if len(shape) == 4 else nn.BatchNorm1d(c)
         theirs = nn.Sequential(norm, ACT[args.act]())
         ours.to(args.device), theirs.to(args.device)
-        t_ours = timed(lambda: ours(x).backward(dy), args.device, args.repeats)
-        t_theirs = timed(lambda: theirs(x).backward(dy), args.device, args.repeats)
+        if args.eval:
+            ours.eval(), theirs.eval()
+            with torch.no_grad():
+                t_ours = timed(lambda: ours(x), args.device, args.repeats)
+                t_theirs = timed(lambda: theirs(x), args.device, args.repeats)
+        else:
+            t_ours = timed(lambda: ours(x).backward(dy), args.device, args.repeats)
+            t_theirs = timed(lambda: theirs(x).backward(dy), args.device, args.repeats)
         x.grad = None
-        bandwidth = 8 * x.numel() * x.element_size() / t_ours
+        bandwidth = (2 if args.eval else 8) * x.numel() * x.element_size() / t_ours
         ratios.append(t_theirs / t_ours)
         print(f"{str(shape):>22} {t_ours * 1e3:9.2f} {t_theirs * 1e3:9.2f} {t_theirs / t_ours:8.2f}x "
               f"{bandwidth / 1e9:7.1f} {bandwidth / copy:8.0%}")

@@ -1,11 +1,13 @@
 """The benchmark that RESULTS.md quotes for CBN still runs and prints what the README reads."""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +99,20 @@ def test_cbn_drift_diagnostic_measures_mean_shifts_in_standard_deviations():
                           "--batch", "4", "--every", "10", "--burn-in", "0.5", "--lr-drop", "0.1"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     assert "burn-in to step 10" in out and out.count("test accuracy") == 2, out
+
+
+@pytest.mark.parametrize("extra", [[], ["--eval"], ["--eval", "--backend", "triton"]])
+def test_bench_bn_act_runs_in_training_and_inference(extra):
+    """The BN + activation benchmark on small shapes (the Triton kernels under Triton's interpreter)."""
+    if "triton" in extra:
+        pytest.importorskip("triton", reason="Triton is not installed (pip install bnlab[triton])")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_bn_act.py"), "--shapes", "6x4x5x5,8x6",
+                          "--repeats", "2", *extra], capture_output=True, text=True, timeout=300, check=True,
+                         env=env).stdout
+    assert ("inference" if "--eval" in extra else "training") in out.splitlines()[0], out
+    rows = re.findall(r"^\s+\((.*?)\)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x", out, flags=re.M)
+    assert [row[0] for row in rows] == ["6, 4, 5, 5", "8, 6"], out  # (times printed rounded: no value asserted)
 
 
 def test_bench_fuse_runs_and_the_fused_network_gives_the_same_outputs():
