@@ -260,7 +260,8 @@ def plot(run_dir) -> Path:
         ax.set_xlabel("epoch")
     for ax in axes[:, 0]:
         ax.set_ylabel("train accuracy")
-    axes[0][0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Training accuracy against the {axis}, with and without BN")
     fig.tight_layout()
+    # (in the figure's corner, beside the title: inside a panel it covered a curve)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper left", fontsize=8, frameon=False)
     return runs.save_figure(fig, run_dir, dpi=110)
