@@ -84,14 +84,6 @@ def _restore(view: torch.Tensor, like: torch.Tensor, rows: bool) -> torch.Tensor
     return view.view(like.shape)
 
 
-def _affine_arrays(weight, bias, x: torch.Tensor, dtype: torch.dtype):
-    """gamma and beta as the kernels take them: detached, ones and zeros of ``dtype`` without an affine."""
-    c = x.shape[1]
-    w = weight.detach() if weight is not None else torch.ones(c, dtype=dtype, device=x.device)
-    b = bias.detach() if bias is not None else torch.zeros(c, dtype=dtype, device=x.device)
-    return w, b
-
-
 def _bn_act(x, weight, bias, eps, act, slope):
     """act(BN(x)) with batch statistics, in differentiable torch ops: the kernels' forward as a graph."""
     mean, var_biased = F.batch_stats(x)
@@ -109,7 +101,7 @@ class BatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, act, slope):
         from bnlab.kernels import cpu_fused
 
-        w, b = _affine_arrays(weight, bias, x, x.dtype)
+        w, b = F.affine_or_identity(weight, bias, x, x.dtype)
         xv, rows = _layout(x)
         y, mean, invstd = cpu_fused.forward(xv.numpy(), w.numpy(), b.numpy(), eps, act, slope, rows)
         ctx.save_for_backward(x, weight, bias)
@@ -128,7 +120,7 @@ class BatchNormActFunction(torch.autograd.Function):
         act, slope, rows = ctx.config
         if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
             return gradient_graph(ctx, _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
-        w, b = _affine_arrays(weight, bias, x, x.dtype)
+        w, b = F.affine_or_identity(weight, bias, x, x.dtype)
         xv, _ = _layout(x)
         channels_last = rows and x.dim() == 4 and x[0, 0].numel() > 1
         dyv, _ = _layout(dy.to(memory_format=torch.channels_last) if channels_last else dy)
@@ -147,7 +139,7 @@ class TritonBatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, act, slope, running_mean, running_var, momentum):
         from bnlab.kernels import triton_bn
 
-        w, b = _affine_arrays(weight, bias, x, torch.float32)
+        w, b = F.affine_or_identity(weight, bias, x, torch.float32)
         y, mean, invstd = triton_bn.forward(x, w, b, eps, act, slope, running_mean, running_var, momentum)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.config = (act, slope)
@@ -163,7 +155,7 @@ class TritonBatchNormActFunction(torch.autograd.Function):
         act, slope = ctx.config
         if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
             return gradient_graph(ctx, _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
-        w, b = _affine_arrays(weight, bias, x, torch.float32)
+        w, b = F.affine_or_identity(weight, bias, x, torch.float32)
         dx, dw, db = triton_bn.backward(dy, x, w, b, mean, invstd, act, slope)
         grad_w = dw.to(w.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = db.to(b.dtype) if weight is not None and ctx.needs_input_grad[2] else None

@@ -67,6 +67,26 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var_biased
 
 
+def affine_or_identity(weight, bias, x: torch.Tensor, dtype: torch.dtype):
+    """gamma and beta as the kernels take them: detached, or ones and zeros of ``dtype`` (on x's
+    device) for a layer without an affine."""
+    c = x.shape[1]
+    w = weight.detach() if weight is not None else torch.ones(c, dtype=dtype, device=x.device)
+    b = bias.detach() if bias is not None else torch.zeros(c, dtype=dtype, device=x.device)
+    return w, b
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape hold the same values, NaN where NaN (exact equality, any
+    dtypes compared as torch compares them)."""
+    if a.shape != b.shape:
+        return False
+    equal = a == b
+    if a.is_floating_point() and b.is_floating_point():
+        equal |= a.isnan() & b.isnan()
+    return bool(equal.all())
+
+
 def normalize(x, mean, invstd, weight=None, bias=None):
     """Ioffe & Szegedy 2015, Algorithm 1, lines 3-4: y = gamma * (x - mu) * invstd + beta.
 
@@ -307,17 +327,12 @@ def batch_norm_act_eval(x, running_mean, running_var, weight=None, bias=None, ep
         >>> x = torch.randn(8, 4, 5, 5)
         >>> y = batch_norm_act_eval(x, torch.zeros(4), torch.ones(4), act="relu")  # relu(x / sqrt(1 + eps))
     """
-    if backend == "triton":
-        check_triton(x)
     graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if (backend == "triton" or (backend == "auto" and use_triton(x))) and not graph and \
-            not torch.compiler.is_compiling():
+    if takes_triton(x, backend) and not graph and not torch.compiler.is_compiling():
         from bnlab.kernels import triton_bn
 
-        c = x.shape[1]
-        weight = weight if weight is not None else torch.ones(c, device=x.device)
-        bias = bias if bias is not None else torch.zeros(c, device=x.device)
-        return triton_bn.inference(x, weight, bias, running_mean, running_var, eps, act, slope)
+        return triton_bn.inference(x, *affine_or_identity(weight, bias, x, torch.float32), running_mean, running_var,
+                                   eps, act, slope)
     return activation(batch_norm_eval(x, running_mean, running_var, weight, bias, eps, backend), act, slope)
 
 
@@ -461,6 +476,15 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
+def takes_triton(x: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` runs ``x`` on the Triton kernels: by name (after :func:`check_triton`,
+    which says why it cannot), or ``"auto"`` where :func:`use_triton` takes it."""
+    if backend == "triton":
+        check_triton(x)
+        return True
+    return backend == "auto" and use_triton(x)
+
+
 def check_triton(x: torch.Tensor) -> None:
     """``backend="triton"`` asked for by name: say why it cannot run here, before Triton's own error
     (on a CPU tensor: "0 active drivers")."""
@@ -528,9 +552,7 @@ def batch_norm_act_train(
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if backend == "fused" and not fused_act_supported(x):
         raise ValueError(f"backend='fused' takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
-    if backend == "triton":
-        check_triton(x)
-    if backend == "triton" or (backend == "auto" and use_triton(x)):
+    if takes_triton(x, backend):
         from bnlab.autograd import TritonBatchNormActFunction  # autograd builds on this module
 
         tracking = running_mean is not None and running_var is not None

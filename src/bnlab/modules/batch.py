@@ -385,8 +385,7 @@ def _same_state(a, b) -> bool:
         return isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_same_state, a, b))
     if hasattr(a, "shape") or hasattr(b, "shape"):  # (tensors, and NumPy arrays: the fused CBN forward's statistics)
         a, b = (torch.as_tensor(t) if hasattr(t, "shape") else None for t in (a, b))
-        return (a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype
-                and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all()))
+        return a is not None and b is not None and a.dtype == b.dtype and F.same_values(a, b)
     return a == b
 
 

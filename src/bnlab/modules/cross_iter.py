@@ -239,8 +239,7 @@ class CrossIterationBatchNorm(BatchNorm):
                                "input must be the paired layer's output")
         u, output, gradient = captured
         if output is not x:  # (a copy, or a compiled graph's own tensor: the values must be the output's)
-            same = output.shape == x.shape and bool(((output == x) | (output.isnan() & x.isnan())).all())
-            if not same:
+            if not F.same_values(output, x):
                 raise RuntimeError(f"{self._label()}: its input is not its producer's output (something between them "
                                    "changed the values: an activation, dropout, a scale); the compensation assumes "
                                    "x = producer(u). Put the layer straight after its producer, or keep BN there")
