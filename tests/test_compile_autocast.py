@@ -9,6 +9,7 @@ failed autograd's version check. The "aot_eager" backend exercises dynamo and AO
 both failures were) without inductor's slow code generation.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -146,6 +147,27 @@ def test_every_layer_exports_for_inference(name):
     exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
     for batch in (x, torch.randn(5, 3, 8, 8), torch.randn(1, 3, 8, 8)):
         torch.testing.assert_close(exported(batch), model(batch))
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_scripting_names_the_layer_and_the_way_out(name):
+    """torch.jit.script of a model with a bnlab layer raises an error that names the layer and
+    says what to use (it was TorchScript's "import statements aren't supported" at a line of
+    torch.fx); the way it names, bnlab.to_torch then script, gives the model's inference."""
+    torch.manual_seed(0)
+    model = EXPORTED[name]()
+    model(torch.randn(4, 3, 8, 8) * 2 + 1)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (TorchScript's deprecation)
+        with pytest.raises(TypeError, match=rf"cannot compile {type(model[1]).__name__}.*to_torch") as raised:
+            torch.jit.script(model)
+        if name == "sync":  # (torch's SyncBatchNorm, which to_torch gives, does not script: the error says so)
+            assert "SyncBatchNorm, which TorchScript does not compile either" in str(raised.value)
+            return
+        scripted = torch.jit.script(bnlab.to_torch(copy.deepcopy(model)))
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(scripted(x), model(x))
 
 
 GUARDED = {

@@ -159,6 +159,7 @@ class SyncBatchNorm(BatchNorm):
     """
 
     passes_empty_batch = False  # an empty rank still joins the collectives
+    torch_twin_scripts = False  # (torch.nn.SyncBatchNorm's forward calls torch.distributed, which TorchScript lacks)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  process_group=None, device=None, dtype=None, **kwargs):

@@ -66,6 +66,7 @@ class BatchNorm(nn.Module):
 
     ranks: tuple[int, ...] = ()  # accepted input ranks; empty means any rank >= 2
     passes_empty_batch = True  # training on an empty batch: an empty output, no statistics (not SyncBatchNorm)
+    torch_twin_scripts = True  # whether the torch.nn layer that bnlab.to_torch swaps in compiles under torch.jit.script
 
     def __init__(
         self,
@@ -143,6 +144,17 @@ class BatchNorm(nn.Module):
 
     def _label(self) -> str:
         return f"{type(self).__name__} {self.name!r}" if self.name else repr(self)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script's hook, called on every module of a model before compiling it: bnlab's
+        layers run Python TorchScript cannot compile (numba kernels, host-side checks), so say so
+        and what to use, instead of TorchScript's error about a line deep in torch."""
+        advice = ("" if self.torch_twin_scripts else
+                  " (bnlab.to_torch would give torch.nn.SyncBatchNorm, which TorchScript does not compile either)")
+        raise TypeError(f"torch.jit.script cannot compile {self._label()}: bnlab's layers run Python "
+                        "(numba kernels, checks on the host). For deployment, export the model in eval mode with "
+                        "torch.export (or bnlab.fuse it first), or swap the layers for torch.nn's with "
+                        f"bnlab.to_torch(model) (the same inference) and script that{advice}")
 
     def _check_input(self, x: torch.Tensor) -> None:
         if self.ranks and x.dim() not in self.ranks:
