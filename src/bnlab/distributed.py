@@ -36,6 +36,11 @@ def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+def _too_few_values(n: int) -> ValueError:
+    return ValueError(f"synchronized batch norm: {n} value(s) per channel over the whole group; training needs "
+                      "more than one")
+
+
 def _statistics_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 statistics for float64 inputs, float32 for the others (float16/bfloat16 included)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -101,8 +106,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(mean, var_biased)
             return F.empty_batch(x, weight, bias), mean, var_biased, 0
         if n == 1:
-            raise ValueError(f"synchronized batch norm: {int(n)} value(s) per channel over the whole group; "
-                             "training needs more than one")
+            raise _too_few_values(int(n))
         mean = (counts * means).sum(0) / n
         var_biased = (m2s + counts * (means - mean) ** 2).sum(0) / n
         mean, var_biased = mean.to(stat_dtype), var_biased.to(stat_dtype)
@@ -179,6 +183,14 @@ class SyncBatchNorm(BatchNorm):
             # Eval mode without running statistics: the local batch's, as torch's SyncBatchNorm. A
             # collective here would hang a rank that evaluates alone.
             return super()._train(x, tracking)
+        if F.transformed():  # (torch.func's transforms, forward-mode AD: the function is opaque to them)
+            if _world(self.process_group) > 1:
+                raise ValueError(f"{self._label()}: synchronized batch norm over {_world(self.process_group)} ranks "
+                                 "cannot run under torch.func's transforms or forward-mode AD (its collectives are "
+                                 "inside an autograd function they cannot see through)")
+            if F.values_per_channel(x) == 1:
+                raise _too_few_values(1)
+            return super()._train(x, tracking)  # (one rank: BN over its batch, on torch's kernels there)
         y, mean, var_biased, n = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,
                                                              self.process_group)
         if n == 0:

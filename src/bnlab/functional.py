@@ -25,6 +25,7 @@ import os
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 # Inputs of these dtypes are normalized with float32 statistics.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -204,6 +205,23 @@ def recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def transformed() -> bool:
+    """Whether this forward runs under one of torch.func's transforms (``grad``, ``vmap``, ``jvp``,
+    ``jacrev``, ``functional_call`` inside them: MAML, model ensembles) or inside a forward-mode AD
+    level (``torch.autograd.forward_ad.dual_level``). bnlab's kernels (numba, Triton) and their
+    autograd functions are opaque to those: there the layers compute with torch's kernels and
+    differentiable torch ops, which the transforms see through, as torch's BN does."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
+def check_untransformed(backend: str) -> None:
+    """A kernel backend asked for by name under :func:`transformed`: say why it cannot run there."""
+    if transformed():
+        raise ValueError(f"backend={backend!r} runs bnlab's own kernels, which torch.func's transforms and "
+                         "forward-mode AD cannot see through; use backend='auto' (torch's kernels there) or "
+                         "'native'")
+
+
 def batch_key(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's per-channel mean and biased variance in float64: how a layer finds, when
     :func:`recomputing`, the record of the forward that normalized this batch."""
@@ -287,6 +305,7 @@ def batch_norm_train(
     if backend in ("fused", "triton") or (backend == "auto" and use_triton(x)):
         return batch_norm_act_train(x, weight, bias, eps, "identity", 0.0, backend, running_mean, running_var, momentum)
     if backend == "autograd":
+        check_untransformed(backend)
         from bnlab.autograd import BatchNormFunction  # autograd builds on this module
 
         y, mean, var_biased = BatchNormFunction.apply(x, weight, bias, eps)
@@ -467,7 +486,7 @@ def use_triton(x: torch.Tensor) -> bool:
     """``backend="auto"``'s choice of the Triton kernels: CUDA tensors that int32 offsets can
     address, when Triton is importable (else torch's kernels). Not float64: the kernels compute in
     float32, and a float64 model (a gradcheck, say) wants float64 arithmetic, which torch's have."""
-    if x.device.type != "cuda" or x.numel() > TRITON_MAX_NUMEL or x.dtype == torch.float64:
+    if x.device.type != "cuda" or x.numel() > TRITON_MAX_NUMEL or x.dtype == torch.float64 or transformed():
         return False
     try:
         import triton  # noqa: F401
@@ -495,6 +514,7 @@ def check_triton(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for "
                          f"tests), got a tensor on {x.device}; backend='auto' picks the fastest available")
+    check_untransformed("triton")
     if x.numel() > TRITON_MAX_NUMEL:
         raise ValueError(f"backend='triton' addresses tensors of up to 2^31 - 1 values (int32 offsets), got "
                          f"{x.numel()} ({tuple(x.shape)}); backend='auto' runs torch's kernels on it")
@@ -511,6 +531,8 @@ def use_fused(x: torch.Tensor, act: str) -> bool:
     extent, channels-first or channels_last. On (N, C) inputs (and (N, C, 1, 1)) the layer around
     the row kernels measured 0.3-0.8x torch's speed (``bench_bn_act.py --shapes 256x1024``)."""
     if not (act in FUSED_AUTO_ACTS and fused_act_supported(x) and x.numel() >= FUSED_MIN_NUMEL) or flat_rows(x):
+        return False
+    if transformed():
         return False
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
@@ -550,8 +572,10 @@ def batch_norm_act_train(
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    if backend == "fused" and not fused_act_supported(x):
-        raise ValueError(f"backend='fused' takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
+    if backend == "fused":
+        if not fused_act_supported(x):
+            raise ValueError(f"backend='fused' takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
+        check_untransformed(backend)
     if takes_triton(x, backend):
         from bnlab.autograd import TritonBatchNormActFunction  # autograd builds on this module
 

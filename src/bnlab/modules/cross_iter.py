@@ -276,12 +276,21 @@ class CrossIterationBatchNorm(BatchNorm):
             y = self._batch_norm(x, fold=False)[0]
         elif path == "pooled":
             past_mu, past_nu, k = recorded
-            y = CrossIterationNormFunction.apply(x, *self._affine(x), past_mu, past_nu, k, self.eps)[0]
+            y = self._pooled_norm(x, past_mu, past_nu, k)[0]
         else:  # the numba kernels' forward, with the window's part of the statistics it wrote
             past = F.pooled_past_sums(recorded[0], self.eps)
             y = ReplayedCrossIterationNormFunction.apply(x, self.weight, self.bias, self.eps, past,
                                                          self._kernel_state(x).norm, np.empty((5, x.shape[1])))
         return y.to(dtype)
+
+    def _pooled_norm(self, x: torch.Tensor, past_mu, past_nu, k: int):
+        """y, mu_B, sigma2_B with the pooled statistics (:class:`CrossIterationNormFunction`); under
+        torch.func's transforms or forward-mode AD (:func:`bnlab.functional.transformed`), which cannot
+        see through that function, the same in differentiable torch ops."""
+        if not F.transformed():
+            return CrossIterationNormFunction.apply(x, *self._affine(x), past_mu, past_nu, k, self.eps)
+        mu, var = F.batch_stats(x.detach())
+        return F.cross_iteration_normalize(x, *self._affine(x), past_mu, past_nu, k, self.eps), mu, var
 
     def _affine(self, x: torch.Tensor):
         """gamma and beta in x's dtype: float32 for a layer converted to float16/bfloat16 (the cast
@@ -326,7 +335,7 @@ class CrossIterationBatchNorm(BatchNorm):
         an equal address is the same memory. The producer weight's strides count too: a view of
         it assigned with ``.data =`` (transposed, say) can start at the same address.
         """
-        if not (self.backend == "auto" and F.fused_act_supported(x) and x.is_contiguous()):
+        if not (self.backend == "auto" and F.fused_act_supported(x) and x.is_contiguous()) or F.transformed():
             return None
         if parametrize.is_parametrized(self.producer):  # (its weight is computed on each read: no view to keep)
             return None
@@ -410,7 +419,7 @@ class CrossIterationBatchNorm(BatchNorm):
         filled = int(self.window_valid.sum()) if pooling else 0
         if filled > 0:
             past_mu, past_nu, n = self._past_statistics(filled)
-            y, mu, var = CrossIterationNormFunction.apply(x, *self._affine(x), past_mu, past_nu, n + 1, self.eps)
+            y, mu, var = self._pooled_norm(x, past_mu, past_nu, n + 1)
             self._remember(mu, var, ("pooled", past_mu, past_nu, n + 1))
             with torch.no_grad():
                 folded = F.update_running_stats_(self.running_mean, self.running_var, mu, var,
