@@ -142,3 +142,18 @@ def test_synchronized_bn_under_a_transform_refuses_one_value_per_channel():
     layer = bnlab.SyncBatchNorm(8)
     with pytest.raises(ValueError, match="1 value"):
         torch.func.grad(lambda t: layer(t).square().sum())(torch.randn(1, 8))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_batched_gradients_are_each_gradient(name):
+    """autograd.grad(..., is_grads_batched=True) (torch's own vmap over the backward, which
+    jacobian(vectorize=True) runs) gives each gradient of the loop, float64: the kernels'
+    backward takes one gradient at a time, so a batched one goes through torch's ops."""
+    model, _, x = trained_pair(name)
+    model.double()
+    x = x.double().requires_grad_()
+    y = model(x)
+    vectors = torch.randn(3, *y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    batched = torch.autograd.grad(y, x, vectors, is_grads_batched=True, retain_graph=True)[0]
+    each = torch.stack([torch.autograd.grad(y, x, v, retain_graph=True)[0] for v in vectors])
+    torch.testing.assert_close(batched, each)

@@ -284,6 +284,21 @@ def test_a_gradient_of_the_gradient_is_torchs(act):
         torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
 
 
+def test_batched_gradients_and_torch_func_transforms_run_on_torchs_ops():
+    """A batched gradient (is_grads_batched=True) goes through torch's ops (the kernels take one at
+    a time) and gives each gradient; under a torch.func transform "auto" takes torch's kernels and
+    "triton" by name refuses with the reason."""
+    x, w, b, dy = make((3, 2, 4, 4), "nchw", torch.float32)
+    xi = x.clone().requires_grad_()
+    y = F.batch_norm_act_train(xi, w, b, 1e-5, "relu", 0.1, "triton")[0]
+    vectors = torch.stack([dy, -2 * dy, dy.flip(0)])
+    batched = torch.autograd.grad(y, xi, vectors, is_grads_batched=True, retain_graph=True)[0]
+    each = torch.stack([torch.autograd.grad(y, xi, v, retain_graph=True)[0] for v in vectors])
+    torch.testing.assert_close(batched, each, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="backend='triton' runs bnlab's own kernels"):
+        torch.func.grad(lambda t: F.batch_norm_act_train(t, w, b, 1e-5, "relu", 0.1, "triton")[0].sum())(x)
+
+
 def test_a_tensor_momentum_averages_without_a_host_read():
     """Under torch.compile the cumulative average's weight 1/t is a 0-d tensor (read on the host, it
     would break the graph): the kernel folds the batch in at weight 1 into the working copies, and

@@ -7,8 +7,9 @@ torch ops, so double backward (gradgradcheck) works too.
 
 The kernels' functions (numba on the CPU, Triton, cross-iteration BN's) run their own backward
 when no graph of the gradient is wanted, and under ``backward(create_graph=True)`` (a gradient
-penalty, MAML) autograd's through the same forward in torch ops (:func:`gradient_graph`), so
-every layer is twice differentiable (the synchronized one too: :mod:`bnlab.distributed`).
+penalty, MAML) or for a batched gradient (``is_grads_batched=True``, a vmapped vjp) autograd's
+through the same forward in torch ops (:func:`gradient_graph`), so every layer is twice
+differentiable (the synchronized one too: :mod:`bnlab.distributed`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,27 @@ import torch
 from bnlab import functional as F
 
 
-def gradient_graph(ctx, y: torch.Tensor, inputs: tuple, dy: torch.Tensor) -> tuple:
-    """The backward as a graph, for ``backward(create_graph=True)`` (a gradient penalty, MAML): the
-    gradients of ``y``, the forward computed again from the saved ``inputs`` in differentiable torch
-    ops, by autograd. The hand-written kernels' backward has no graph; this one's is autograd's
-    own. Returns one gradient per input (None where not needed)."""
+def graph_backward(dy: torch.Tensor) -> bool:
+    """Whether a kernel function's backward must be autograd's through torch ops
+    (:func:`gradient_graph`) rather than its hand-written kernels: under
+    ``backward(create_graph=True)`` (a gradient penalty, MAML), which wants a graph of the
+    gradient, and where the gradient ``dy`` comes batched, which the kernels cannot take: under
+    torch.func's transforms (:func:`bnlab.functional.transformed`: ``vmap`` of a ``vjp``,
+    ``jacrev``, ``hessian``) or torch.autograd's own vmap (``autograd.grad(...,
+    is_grads_batched=True)``, ``autograd.functional.jacobian(..., vectorize=True)``)."""
+    return torch.is_grad_enabled() or F.transformed() or torch._C._functorch.is_legacy_batchedtensor(dy)
+
+
+def gradient_graph(ctx, forward, inputs: tuple, dy: torch.Tensor) -> tuple:
+    """The backward as autograd's (:func:`graph_backward`): the gradients of ``forward()``, the
+    forward computed again from the saved ``inputs`` in differentiable torch ops. The hand-written
+    kernels' backward has no graph; this one's is autograd's own. Returns one gradient per input
+    (None where not needed)."""
+    with torch.enable_grad():  # (under a batched backward, grad mode is off: the forward needs a graph)
+        y = forward()
     wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
-    grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=torch.is_grad_enabled(),
+                                allow_unused=True)
     result = [None] * len(ctx.needs_input_grad)
     for i, g in zip(wanted, grads):
         result[i] = g if g is not None else torch.zeros_like(inputs[i])
@@ -118,8 +133,8 @@ class BatchNormActFunction(torch.autograd.Function):
 
         x, weight, bias = ctx.saved_tensors
         act, slope, rows = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
-            return gradient_graph(ctx, _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
+        if graph_backward(dy):
+            return gradient_graph(ctx, lambda: _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
         w, b = F.affine_or_identity(weight, bias, x, x.dtype)
         xv, _ = _layout(x)
         channels_last = rows and x.dim() == 4 and x[0, 0].numel() > 1
@@ -153,8 +168,8 @@ class TritonBatchNormActFunction(torch.autograd.Function):
 
         x, weight, bias, mean, invstd = ctx.saved_tensors
         act, slope = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
-            return gradient_graph(ctx, _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
+        if graph_backward(dy):
+            return gradient_graph(ctx, lambda: _bn_act(x, weight, bias, ctx.eps, act, slope), (x, weight, bias), dy)
         w, b = F.affine_or_identity(weight, bias, x, torch.float32)
         dx, dw, db = triton_bn.backward(dy, x, w, b, mean, invstd, act, slope)
         grad_w = dw.to(w.dtype) if weight is not None and ctx.needs_input_grad[1] else None
@@ -196,9 +211,9 @@ class CrossIterationNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmu, _dvar):
         x, weight, bias, mu_bar, var_bar = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
-            y = F.cross_iteration_normalize(x, weight, bias, *ctx.past, ctx.k, ctx.eps)
-            return gradient_graph(ctx, y, (x, weight, bias), dy)
+        if graph_backward(dy):
+            return gradient_graph(ctx, lambda: F.cross_iteration_normalize(x, weight, bias, *ctx.past, ctx.k, ctx.eps),
+                                  (x, weight, bias), dy)
         dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, x, weight, mu_bar, var_bar, None, None, False, ctx.eps, [True, True, True])
         nd, km = x.dim(), ctx.k * F.values_per_channel(x)
@@ -249,11 +264,11 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
         kernels, gamma, stats = ctx.arrays
-        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
+        if graph_backward(dy):
             past_mu, past_nu, k = F.pooled_past_sums(stats, ctx.eps)
-            y = F.cross_iteration_normalize(x, weight, bias, torch.from_numpy(past_mu), torch.from_numpy(past_nu), k,
-                                            ctx.eps)
-            return gradient_graph(ctx, y, (x, weight, bias), dy)
+            past = torch.from_numpy(past_mu), torch.from_numpy(past_nu), k
+            return gradient_graph(ctx, lambda: F.cross_iteration_normalize(x, weight, bias, *past, ctx.eps),
+                                  (x, weight, bias), dy)
         xa = x.detach().numpy().reshape(x.shape[0], x.shape[1], -1)  # (N, C, *) -> (N, C, S)
         dx = torch.empty_like(x)
         dgamma, dbeta = np.empty(xa.shape[1], xa.dtype), np.empty(xa.shape[1], xa.dtype)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bnlab import functional as F
-from bnlab.autograd import gradient_graph
+from bnlab.autograd import gradient_graph, graph_backward
 from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
 from bnlab.modules.batch import momentum_argument, warn_left
 
@@ -124,9 +124,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             zeros = torch.zeros_like(weight) if weight is not None else None
             return torch.zeros_like(x), zeros, zeros, None, None
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient, through torch's ops
-            y = _synchronized_bn(x, weight, bias, ctx.eps, ctx.group, ctx.n)
-            return gradient_graph(ctx, y, (x, weight, bias), dy)
+        if graph_backward(dy):
+            return gradient_graph(ctx, lambda: _synchronized_bn(x, weight, bias, ctx.eps, ctx.group, ctx.n),
+                                  (x, weight, bias), dy)
         nd, dims = x.dim(), F.reduce_dims(x)
         dys = dy.to(mean.dtype)
         x_hat = (x.to(mean.dtype) - F.per_channel(mean, nd)) * F.per_channel(invstd, nd)
