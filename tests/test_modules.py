@@ -468,6 +468,39 @@ def test_recalibrate_is_algorithm2_by_hand():
             assert torch.equal(value, weights_before[key]), key
 
 
+def test_recalibrate_does_for_bnlab_layers_what_swa_update_bn_does_for_torchs():
+    """torch.optim.swa_utils.update_bn looks for torch's BN classes only: on a model of bnlab's
+    layers it returns without running a batch, leaving the averaged model with the running
+    statistics of the weights it was copied at. bnlab.recalibrate of the averaged model gives the
+    running statistics update_bn gives the same model with torch's layers."""
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), bnlab.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3),
+                        bnlab.BatchNorm1d(3))
+    averaged = AveragedModel(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(4):
+        optimizer.zero_grad()
+        net(torch.randn(8, 2, 6, 6)).square().mean().backward()
+        optimizer.step()
+        averaged.update_parameters(net)
+    loader = [(torch.randn(8, 2, 6, 6) * 2 + 1, torch.zeros(8)) for _ in range(5)]
+    state = copy.deepcopy(averaged.state_dict())
+    update_bn(loader, averaged)
+    for key, value in averaged.state_dict().items():
+        assert torch.equal(value, state[key]), key  # (nothing done: the trap the README names)
+    twin = bnlab.to_torch(copy.deepcopy(averaged))
+    update_bn(loader, twin)
+    bnlab.recalibrate(averaged, (x for x, _ in loader))
+    for index in (1, 5):
+        ours, theirs = averaged.module[index], twin.module[index]
+        assert isinstance(theirs, nn.modules.batchnorm._BatchNorm)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+        assert not torch.allclose(ours.running_var, state[f"module.{index}.running_var"])
+
+
 def test_recalibrate_needs_a_batch():
     with pytest.raises(ValueError, match="at least one batch"):
         bnlab.recalibrate(nn.Sequential(bnlab.BatchNorm1d(2)), [])

@@ -86,6 +86,10 @@ def recalibrate(model: nn.Module, batches: Iterable, forward=None) -> nn.Module:
     that reaches a layer with NaN or inf values is left out of that layer's statistics, as in
     training, and a warning counts them; if every batch was, nothing changes and an error says so.
 
+    It is what ``torch.optim.swa_utils.update_bn`` does for torch's BN layers; that function finds
+    torch's classes only and returns at once on bnlab's, so after SWA or EMA averaging
+    (``AveragedModel``) recalibrate the averaged model with this one.
+
     Args:
         model: a module holding bnlab or torch.nn batch-norm layers.
         batches: an iterable of inputs; a tuple or list is taken as ``(input, ...)``.
