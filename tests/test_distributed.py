@@ -154,6 +154,17 @@ def test_convert_swaps_plain_bn_layers_only():
         bnlab.SyncBatchNorm.convert(plain)
 
 
+def test_torchs_converter_leaves_bnlabs_layers_unsynchronized():
+    """torch.nn.SyncBatchNorm.convert_sync_batchnorm converts torch's BN classes only: bnlab's layers
+    stay local, with no warning (the README says to use bnlab.SyncBatchNorm.convert, which takes both)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), bnlab.BatchNorm2d(4), torch.nn.BatchNorm2d(4))
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert [type(m).__name__ for m in converted] == ["Conv2d", "BatchNorm2d", "SyncBatchNorm"]
+    assert isinstance(converted[1], bnlab.BatchNorm2d)
+    ours = bnlab.SyncBatchNorm.convert(net)  # (torch's SyncBatchNorm that torch's converter made too)
+    assert [type(m) for m in ours][1:] == [bnlab.SyncBatchNorm, bnlab.SyncBatchNorm]
+
+
 @pytest.mark.parametrize("convert", [bnlab.convert, bnlab.SyncBatchNorm.convert])
 def test_torch_sync_batch_norm_becomes_bnlabs_with_its_group_state_and_frozen_parameters(convert):
     group = object()  # (a stand-in: the group is only carried over here)

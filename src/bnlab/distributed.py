@@ -205,7 +205,8 @@ class SyncBatchNorm(BatchNorm):
         BatchNorm*) for a SyncBatchNorm with the same state, requires_grad and mode. A torch
         SyncBatchNorm keeps its process group unless ``process_group`` is given. Layers of other
         kinds (Batch Renorm, ghost BN, BN with a fused activation, cross-iteration BN) are left as
-        they are, and a warning names them."""
+        they are, and a warning names them. (torch's ``nn.SyncBatchNorm.convert_sync_batchnorm``
+        converts torch's classes only: bnlab's layers stay local there.)"""
         warn_left(model, lambda m: type(m) in PLAIN_BATCH_NORMS or isinstance(m, cls), "SyncBatchNorm.convert",
                   "only plain batch norms (torch's or bnlab's BatchNorm1d/2d/3d) become synchronized")
         return cls._convert(model, process_group)
