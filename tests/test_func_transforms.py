@@ -6,7 +6,8 @@ autograd functions those transforms cannot see through: before, every layer on t
 activation on a large CPU input, by default; cross-iteration BN; SyncBatchNorm without a group)
 failed with torch's "must override the setup_context staticmethod". Under a transform the layers
 now take torch's kernels and differentiable torch ops; a kernel backend named explicitly refuses
-with the reason.
+with the reason. A batched gradient (``is_grads_batched=True``, torch's own vmap over the
+backward) reached the kernels' backward, which takes one gradient: it now goes through torch's ops.
 """
 
 import copy
