@@ -1,5 +1,9 @@
 """The fused CPU BN + activation path against BN followed by the activation (the unfused path)."""
 
+import multiprocessing
+import queue as queue_module
+import time
+
 import pytest
 import torch
 
@@ -81,3 +85,73 @@ def test_auto_fuses_only_where_the_kernels_won():
     assert not F.use_fused(torch.randn(4096, 64, 1, 1), "relu")  # (N, C, 1, 1): rows too
     assert not F.use_fused(torch.randn(2, 2, 2, 2), "relu")  # too small to pay for a kernel call
     assert not F.use_fused(big.half(), "relu")
+
+
+def _train_on_the_kernels(queue=None):
+    """A few steps of the fused BN + activation (channels-first and channels_last) and of a
+    cross-iteration BN network, all on the parallel numba kernels in this process: the outputs,
+    input gradients and the network's state. In a forked child (``queue`` given) it runs with
+    ``torch.set_num_threads(1)``, torch's own rule after a fork."""
+    if queue is not None:
+        torch.set_num_threads(1)
+        from bnlab.kernels import cpu_cbn, cpu_fused
+
+        swapped = not cpu_fused.forward_cfirst.targetoptions.get("parallel") and not (
+            cpu_cbn.pooled_forward.targetoptions.get("parallel"))
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for channels_last in (False, True):
+        layer = bnlab.BatchNormAct2d(64)
+        x = torch.randn(8, 64, 16, 16, generator=generator)
+        x = x.to(memory_format=torch.channels_last) if channels_last else x
+        x.requires_grad_()
+        y = layer(x)
+        y.square().sum().backward()
+        results += [y.detach(), x.grad, layer.running_var]
+    torch.manual_seed(0)
+    net = bnlab.cross_iteration(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8),
+                                                    torch.nn.ReLU(), torch.nn.Flatten(),
+                                                    torch.nn.Linear(8 * 16, 4, bias=False), torch.nn.BatchNorm1d(4)),
+                                window=3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(4):
+        optimizer.zero_grad()
+        net(torch.randn(4, 3, 6, 6, generator=generator)).square().mean().backward()
+        optimizer.step()
+    results += list(net.state_dict().values())
+    if queue is None:
+        return results
+    queue.put((swapped, [t.detach().numpy().copy() for t in results]))  # (NumPy: torch's tensors cross by fd)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs os.fork (POSIX)")
+def test_a_forked_child_trains_on_the_kernels_as_its_parent():
+    """multiprocessing's fork (Linux's default: Hogwild training, evaluation pools) after the
+    parent ran the parallel kernels: numba's OpenMP layer used to kill the child at its first
+    parallel loop ("fork() called from a process already using GNU OpenMP"), even with
+    torch.set_num_threads(1). The child now runs the kernels' serial twins and computes what the
+    parent computes."""
+    import numba
+
+    expected = _train_on_the_kernels()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_train_on_the_kernels, args=(queue,))
+    child.start()
+    deadline = time.monotonic() + 240  # (the twins compile in the child: seconds)
+    try:
+        while True:
+            try:
+                swapped, results = queue.get(timeout=1)
+                break
+            except queue_module.Empty:
+                if not child.is_alive() or time.monotonic() > deadline:
+                    pytest.fail(f"the forked child ended (exit code {child.exitcode}) or hung without results")
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    assert swapped == (numba.threading_layer() == "omp")  # (TBB and workqueue are fork-safe: no twins)
+    for ours, theirs in zip(results, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(ours), theirs.detach(), rtol=1e-5, atol=1e-6)
