@@ -23,6 +23,12 @@ def rel_err(actual, expected) -> float:
     return float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-300))
 
 
+def conv_net(norm: torch.nn.Module, channels: int = 8) -> torch.nn.Sequential:
+    """conv3x3 (3 input channels) - ``norm`` - ReLU: the small model the compile, export and
+    torch.func tests put each layer in."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3, padding=1, bias=False), norm, torch.nn.ReLU())
+
+
 @pytest.fixture
 def mnist_dir():
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():

@@ -17,10 +17,7 @@ import torch
 from torch import nn
 
 import bnlab
-
-
-def conv_net(norm: nn.Module, channels: int = 8) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), norm, nn.ReLU())
+from conftest import conv_net
 
 
 CASES = {

@@ -20,13 +20,10 @@ from torch.func import functional_call
 
 import bnlab
 from bnlab import distributed
+from conftest import conv_net
 
 # (torch's forward-mode AD loads its decompositions through torch.jit.script, which 2.13 deprecates)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-def conv_net(norm: nn.Module, channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), norm)
 
 
 # (name, the model, its input's shape); BatchNormAct2d(64) on 8x64x16x16 is the fused kernels' input

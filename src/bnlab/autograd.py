@@ -212,7 +212,8 @@ class CrossIterationNormFunction(torch.autograd.Function):
     def backward(ctx, dy, _dmu, _dvar):
         x, weight, bias, mu_bar, var_bar = ctx.saved_tensors
         if graph_backward(dy):
-            return gradient_graph(ctx, lambda: F.cross_iteration_normalize(x, weight, bias, *ctx.past, ctx.k, ctx.eps),
+            past = (*ctx.past, ctx.k)
+            return gradient_graph(ctx, lambda: F.cross_iteration_normalize(x, weight, bias, *past, ctx.eps)[0],
                                   (x, weight, bias), dy)
         dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, x, weight, mu_bar, var_bar, None, None, False, ctx.eps, [True, True, True])
@@ -267,7 +268,7 @@ class FusedCrossIterationNormFunction(torch.autograd.Function):
         if graph_backward(dy):
             past_mu, past_nu, k = F.pooled_past_sums(stats, ctx.eps)
             past = torch.from_numpy(past_mu), torch.from_numpy(past_nu), k
-            return gradient_graph(ctx, lambda: F.cross_iteration_normalize(x, weight, bias, *past, ctx.eps),
+            return gradient_graph(ctx, lambda: F.cross_iteration_normalize(x, weight, bias, *past, ctx.eps)[0],
                                   (x, weight, bias), dy)
         xa = x.detach().numpy().reshape(x.shape[0], x.shape[1], -1)  # (N, C, *) -> (N, C, S)
         dx = torch.empty_like(x)

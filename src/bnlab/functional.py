@@ -908,12 +908,14 @@ def cross_iteration_statistics(x, past_mu, past_nu, k: int):
     return mu, var, mu_bar.to(mu.dtype), var_bar.to(mu.dtype)
 
 
-def cross_iteration_normalize(x, weight, bias, past_mu, past_nu, k: int, eps: float) -> torch.Tensor:
+def cross_iteration_normalize(x, weight, bias, past_mu, past_nu, k: int, eps: float):
     """y = gamma (x - mu_bar) / sqrt(sigma2_bar + eps) + beta with :func:`cross_iteration_statistics`,
     in differentiable torch ops: what the layer's autograd functions compute, as a graph (their
-    backward for a gradient of a gradient)."""
-    _, _, mu_bar, var_bar = cross_iteration_statistics(x, past_mu, past_nu, k)
-    return normalize(x, mu_bar, torch.rsqrt(var_bar + eps), weight, bias)
+    backward for a gradient of a gradient; the layer's forward under torch.func's transforms).
+    Returns ``(y, mu_B, sigma2_B)`` as :class:`bnlab.autograd.CrossIterationNormFunction` does, the
+    batch's mean and biased variance detached."""
+    mu, var, mu_bar, var_bar = cross_iteration_statistics(x, past_mu, past_nu, k)
+    return normalize(x, mu_bar, torch.rsqrt(var_bar + eps), weight, bias), mu.detach(), var.detach()
 
 
 def pooled_past_sums(stats, eps: float):

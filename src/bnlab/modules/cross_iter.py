@@ -287,10 +287,8 @@ class CrossIterationBatchNorm(BatchNorm):
         """y, mu_B, sigma2_B with the pooled statistics (:class:`CrossIterationNormFunction`); under
         torch.func's transforms or forward-mode AD (:func:`bnlab.functional.transformed`), which cannot
         see through that function, the same in differentiable torch ops."""
-        if not F.transformed():
-            return CrossIterationNormFunction.apply(x, *self._affine(x), past_mu, past_nu, k, self.eps)
-        mu, var = F.batch_stats(x.detach())
-        return F.cross_iteration_normalize(x, *self._affine(x), past_mu, past_nu, k, self.eps), mu, var
+        pooled = F.cross_iteration_normalize if F.transformed() else CrossIterationNormFunction.apply
+        return pooled(x, *self._affine(x), past_mu, past_nu, k, self.eps)
 
     def _affine(self, x: torch.Tensor):
         """gamma and beta in x's dtype: float32 for a layer converted to float16/bfloat16 (the cast
