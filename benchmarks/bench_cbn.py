@@ -25,13 +25,14 @@ BN and CBN.
 ``--moments`` times a conv's d nu/dW both ways alone (torch's weight-gradient reduction, the
 patches' second moments) on a few shapes.
 
-``--variants`` adds five CBN networks to the same run, to say where CBN's cost lies: the layer
+``--variants`` adds six CBN networks to the same run, to say where CBN's cost lies: the layer
 on torch ops (``backend="native"``); the same with the derivatives taken as the official code takes
 them, two autograd passes per layer through the producer; the fused layer with its convs' d nu/dW
 taken once and reused (stale derivatives: a timing of everything but that reduction, not a layer
 to train with); the fused layer with every conv's d nu/dW on torch's weight-gradient kernel
-(none from the patches' second moments); and the fused layers with the Linear's layer uncompensated
-(naive: a timing of everything but its window's derivatives).
+(none from the patches' second moments); the fused layers with the Linear's layer uncompensated
+(naive: a timing of everything but its window's derivatives); and that network plus what a
+Linear's window kept as input rows would cost (:class:`RowsWindowCost`: a timing, not a layer).
 """
 
 import argparse
@@ -39,6 +40,7 @@ import os
 import statistics
 import time
 
+import numba
 import numpy as np
 import torch
 from torch import nn
@@ -107,6 +109,53 @@ class WeightGradientOnly:
         return self
 
 
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def rows_products(weight, rows, scale, t_mu, t_nu):
+    """For :class:`RowsWindowCost`: per channel c and window entry p, <d mu/dW_c, W_c> and <d nu/dW_c, W_c>
+    from the entry's input rows ``u (P, N, F)`` and ``scale = 2/N x (P, N, C)`` instead of stored
+    derivatives: mean_n (u_n . W_c) and sum_n scale[n, c] (u_n . W_c), summed in float64 as the layer's."""
+    p_, n_, f_ = rows.shape
+    for c in numba.prange(weight.shape[0]):
+        w = weight[c]
+        for p in range(p_):
+            s_mu = 0.0
+            s_nu = 0.0
+            for n in range(n_):
+                r = rows[p, n]
+                dot = 0.0
+                for f in range(f_):
+                    dot += np.float64(r[f]) * np.float64(w[f])
+                s_mu += dot
+                s_nu += dot * scale[p, n, c]
+            t_mu[p, c] = s_mu / n_
+            t_nu[p, c] = s_nu
+
+
+class RowsWindowCost:
+    """What a Linear's window kept as its entries' input rows u and outputs x (N values a channel)
+    would cost, instead of d nu/dW (C, F) an entry: d nu_c/dW_c = 2/N sum_n x[n, c] u_n, so
+    <d nu/dW_c, W_c> = 2/N sum_n x[n, c] (u_n . W_c), one dot product of length F per row, channel
+    and entry, and no (C, F) array read or written. Put on a naive layer, it adds the products of
+    the window's entries and the new one with the current weights, and the entry's copy: a timing
+    (a lower bound: no compensation applied), not a layer to train with."""
+
+    def _capture(self, module, args, output):
+        super()._capture(module, args, output)
+        if self.training and isinstance(module, nn.Linear):
+            u, x = args[0].detach().numpy(), output.detach().numpy()
+            rows = self.__dict__.get("_rows")
+            if rows is None:  # (entries 0..window-2: the past; the last: this batch)
+                entries, n = self.window, u.shape[0]
+                rows = self.__dict__["_rows"] = (np.zeros((entries, n, u.shape[1]), np.float32),
+                                                 np.zeros((entries, n, x.shape[1]), np.float32),
+                                                 np.zeros((entries, x.shape[1])), np.zeros((entries, x.shape[1])))
+            u_rows, scale, t_mu, t_nu = rows
+            u_rows[-1], scale[-1] = u, x * (2.0 / u.shape[0])
+            rows_products(module.weight.detach().numpy(), u_rows, scale, t_mu, t_nu)
+            slot = int(self.iteration) % (self.window - 1)
+            u_rows[slot], scale[slot] = u_rows[-1], scale[-1]
+
+
 def cbn_variant(mixin, backend: str, naive_fc: bool = False) -> nn.Module:
     """The experiment's network with bnlab's BN layers swapped for CBN layers (window 4, past
     their burn-in) made of ``mixin`` (or plain, None) on ``backend``; ``naive_fc``: the Linear's
@@ -129,6 +178,8 @@ VARIANTS = {
     "CBN, d nu/dW stale (timing only)": lambda: cbn_variant(StaleSecondMoment, "auto"),
     "CBN, every conv's d nu/dW on torch's weight-gradient kernel": lambda: cbn_variant(WeightGradientOnly, "auto"),
     "CBN, the Linear's layer uncompensated (timing only)": lambda: cbn_variant(None, "auto", naive_fc=True),
+    "CBN, the Linear's layer uncompensated + its window's products from input rows (timing only)":
+        lambda: cbn_variant(RowsWindowCost, "auto", naive_fc=True),
 }
 
 # (N, C_in, C_out, H = W, kernel, stride): convs on either side of each bound of the layer's rule for
@@ -285,7 +336,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, help="torch's and numba's threads (default: as they start)")
     parser.add_argument("--parts", action="store_true", help="also time the pieces of CBN's step")
-    parser.add_argument("--variants", action="store_true", help="also time five CBN variants in the same run")
+    parser.add_argument("--variants", action="store_true", help="also time six CBN variants in the same run")
     parser.add_argument("--moments", action="store_true",
                         help="also time a conv's d nu/dW both ways alone, on a few shapes")
     parser.add_argument("--fixed-cost", action="store_true",
