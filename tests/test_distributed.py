@@ -179,6 +179,36 @@ def test_torch_sync_batch_norm_becomes_bnlabs_with_its_group_state_and_frozen_pa
     assert torch.equal(converted.running_var, torch.full((4,), 2.0)) and not converted.weight.requires_grad
 
 
+def data_parallel_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The copy nn.DataParallel makes of ``model`` for one GPU at each forward (torch.nn.parallel.replicate,
+    which needs CUDA devices), on the CPU: every module's ``_replicate_for_data_parallel()``, which
+    marks it ``_is_replica``, with its children relinked and the parameters referenced."""
+    modules = list(model.modules())
+    copies = {id(module): module._replicate_for_data_parallel() for module in modules}
+    for module in modules:
+        copy = copies[id(module)]
+        copy._modules = {name: copies[id(child)] for name, child in module._modules.items()}
+        copy._parameters = dict(module._parameters)
+    return copies[id(model)]
+
+
+@pytest.mark.parametrize("layer", ["sync", "cross-iteration"])
+def test_data_parallel_copies_refuse_to_train_and_infer_as_the_model(layer):
+    """(In nn.DataParallel's copies SyncBatchNorm normalized each copy's part of the batch alone, or
+    hung a rank where a process group has several; cross-iteration BN said its producer had not
+    run: the copy's producer runs the hook of the original layer.) Eval mode needs neither."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    net = bnlab.SyncBatchNorm.convert(net) if layer == "sync" else bnlab.cross_iteration(net, window=2)
+    x = torch.randn(4, 3, 6, 6)
+    net(x)
+    copy = data_parallel_copy(net)
+    with pytest.raises(RuntimeError, match=r"'1' cannot train inside nn.DataParallel: .* Use DistributedDataParallel"):
+        copy(x)
+    net.eval()
+    assert torch.equal(data_parallel_copy(net)(x), net(x))
+
+
 def test_one_value_over_the_whole_group_is_an_error():
     with pytest.raises(ValueError, match="1 value"):
         bnlab.SyncBatchNorm(3)(torch.randn(1, 3))

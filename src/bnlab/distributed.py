@@ -152,7 +152,8 @@ class SyncBatchNorm(BatchNorm):
     it is BN over the local batch. The running statistics fold in the global mean and unbiased
     variance, identically on every rank. Eval mode makes no collective: the running statistics,
     or without them (``track_running_stats=False``) the local batch's, as torch's SyncBatchNorm
-    (so a rank may evaluate alone). BN's state_dict keys.
+    (so a rank may evaluate alone). BN's state_dict keys. In ``nn.DataParallel``'s copies (threads
+    of one process, which torch.distributed does not see) it refuses to train.
 
     Example (in each process of ``torchrun --nproc-per-node 2 train.py``, after
     ``dist.init_process_group("gloo")``):
@@ -183,6 +184,8 @@ class SyncBatchNorm(BatchNorm):
             # Eval mode without running statistics: the local batch's, as torch's SyncBatchNorm. A
             # collective here would hang a rank that evaluates alone.
             return super()._train(x, tracking)
+        self._refuse_data_parallel("its copies are threads of one process, and it synchronizes torch.distributed's "
+                                   "processes, not them (each copy would normalize its own part of the batch)")
         if F.transformed():  # (torch.func's transforms, forward-mode AD: the function is opaque to them)
             if _world(self.process_group) > 1:
                 raise ValueError(f"{self._label()}: synchronized batch norm over {_world(self.process_group)} ranks "

@@ -145,6 +145,14 @@ class BatchNorm(nn.Module):
     def _label(self) -> str:
         return f"{type(self).__name__} {self.name!r}" if self.name else repr(self)
 
+    def _refuse_data_parallel(self, why: str) -> None:
+        """Raise in a copy that ``nn.DataParallel`` made of this layer (torch marks them
+        ``_is_replica``): it copies the model onto each GPU at every forward and runs the copies in
+        threads of one process. ``why``: what this layer needs that such a copy lacks."""
+        if self.__dict__.get("_is_replica", False):  # (not getattr: nn.Module's miss raises inside, each step)
+            raise RuntimeError(f"{self._label()} cannot train inside nn.DataParallel: {why}. Use "
+                               "DistributedDataParallel, one process per device (torchrun), as torch recommends")
+
     def __prepare_scriptable__(self):
         """torch.jit.script's hook, called on every module of a model before compiling it: bnlab's
         layers run Python TorchScript cannot compile (numba kernels, host-side checks), so say so

@@ -65,11 +65,12 @@ class CrossIterationBatchNorm(BatchNorm):
     forward: ``layer.pair(conv)``, or ``bnlab.cross_iteration(model)`` for a whole model. The window
     is each process's own: under DistributedDataParallel a model from :func:`cross_iteration`
     keeps it out of DDP's buffer broadcast; for layers paired by hand, wrap with
-    ``broadcast_buffers=False`` (else every rank pools rank 0's past statistics). Under activation
-    checkpointing the recomputation of a forward normalizes with the statistics that forward
-    pooled (the layer keeps them for its last 32 forwards, found by the batch's statistics: two
-    calls on identical batches before one backward, inside checkpointed segments, cannot be told
-    apart and raise where their states differ), and stores and counts nothing.
+    ``broadcast_buffers=False`` (else every rank pools rank 0's past statistics).
+    ``nn.DataParallel``, whose copies of the model are unpaired, is refused in training. Under
+    activation checkpointing the recomputation of a forward normalizes with the statistics that
+    forward pooled (the layer keeps them for its last 32 forwards, found by the batch's
+    statistics: two calls on identical batches before one backward, inside checkpointed segments,
+    cannot be told apart and raise where their states differ), and stores and counts nothing.
     Low precision (``torch.autocast``, or ``model.half()``/``.to(torch.bfloat16)``): the statistics
     and derivatives are float32, and the window's derivatives stay float32 through a conversion
     (the compensation's differences would cancel in 8 or 11 bits); the output has the input's dtype.
@@ -229,6 +230,8 @@ class CrossIterationBatchNorm(BatchNorm):
 
     @F.eager_under_compile
     def _train(self, x: torch.Tensor, tracking: bool) -> tuple[torch.Tensor, bool]:
+        self._refuse_data_parallel("its window pairs it with its producer, and DataParallel makes new copies of both "
+                                   "at every forward")
         producer, captured = self.producer, self.__dict__["_input"]
         self.__dict__["_input"] = None
         if producer is None:
