@@ -701,6 +701,24 @@ def test_to_torch_names_the_layers_it_leaves():
             3, virtual_batch_size=2, track_running_stats=False).eval()(x))
 
 
+def test_is_batch_norm_takes_every_batch_norm_of_either_library_and_no_other_normalization():
+    """bnlab's layers are not torch's ``_BatchNorm`` (an isinstance check on it skips them, as in a
+    weight-decay rule); is_batch_norm takes both, and no Group, Layer or Instance Norm."""
+    ours = [getattr(bnlab, name)(4) for name in bnlab.__all__
+            if isinstance(getattr(bnlab, name), type) and name[-2:] in ("1d", "2d", "3d")] + [bnlab.SyncBatchNorm(4)]
+    assert len(ours) == 13
+    theirs = [nn.BatchNorm1d(4), nn.BatchNorm2d(4), nn.BatchNorm3d(4), nn.LazyBatchNorm2d(), nn.SyncBatchNorm(4)]
+    others = [nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.InstanceNorm2d(4, affine=True), nn.Conv2d(4, 4, 1)]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ours)
+    assert [bnlab.is_batch_norm(m) for m in ours + theirs + others] == [True] * 18 + [False] * 4
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), bnlab.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(2), nn.BatchNorm1d(2))
+    model(torch.randn(2, 3, 5, 5))  # (the lazy Linear takes its shape)
+    exempt = {id(p) for m in model.modules() if bnlab.is_batch_norm(m) for p in m.parameters()}
+    assert [name for name, p in model.named_parameters() if id(p) not in exempt] == ["0.weight", "4.weight",
+                                                                                      "4.bias"]
+
+
 def test_ghost_batch_norm_without_running_statistics_takes_the_whole_batch_in_eval_mode():
     """(it normalized each virtual batch by itself in eval mode too: an output that depended on
     how the batch was chunked, the inference bug that ghost BN must not have)"""

@@ -423,7 +423,17 @@ BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, BatchNorm)
 
 
 def is_batch_norm(module: nn.Module) -> bool:
-    """True for bnlab's and torch.nn's batch-normalization layers."""
+    """True for bnlab's and torch.nn's batch-normalization layers (torch's BatchNorm1d/2d/3d, their
+    lazy forms and SyncBatchNorm; every bnlab layer), False for other normalizations (Group, Layer
+    and Instance Norm). bnlab's layers are not subclasses of torch's private ``_BatchNorm``: use
+    this where code asks ``isinstance(m, _BatchNorm)``, such as a rule that exempts BN's
+    parameters from weight decay.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), BatchNorm2d(8), nn.ReLU())
+        >>> [name for name, m in model.named_modules() if is_batch_norm(m)]
+        ['1']
+    """
     return isinstance(module, BATCH_NORM_TYPES)
 
 
