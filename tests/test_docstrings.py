@@ -21,5 +21,6 @@ def test_docstring_examples_run(name):
 
 def test_the_public_layers_show_an_example():
     for name in ("BatchNorm", "BatchNormAct", "BatchRenorm", "GhostBatchNorm", "CrossIterationBatchNorm",
-                 "SyncBatchNorm", "convert", "to_torch", "fuse", "cross_iteration", "evaluating", "recalibrate"):
+                 "SyncBatchNorm", "convert", "to_torch", "fuse", "cross_iteration", "evaluating", "recalibrate",
+                 "is_batch_norm", "name_layers"):
         assert ">>>" in getattr(bnlab, name).__doc__, name

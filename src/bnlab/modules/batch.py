@@ -464,7 +464,15 @@ def forward_arguments(example_inputs) -> tuple:
 
 
 def name_layers(model: nn.Module) -> nn.Module:
-    """Give every bnlab layer its qualified name in ``model``, so its warnings say which layer."""
+    """Give every bnlab layer its qualified name in ``model``, so its warnings and errors say which
+    layer (:func:`convert`, :func:`cross_iteration` and ``SyncBatchNorm.convert`` call it; call it
+    after building a model of bnlab's layers yourself).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(BatchNorm1d(4), nn.ReLU()))
+        >>> name_layers(model)[1][0].name
+        '1.0'
+    """
     for name, module in model.named_modules():
         if isinstance(module, BatchNorm):
             module.name = name or type(module).__name__
