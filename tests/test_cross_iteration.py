@@ -826,20 +826,32 @@ def test_a_shift_of_the_mean_gets_1_minus_1_over_k_of_its_gradient(kind, backend
     assert xb.grad.sum(dims).abs().max() < 1e-10
 
 
-def test_a_parametrized_producer_is_compensated_with_its_computed_weight():
+COMPUTED_WEIGHTS = {
+    "weight norm, parametrization": torch.nn.utils.parametrizations.weight_norm,
+    "weight norm, forward hook": torch.nn.utils.weight_norm,  # (the older forms: torch's own deprecated one,
+    "spectral norm, forward hook": torch.nn.utils.spectral_norm,  # and still GANs' usual spectral norm)
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("computed", list(COMPUTED_WEIGHTS))
+def test_a_producer_with_a_computed_weight_is_compensated_with_it(computed):
     """A producer whose weight is computed (weight norm, weight standardization through
-    torch.nn.utils.parametrize) used to fail with a KeyError on the kernels' path. Its layer now
-    takes the same steps as one after a plain conv that holds the computed weight each step."""
+    torch.nn.utils.parametrize; the forward pre-hooks of torch.nn.utils.weight_norm and
+    spectral_norm, which set the attribute from weight_g/weight_v or weight_orig) used to fail with
+    a KeyError on the kernels' path. Its layer now takes the same steps as one after a plain conv
+    that holds the computed weight each step."""
     torch.manual_seed(0)
-    normed = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3).double())
+    normed = COMPUTED_WEIGHTS[computed](nn.Conv2d(3, 4, 3).double())
     plain = nn.Conv2d(3, 4, 3).double()
     layers = [bnlab.CrossIterationBatchNorm2d(4, window=3, dtype=torch.float64).pair(p) for p in (normed, plain)]
     for step in range(6):
+        u = inputs("conv-nobias", batch=4, seed=step)
+        x = normed(u)  # (a hook sets the weight here, before the conv)
         with torch.no_grad():
             plain.weight.copy_(normed.weight)
             plain.bias.copy_(normed.bias)
-        u = inputs("conv-nobias", batch=4, seed=step)
-        ys = [layer(producer(u)) for layer, producer in zip(layers, (normed, plain))]
+        ys = [layers[0](x), layers[1](plain(u))]
         torch.testing.assert_close(ys[0], ys[1], rtol=1e-9, atol=1e-11)
         ys[0].square().mean().backward()
         with torch.no_grad():
@@ -849,6 +861,7 @@ def test_a_parametrized_producer_is_compensated_with_its_computed_weight():
     assert layers[0]._kernel_state(ys[0]) is None and layers[1]._kernel_state(ys[1]) is not None
     for name in WINDOW_STATE:
         torch.testing.assert_close(getattr(layers[0], name), getattr(layers[1], name), rtol=1e-9, atol=1e-11)
+    assert layers[0].window_valid.all() and layers[0].window_dnu.abs().max() > 0  # (a window that was compensated)
 
 
 def test_a_producer_whose_forward_transforms_its_weight_is_refused():

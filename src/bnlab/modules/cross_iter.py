@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from bnlab import functional as F
 from bnlab.autograd import (CrossIterationNormFunction, FusedCrossIterationNormFunction,
@@ -338,7 +337,7 @@ class CrossIterationBatchNorm(BatchNorm):
         """
         if not (self.backend == "auto" and F.fused_act_supported(x) and x.is_contiguous()) or F.transformed():
             return None
-        if parametrize.is_parametrized(self.producer):  # (its weight is computed on each read: no view to keep)
+        if F.computed_weight(self.producer):  # (made anew on each read or forward: no view to keep)
             return None
         params, buffers, producer = self._parameters, self._buffers, self.producer
         tensors = (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],

@@ -11,7 +11,6 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from bnlab import functional as F
 from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct,
@@ -338,8 +337,9 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
     Linear and Conv1d/2d/3d producers). A layer is left as it is, and a warning names it with the
     reason, where folding would change another result or is not a fixed affine map: its input is
     not a producer's output, or that output is also used elsewhere, or the producer or the layer
-    runs more than once, or the producer's weight is shared or a parametrization, or the layer
-    keeps no running statistics. A Linear's pair is folded only where its output is ``(N, C)`` for
+    runs more than once, or the producer's weight is shared or computed (a parametrization, or the
+    forward hook of torch.nn.utils.weight_norm or spectral_norm), or the layer keeps no running
+    statistics. A Linear's pair is folded only where its output is ``(N, C)`` for
     sure (batch-norm normalizes dimension 1, a Linear's features are the last): its input
     flattened from dimension 1 (a CNN's head), or ``example_inputs`` showing the shape.
 
@@ -365,7 +365,12 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
         ['Conv2d', 'ReLU', 'Flatten', 'Linear', 'Identity']
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as err:  # (torch's, for a weight that a forward hook computed with a graph)
+            raise ValueError(f"fuse: cannot copy the model ({err}). A weight set by a forward hook (the older "
+                             "torch.nn.utils.weight_norm or spectral_norm) holds the graph of the last forward: run "
+                             "one under torch.no_grad() first, or pass inplace=True") from err
     try:
         graph = trace_graph(model)
     except Exception as err:  # fx raises many kinds
@@ -462,8 +467,10 @@ def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes, module
         return f"its producer {source.target!r} runs more than once"
     if len(source.users) > 1:
         return f"its producer's output is also used elsewhere ({', '.join(str(u) for u in source.users)})"
-    if parametrize.is_parametrized(producer):
-        return "its producer's weight is a parametrization"
+    computed = F.computed_weight(producer)
+    if computed:  # (a fold into it would not last: undone at the next read or forward)
+        return (f"its producer's weight is {computed} (to fold it, make the weight plain first: "
+                "torch.nn.utils.parametrize.remove_parametrizations, remove_weight_norm, remove_spectral_norm)")
     if any(owners[id(p)] > 1 for p in producer.parameters(recurse=False)):
         return "its producer shares a parameter with another layer"
     if producer.weight.shape[0] != norm.num_features:
