@@ -7,6 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 from torch import nn
+from torch.nn.utils import prune
 
 import bnlab
 from bnlab import functional as F
@@ -830,6 +831,7 @@ COMPUTED_WEIGHTS = {
     "weight norm, parametrization": torch.nn.utils.parametrizations.weight_norm,
     "weight norm, forward hook": torch.nn.utils.weight_norm,  # (the older forms: torch's own deprecated one,
     "spectral norm, forward hook": torch.nn.utils.spectral_norm,  # and still GANs' usual spectral norm)
+    "pruned, forward hook": lambda conv: prune.random_unstructured(conv, "weight", 0.5),
 }
 
 
@@ -837,8 +839,9 @@ COMPUTED_WEIGHTS = {
 @pytest.mark.parametrize("computed", list(COMPUTED_WEIGHTS))
 def test_a_producer_with_a_computed_weight_is_compensated_with_it(computed):
     """A producer whose weight is computed (weight norm, weight standardization through
-    torch.nn.utils.parametrize; the forward pre-hooks of torch.nn.utils.weight_norm and
-    spectral_norm, which set the attribute from weight_g/weight_v or weight_orig) used to fail with
+    torch.nn.utils.parametrize; the forward pre-hooks of torch.nn.utils.prune, weight_norm and
+    spectral_norm, which set the attribute from weight_orig and a mask, weight_g/weight_v or
+    weight_orig) used to fail with
     a KeyError on the kernels' path. Its layer now takes the same steps as one after a plain conv
     that holds the computed weight each step."""
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import prune
 
 import bnlab
 from bnlab import reference as R
@@ -939,11 +940,13 @@ def test_fuse_leaves_a_shared_weight_and_a_parametrized_one():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
-@pytest.mark.parametrize("hook", [torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm])
+@pytest.mark.parametrize("hook", [torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm,
+                                  lambda conv: prune.l1_unstructured(conv, "weight", 1)],
+                         ids=["weight_norm", "spectral_norm", "prune"])
 def test_fuse_leaves_a_weight_that_a_forward_hook_sets_and_says_how_to_copy_such_a_model(hook):
-    """(The older weight_norm and spectral_norm set the conv's weight before each forward from other
-    parameters: fuse folded the layer into that attribute, which the next forward overwrote, and the
-    fused model's outputs were off by a few percent, without a warning.)"""
+    """(torch.nn.utils.prune and the older weight_norm and spectral_norm set the conv's weight before
+    each forward from other parameters: fuse folded the layer into that attribute, which the next
+    forward overwrote, and the fused model's outputs were off, without a warning.)"""
     model = trained(nn.Sequential(hook(nn.Conv2d(3, 3, 1)), bnlab.BatchNorm2d(3), nn.ReLU()), (4, 3, 4, 4))
     model.eval()
     x = torch.randn(2, 3, 4, 4, dtype=DOUBLE)

@@ -773,15 +773,15 @@ def is_plain_producer(producer: torch.nn.Module, u: torch.Tensor, output: torch.
 def computed_weight(producer: torch.nn.Module) -> str | None:
     """How ``producer``'s weight or bias is made anew from other tensors, or None where both are
     tensors it keeps: a parametrization (``torch.nn.utils.parametrize``: the weight norm, spectral
-    norm and orthogonal of ``torch.nn.utils.parametrizations``), computed on each read; or the
-    forward pre-hook of ``torch.nn.utils.weight_norm`` or ``spectral_norm`` (their older forms),
-    which sets the attribute before each forward from parameters of other names. A value folded
-    into such a weight, or a view kept of it, does not last."""
+    norm and orthogonal of ``torch.nn.utils.parametrizations``), computed on each read; or a
+    forward pre-hook that sets the attribute before each forward from parameters of other names
+    (``torch.nn.utils.prune``'s mask, the older forms of ``torch.nn.utils.weight_norm`` and
+    ``spectral_norm``). A value folded into such a weight, or a view kept of it, does not last."""
     if torch.nn.utils.parametrize.is_parametrized(producer):
         return "a parametrization"
     params = producer._parameters
     if params.get("weight") is not producer.weight or params.get("bias") is not producer.bias:
-        return "set by a forward hook from other parameters (torch.nn.utils.weight_norm or spectral_norm)"
+        return "set by a forward hook from other parameters (torch.nn.utils.prune, weight_norm or spectral_norm)"
     return None
 
 

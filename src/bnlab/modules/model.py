@@ -338,8 +338,8 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
     reason, where folding would change another result or is not a fixed affine map: its input is
     not a producer's output, or that output is also used elsewhere, or the producer or the layer
     runs more than once, or the producer's weight is shared or computed (a parametrization, or the
-    forward hook of torch.nn.utils.weight_norm or spectral_norm), or the layer keeps no running
-    statistics. A Linear's pair is folded only where its output is ``(N, C)`` for
+    forward hook of torch.nn.utils.prune, weight_norm or spectral_norm), or the layer keeps no
+    running statistics. A Linear's pair is folded only where its output is ``(N, C)`` for
     sure (batch-norm normalizes dimension 1, a Linear's features are the last): its input
     flattened from dimension 1 (a CNN's head), or ``example_inputs`` showing the shape.
 
@@ -470,7 +470,8 @@ def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes, module
     computed = F.computed_weight(producer)
     if computed:  # (a fold into it would not last: undone at the next read or forward)
         return (f"its producer's weight is {computed} (to fold it, make the weight plain first: "
-                "torch.nn.utils.parametrize.remove_parametrizations, remove_weight_norm, remove_spectral_norm)")
+                "torch.nn.utils.parametrize.remove_parametrizations, prune.remove, remove_weight_norm, "
+                "remove_spectral_norm)")
     if any(owners[id(p)] > 1 for p in producer.parameters(recurse=False)):
         return "its producer shares a parameter with another layer"
     if producer.weight.shape[0] != norm.num_features:
