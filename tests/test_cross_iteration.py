@@ -867,6 +867,38 @@ def test_a_producer_with_a_computed_weight_is_compensated_with_it(computed):
     assert layers[0].window_valid.all() and layers[0].window_dnu.abs().max() > 0  # (a window that was compensated)
 
 
+@pytest.mark.parametrize("how", ["pruned", "parametrized"])
+def test_a_layer_whose_own_gamma_is_computed_trains_as_one_holding_its_value(how):
+    """(Network slimming prunes BN's gammas with torch.nn.utils.prune; a parametrization keeps them
+    positive. The layer's kernel path looked its gamma up among its parameters: KeyError.) Over
+    SGD steps of the producer it equals a layer whose plain gamma holds the computed value."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3, 4, 3).double() for _ in range(2)]
+    convs[1].load_state_dict(convs[0].state_dict())
+    layers = [bnlab.CrossIterationBatchNorm2d(4, window=3, dtype=torch.float64).pair(conv) for conv in convs]
+    with torch.no_grad():
+        layers[0].weight.uniform_(0.5, 1.5)
+    if how == "pruned":
+        prune.l1_unstructured(layers[0], "weight", 2)
+    else:
+        torch.nn.utils.parametrize.register_parametrization(layers[0], "weight", nn.Softplus())
+    for step in range(6):
+        with torch.no_grad():
+            layers[1].weight.copy_(layers[0].weight)
+        u = inputs("conv-nobias", batch=4, seed=step)
+        ys = [layer(conv(u)) for layer, conv in zip(layers, convs)]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-9, atol=1e-11)
+        for y, conv in zip(ys, convs):
+            y.square().mean().backward()
+            with torch.no_grad():
+                for p in conv.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+    assert layers[0]._kernel_state(ys[0]) is None and layers[1]._kernel_state(ys[1]) is not None
+    for name in WINDOW_STATE:
+        torch.testing.assert_close(getattr(layers[0], name), getattr(layers[1], name), rtol=1e-9, atol=1e-11)
+
+
 def test_a_producer_whose_forward_transforms_its_weight_is_refused():
     """A subclass that convolves with something else than producer.weight (a weight-standardized
     conv written as a forward) would be compensated with the wrong weights, silently."""

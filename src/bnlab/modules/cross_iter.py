@@ -337,8 +337,8 @@ class CrossIterationBatchNorm(BatchNorm):
         """
         if not (self.backend == "auto" and F.fused_act_supported(x) and x.is_contiguous()) or F.transformed():
             return None
-        if F.computed_weight(self.producer):  # (made anew on each read or forward: no view to keep)
-            return None
+        if F.computed_weight(self.producer) or F.computed_weight(self):  # (the producer's weight or this
+            return None  # layer's gamma made anew on each read or forward, pruned say: no view to keep)
         params, buffers, producer = self._parameters, self._buffers, self.producer
         tensors = (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
                    producer._parameters["weight"], producer._parameters["bias"],
