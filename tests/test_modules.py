@@ -600,6 +600,41 @@ def test_convert_swaps_layers_and_keeps_state():
         assert torch.equal(value, state[key]), key
 
 
+CONVERTERS = {"convert": bnlab.convert, "SyncBatchNorm.convert": bnlab.SyncBatchNorm.convert,
+              "cross_iteration": lambda model: bnlab.cross_iteration(model, window=3)}
+
+
+@pytest.mark.parametrize("converter", list(CONVERTERS))
+def test_the_converters_keep_a_frozen_parameter_frozen_and_a_pruning_mask(converter):
+    """(cross_iteration made a frozen gamma and beta trainable again, as detection fine-tuning freezes
+    them; every converter refused a BN pruned with torch.nn.utils.prune, as network slimming prunes
+    gammas, with a state_dict error.) The mask goes back on the same parameter, over its unpruned
+    values, and the converted layer trains as torch's pruned one in its first step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, dtype=DOUBLE), nn.BatchNorm2d(4, dtype=DOUBLE))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    model[1].weight.requires_grad_(False)  # (before pruning: the weight it computes then has no graph to copy)
+    prune.l1_unstructured(model[1], "weight", 2)
+    twin = copy.deepcopy(model)
+    converted = CONVERTERS[converter](model)
+    layer = converted[1]
+    assert isinstance(layer, bnlab.BatchNorm) and layer is not twin[1]
+    assert torch.equal(layer.weight_mask, twin[1].weight_mask) and twin[1].weight_mask.sum() == 2
+    assert torch.equal(layer.weight_orig, twin[1].weight_orig) and torch.equal(layer.weight, twin[1].weight)
+    assert not layer.weight_orig.requires_grad and layer.bias.requires_grad
+    x = torch.randn(4, 3, 6, 6, dtype=DOUBLE)
+    y, expected = converted(x), twin(x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    expected.backward(g)
+    torch.testing.assert_close(layer.bias.grad, twin[1].bias.grad, rtol=1e-10, atol=1e-12)
+    assert layer.weight_orig.grad is None
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).requires_grad_(False))  # (no pruning)
+    assert not any(p.requires_grad for p in CONVERTERS[converter](frozen)[1].parameters())
+
+
 def test_convert_names_the_batch_norms_it_leaves():
     class ScaledBatchNorm(nn.BatchNorm1d):  # a subclass with its own forward: bnlab's would drop it
         def forward(self, x):

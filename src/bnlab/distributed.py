@@ -25,7 +25,7 @@ from torch import nn
 from bnlab import functional as F
 from bnlab.autograd import gradient_graph, graph_backward
 from bnlab.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
-from bnlab.modules.batch import momentum_argument, warn_left
+from bnlab.modules.batch import carry_state, momentum_argument, warn_left
 
 # (torch's SyncBatchNorm too: it refuses CPU tensors in a process group)
 PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d,
@@ -222,11 +222,7 @@ class SyncBatchNorm(BatchNorm):
             new = cls(model.num_features, model.eps, momentum_argument(model), model.affine,
                       model.track_running_stats, group, device=ref.device if ref is not None else None,
                       dtype=ref.dtype if ref is not None else None)
-            new.load_state_dict(model.state_dict())
-            if model.affine:
-                new.weight.requires_grad_(model.weight.requires_grad)
-                new.bias.requires_grad_(model.bias.requires_grad)
-            return new.train(model.training)
+            return carry_state(model, new)
         for name, child in model.named_children():
             setattr(model, name, cls._convert(child, process_group))
         return name_layers(model)

@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import prune
 
 from bnlab import functional as F
 
@@ -441,6 +442,31 @@ def momentum_argument(layer: nn.Module) -> float | None:
     """``layer``'s momentum as the constructors take it: None for a cumulative average (torch's
     ``momentum=None``, bnlab's ``stats="cumulative"``), so a converted layer keeps its convention."""
     return None if layer.momentum is None or getattr(layer, "stats", None) == "cumulative" else layer.momentum
+
+
+def carry_state(old: nn.Module, new: BatchNorm) -> BatchNorm:
+    """``new`` with ``old``'s state, what each converter does to a layer it swaps (:func:`convert`,
+    ``SyncBatchNorm.convert``, :func:`cross_iteration`): the parameters and buffers of its
+    state_dict, each parameter's requires_grad (a frozen gamma stays frozen), the train/eval mode,
+    and a mask of ``torch.nn.utils.prune`` put back on the same parameter (network slimming prunes
+    BN's gammas), over the unpruned values."""
+    masks = {hook._tensor_name: getattr(old, hook._tensor_name + "_mask")
+             for hook in old._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)}
+    state = old.state_dict()
+    for name in masks:  # (pruned: name_orig and name_mask in the state, name set by the hook)
+        state[name] = state.pop(name + "_orig")
+        del state[name + "_mask"]
+    try:
+        new.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"cannot carry {type(old).__name__}'s state over to {type(new).__name__} ({err}); a weight "
+                         "that a forward hook sets from other parameters (the older torch.nn.utils.weight_norm or "
+                         "spectral_norm) must be made plain first") from err
+    for name, mask in masks.items():
+        prune.custom_from_mask(new, name, mask)
+    for name, parameter in new.named_parameters(recurse=False):  # (pruned: both layers hold name_orig)
+        parameter.requires_grad_(old._parameters[name].requires_grad)
+    return new.train(old.training)
 
 
 def warn_left(model: nn.Module, converted, who: str, becomes: str) -> None:

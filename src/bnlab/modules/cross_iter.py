@@ -11,7 +11,7 @@ from torch import nn
 from bnlab import functional as F
 from bnlab.autograd import (CrossIterationNormFunction, FusedCrossIterationNormFunction,
                              ReplayedCrossIterationNormFunction)
-from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, _caller_level, forward_arguments,
+from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, _caller_level, carry_state, forward_arguments,
                                  momentum_argument, name_layers, trace_graph, warn_left)
 
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
@@ -597,8 +597,8 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         ref = old.weight if old.affine else old.running_mean
         new = cls(old.num_features, window, burn_in, compensate, old.eps, momentum_argument(old), old.affine,
                   device=ref.device, dtype=ref.dtype).pair(producer)
-        new.load_state_dict(old.state_dict())  # (a BN state: the window starts empty)
+        new = carry_state(old, new)  # (a BN state: the window starts empty)
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, new.train(old.training))
+        setattr(modules[parent_name] if parent_name else model, child, new)
     _keep_windows_local(model, [name for name, _ in pairs])
     return name_layers(model)

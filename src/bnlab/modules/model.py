@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from bnlab import functional as F
-from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct,
-                                 _caller_level, forward_arguments, is_batch_norm, name_layers, trace_graph, warn_left)
+from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct, _caller_level,
+                                 carry_state, forward_arguments, is_batch_norm, name_layers, trace_graph, warn_left)
 from bnlab.modules.cross_iter import CrossIterationBatchNorm
 from bnlab.modules.renorm import BatchRenorm
 
@@ -216,11 +216,7 @@ def _converted(module: nn.Module, kwargs) -> nn.Module | None:
         dtype=ref.dtype if ref is not None else None,
         **kwargs,
     )
-    new.load_state_dict(module.state_dict())
-    if module.affine:
-        new.weight.requires_grad_(module.weight.requires_grad)
-        new.bias.requires_grad_(module.bias.requires_grad)
-    return new.train(module.training)
+    return carry_state(module, new)
 
 
 TORCH_BY_RANKS = {(2, 3): nn.BatchNorm1d, (2,): nn.BatchNorm1d, (4,): nn.BatchNorm2d, (5,): nn.BatchNorm3d}
@@ -240,7 +236,9 @@ def to_torch(model: nn.Module) -> nn.Module:
 
     - Batch Renorm's y = gamma (x - mu) / sigma + beta is BN's with running_var = sigma^2 - eps;
     - ghost and cross-iteration BN normalize with the running statistics as BN does; the
-      window and the producer's hook are dropped.
+      window and the producer's hook are dropped;
+    - a gamma pruned by ``torch.nn.utils.prune`` goes over as its pruned values, the mask
+      dropped (torch.nn alone loads the state_dict; :func:`convert` keeps the mask).
 
     After it the model trains as plain BN (torch's). Left as they are, named in a warning: the
     layers of a base class that takes any rank (``bnlab.BatchNorm`` itself: no torch.nn class
