@@ -446,10 +446,11 @@ def momentum_argument(layer: nn.Module) -> float | None:
 
 def carry_state(old: nn.Module, new: BatchNorm) -> BatchNorm:
     """``new`` with ``old``'s state, what each converter does to a layer it swaps (:func:`convert`,
-    ``SyncBatchNorm.convert``, :func:`cross_iteration`): the parameters and buffers of its
-    state_dict, each parameter's requires_grad (a frozen gamma stays frozen), the train/eval mode,
-    and a mask of ``torch.nn.utils.prune`` put back on the same parameter (network slimming prunes
-    BN's gammas), over the unpruned values."""
+    ``SyncBatchNorm.convert``, :func:`cross_iteration`): the values of its state_dict, its
+    parameters themselves (so an optimizer made before the conversion still steps them, as after
+    torch's ``convert_sync_batchnorm``, and a frozen gamma stays frozen), the train/eval mode, and
+    a mask of ``torch.nn.utils.prune`` put back on the same parameter (network slimming prunes
+    BN's gammas)."""
     masks = {hook._tensor_name: getattr(old, hook._tensor_name + "_mask")
              for hook in old._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)}
     state = old.state_dict()
@@ -464,8 +465,9 @@ def carry_state(old: nn.Module, new: BatchNorm) -> BatchNorm:
                          "spectral_norm) must be made plain first") from err
     for name, mask in masks.items():
         prune.custom_from_mask(new, name, mask)
-    for name, parameter in new.named_parameters(recurse=False):  # (pruned: both layers hold name_orig)
-        parameter.requires_grad_(old._parameters[name].requires_grad)
+    for name, parameter in new._parameters.items():  # (pruned: both layers hold name_orig)
+        if parameter is not None:
+            new._parameters[name] = old._parameters[name]
     return new.train(old.training)
 
 
