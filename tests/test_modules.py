@@ -635,17 +635,17 @@ def test_the_converters_keep_a_frozen_parameter_frozen_and_a_pruning_mask(conver
     assert not any(p.requires_grad for p in CONVERTERS[converter](frozen)[1].parameters())
 
 
-@pytest.mark.parametrize("converter", list(CONVERTERS))
+@pytest.mark.parametrize("converter", [*CONVERTERS, "to_torch"])
 def test_an_optimizer_made_before_a_conversion_still_steps_the_converted_layers(converter):
     """(The converted layers had new parameters: an optimizer made before, which torch's
     convert_sync_batchnorm allows, stepped the old ones and BN's gamma and beta never moved.)"""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), (bnlab.BatchNorm2d if converter == "to_torch" else nn.BatchNorm2d)(4))
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     gamma, beta = model[1].weight, model[1].bias
     for step in range(2):  # (a step before the conversion too: the momentum buffers carry on)
         if step == 1:
-            model = CONVERTERS[converter](model)
+            model = bnlab.to_torch(model) if converter == "to_torch" else CONVERTERS[converter](model)
             assert model[1].weight is gamma and model[1].bias is beta
         before = gamma.detach().clone()
         opt.zero_grad()

@@ -229,8 +229,9 @@ def to_torch(model: nn.Module) -> nn.Module:
     Each layer becomes ``torch.nn.BatchNorm1d/2d/3d`` (by the ranks it takes;
     :class:`bnlab.SyncBatchNorm` becomes ``torch.nn.SyncBatchNorm``, process group kept, which
     evaluates anywhere but trains synchronized on GPUs only) with its
-    parameters, running statistics, batch count, eps, momentum (``stats="cumulative"``:
-    ``momentum=None``, the same average), device, dtype, requires_grad and mode.
+    parameters (themselves: an optimizer made before still steps them), running statistics,
+    batch count, eps, momentum (``stats="cumulative"``: ``momentum=None``, the same average),
+    device, dtype, requires_grad and mode.
     :class:`bnlab.BatchNormAct` becomes ``nn.Sequential(BatchNorm, activation)`` (its state_dict
     keys gain ``.0``). The layers whose training differs from BN's keep their inference:
 
@@ -286,11 +287,13 @@ def _to_torch(layer: nn.Module) -> nn.Module | None:
               affine=layer.affine, track_running_stats=layer.track_running_stats,
               device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None, **extra)
     with torch.no_grad():
-        if layer.affine:
-            new.weight.copy_(layer.weight)
-            new.bias.copy_(layer.bias)
-            new.weight.requires_grad_(layer.weight.requires_grad)
-            new.bias.requires_grad_(layer.bias.requires_grad)
+        for name in ("weight", "bias") if layer.affine else ():
+            own = layer._parameters.get(name)
+            if own is not None:  # (the parameter itself: an optimizer made before still steps it)
+                new._parameters[name] = own
+            else:  # (computed: pruned or parametrized; its values)
+                getattr(new, name).copy_(getattr(layer, name))
+                getattr(new, name).requires_grad_(getattr(layer, name).requires_grad)
         if layer.track_running_stats:
             new.running_mean.copy_(layer.running_mean)
             if isinstance(layer, BatchRenorm):  # sigma = sqrt(running_var + eps)
