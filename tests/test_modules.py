@@ -774,6 +774,39 @@ def test_is_batch_norm_takes_every_batch_norm_of_either_library_and_no_other_nor
                                                                                       "4.bias"]
 
 
+RUNTIME_NO_STATS = {
+    "BatchNorm2d": lambda: bnlab.BatchNorm2d(4), "fused": lambda: bnlab.BatchNorm2d(4, backend="fused"),
+    "BatchNormAct2d": lambda: bnlab.BatchNormAct2d(4, act="identity"),
+    "GhostBatchNorm2d": lambda: bnlab.GhostBatchNorm2d(4, virtual_batch_size=6),
+    "SyncBatchNorm": lambda: bnlab.SyncBatchNorm(4),
+    "BatchRenorm2d": lambda: bnlab.BatchRenorm2d(4),
+    "CrossIterationBatchNorm2d": lambda: bnlab.CrossIterationBatchNorm2d(4, window=3).pair(nn.Conv2d(3, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("kind", list(RUNTIME_NO_STATS))
+def test_running_statistics_dropped_after_construction_give_batch_statistics_or_a_clear_refusal(kind):
+    """Test-time adaptation recipes (TENT) set track_running_stats = False and running_mean =
+    running_var = None on BN layers they find: BN then normalizes with batch statistics in both
+    modes, as torch's. (Batch Renorm and cross-iteration BN, which keep running statistics by
+    construction, failed with a TypeError or AttributeError, or said their producer had not run.)"""
+    torch.manual_seed(0)
+    layer = RUNTIME_NO_STATS[kind]().double()
+    producer = layer.producer.double() if kind == "CrossIterationBatchNorm2d" else nn.Identity()
+    u = torch.randn(6, *((3, 7, 7) if kind == "CrossIterationBatchNorm2d" else (4, 5, 5)), dtype=DOUBLE) * 2 + 1
+    layer(producer(u))
+    layer.track_running_stats, layer.running_mean, layer.running_var = False, None, None
+    for mode in (True, False):
+        layer.train(mode)
+        if layer.needs_running_stats:
+            with pytest.raises(ValueError, match="keeps running statistics, but track_running_stats was set False"):
+                layer(producer(u))
+            continue
+        x = producer(u)
+        expected = nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.1, layer.eps)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_ghost_batch_norm_without_running_statistics_takes_the_whole_batch_in_eval_mode():
     """(it normalized each virtual batch by itself in eval mode too: an output that depended on
     how the batch was chunked, the inference bug that ghost BN must not have)"""

@@ -68,6 +68,7 @@ class BatchNorm(nn.Module):
     ranks: tuple[int, ...] = ()  # accepted input ranks; empty means any rank >= 2
     passes_empty_batch = True  # training on an empty batch: an empty output, no statistics (not SyncBatchNorm)
     torch_twin_scripts = True  # whether the torch.nn layer that bnlab.to_torch swaps in compiles under torch.jit.script
+    needs_running_stats = ""  # why a layer cannot go without running statistics (empty: it can, as BN)
 
     def __init__(
         self,
@@ -146,6 +147,14 @@ class BatchNorm(nn.Module):
     def _label(self) -> str:
         return f"{type(self).__name__} {self.name!r}" if self.name else repr(self)
 
+    def _refuse_without_running_stats(self) -> None:
+        """The error for a layer that needs its running statistics (``needs_running_stats``) whose
+        ``track_running_stats`` was set False, or ``running_mean`` None, after construction."""
+        raise ValueError(f"{self._label()}: {self.needs_running_stats}, so it keeps running statistics, but "
+                         "track_running_stats was set False or running_mean None (as test-time adaptation recipes "
+                         "do to BN layers: keep such a recipe to BN). For batch statistics in eval mode too, use "
+                         "bnlab.BatchNorm1d/2d/3d(..., track_running_stats=False)")
+
     def _refuse_data_parallel(self, why: str) -> None:
         """Raise in a copy that ``nn.DataParallel`` made of this layer (torch marks them
         ``_is_replica``): it copies the model onto each GPU at every forward and runs the copies in
@@ -190,6 +199,8 @@ class BatchNorm(nn.Module):
         if isinstance(x, torch.fx.Proxy):  # torch.fx's symbolic tracing: one node, a leaf like torch.nn's layers
             return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         self._check_input(x)
+        if self.needs_running_stats and (not self.track_running_stats or self.running_mean is None):
+            self._refuse_without_running_stats()
         if not self.training and self.track_running_stats:
             return self._inference(x)
         if x.numel() == 0 and self.passes_empty_batch:

@@ -93,6 +93,8 @@ class CrossIterationBatchNorm(BatchNorm):
         >>> y = cbn(conv(torch.randn(4, 3, 32, 32)))
     """
 
+    needs_running_stats = "cross-iteration BN's inference normalizes with running statistics (its window is training's)"
+
     def __init__(self, num_features, window: int = 4, burn_in: int = 0, compensate: bool = True, eps=1e-5,
                  momentum=0.1, affine=True, device=None, dtype=None, *, backend: str = "auto"):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, backend=backend)

@@ -29,12 +29,13 @@ class BatchRenorm(BatchNorm):
         >>> layer = BatchRenorm2d(64, r_max=3.0, d_max=5.0)   # for micro-batches of 4, say
     """
 
+    needs_running_stats = "Batch Renorm corrects each batch towards its moving averages"
+
     def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, track_running_stats=True, device=None,
                  dtype=None, *, r_max=3.0, d_max=5.0, warmup=5_000, r_max_steps=40_000, d_max_steps=25_000):
         if not track_running_stats:
-            raise ValueError("Batch Renorm corrects each batch towards its moving averages, so it keeps them "
-                             "(track_running_stats=True); BN without running statistics is "
-                             "bnlab.BatchNorm2d(..., track_running_stats=False)")
+            raise ValueError(f"{self.needs_running_stats}, so it keeps them (track_running_stats=True); BN without "
+                             "running statistics is bnlab.BatchNorm2d(..., track_running_stats=False)")
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         if not (r_max >= 1 and d_max >= 0):
             raise ValueError(f"Batch Renorm clips r to [1/r_max, r_max] and d to [-d_max, d_max]: it needs "
