@@ -807,6 +807,29 @@ def test_running_statistics_dropped_after_construction_give_batch_statistics_or_
         torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", [k for k in RUNTIME_NO_STATS if k != "BatchRenorm2d"])  # (its own moving averages)
+def test_momentum_set_to_none_after_construction_averages_cumulatively_as_torchs(kind):
+    """torch's way to ask for the equal-weight average of all batches (what swa_utils.update_bn does
+    to each layer, and code written after it: reset, momentum = None, a pass over the data). It
+    failed with a TypeError in every bnlab layer."""
+    torch.manual_seed(0)
+    layer = RUNTIME_NO_STATS[kind]().double()
+    producer = layer.producer.double() if kind == "CrossIterationBatchNorm2d" else nn.Identity()
+    twin = nn.BatchNorm2d(4, dtype=DOUBLE)
+    for module in (layer, twin):
+        module.reset_running_stats()
+        module.momentum = None
+    shape = (6, 3, 7, 7) if kind == "CrossIterationBatchNorm2d" else (6, 4, 5, 5)
+    for step in range(4):
+        x = producer(torch.randn(shape, dtype=DOUBLE) * (step + 1))  # (variances about 1, 4, 9, 16 times)
+        layer(x)
+        twin(x.detach())
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(layer, name), getattr(twin, name), rtol=1e-12, atol=1e-14)
+    last = x.detach().var((0, 2, 3))
+    assert bool((twin.running_var < 0.7 * last).all())  # (the four batches' average, not the last's alone)
+
+
 def test_ghost_batch_norm_without_running_statistics_takes_the_whole_batch_in_eval_mode():
     """(it normalized each virtual batch by itself in eval mode too: an output that depended on
     how the batch was chunked, the inference bug that ghost BN must not have)"""

@@ -186,8 +186,10 @@ class BatchNorm(nn.Module):
 
     def batch_weight(self) -> "float | torch.Tensor":
         """The new batch's weight in the running average: momentum, or 1/t for the t-th batch (a
-        0-d tensor while torch.compile traces: read on the host, the count would break the graph)."""
-        if self.stats == "cumulative":
+        0-d tensor while torch.compile traces: read on the host, the count would break the graph)
+        with ``stats="cumulative"`` or ``momentum`` None, set so after construction too (torch's way
+        to ask for the cumulative average, which ``torch.optim.swa_utils.update_bn`` takes)."""
+        if self.stats == "cumulative" or self.momentum is None:
             if self.num_batches_tracked is None:  # (track_running_stats=False: nothing to average into)
                 return 0.0
             if torch.compiler.is_compiling():
