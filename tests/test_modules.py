@@ -830,6 +830,34 @@ def test_momentum_set_to_none_after_construction_averages_cumulatively_as_torchs
     assert bool((twin.running_var < 0.7 * last).all())  # (the four batches' average, not the last's alone)
 
 
+@pytest.mark.parametrize("kind", ["BatchNorm2d", "fused", "BatchNormAct2d", "SyncBatchNorm"])
+def test_track_running_stats_set_false_after_construction_stops_the_updates_as_in_torch(kind):
+    """torch's BN, its running statistics kept but the flag set False: training takes batch
+    statistics and folds nothing in; eval mode still uses the running statistics (bnlab's layers
+    took batch statistics there). The converters both ways and fuse keep that."""
+    torch.manual_seed(0)
+    ours, theirs = RUNTIME_NO_STATS[kind]().double(), nn.BatchNorm2d(4, dtype=DOUBLE)
+    x0, x = torch.randn(6, 4, 5, 5, dtype=DOUBLE) * 3 + 2, torch.randn(6, 4, 5, 5, dtype=DOUBLE)
+    ours(x0)
+    theirs(x0)
+    for layer in (ours, theirs):
+        layer.track_running_stats = False
+    for mode in (True, False):
+        for layer in (ours, theirs):
+            layer.train(mode)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-12)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-12, atol=1e-14)
+    expected = theirs(x)  # (eval mode: the running statistics of x0's batch)
+    assert (expected - nn.functional.batch_norm(x, None, None, training=True)).abs().max() > 0.1
+    for converted in (bnlab.to_torch(ours), bnlab.convert(copy.deepcopy(theirs))):
+        layer = converted[0] if isinstance(converted, nn.Sequential) else converted  # (BatchNormAct's BN)
+        assert not layer.track_running_stats and layer.running_mean is not None
+        torch.testing.assert_close(converted(x), expected, rtol=1e-10, atol=1e-12)
+    fused = bnlab.fuse(nn.Sequential(nn.Conv2d(4, 4, 1, dtype=DOUBLE), ours))
+    assert isinstance(fused[1], nn.Identity)
+
+
 def test_ghost_batch_norm_without_running_statistics_takes_the_whole_batch_in_eval_mode():
     """(it normalized each virtual batch by itself in eval mode too: an output that depended on
     how the batch was chunked, the inference bug that ghost BN must not have)"""

@@ -220,7 +220,7 @@ class SyncBatchNorm(BatchNorm):
             ref = model.weight if model.affine else model.running_mean
             group = process_group if process_group is not None else getattr(model, "process_group", None)
             new = cls(model.num_features, model.eps, momentum_argument(model), model.affine,
-                      model.track_running_stats, group, device=ref.device if ref is not None else None,
+                      model.running_mean is not None, group, device=ref.device if ref is not None else None,
                       dtype=ref.dtype if ref is not None else None)
             return carry_state(model, new)
         for name, child in model.named_children():

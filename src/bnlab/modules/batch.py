@@ -181,7 +181,7 @@ class BatchNorm(nn.Module):
                 f"{type(self).__name__}: expected {expected} input, got {x.dim()}D input of shape "
                 f"{tuple(x.shape)}"
             )
-        F.check_input(x, self.num_features, self.training, self._label, running_stats=self.track_running_stats,
+        F.check_input(x, self.num_features, self.training, self._label, running_stats=self.running_mean is not None,
                       state_dtype=F.state_dtype(self.weight, self.running_mean))
 
     def batch_weight(self) -> "float | torch.Tensor":
@@ -203,8 +203,8 @@ class BatchNorm(nn.Module):
         self._check_input(x)
         if self.needs_running_stats and (not self.track_running_stats or self.running_mean is None):
             self._refuse_without_running_stats()
-        if not self.training and self.track_running_stats:
-            return self._inference(x)
+        if not self.training and self.running_mean is not None:  # (as torch's: track_running_stats set False
+            return self._inference(x)  # after construction stops the updates, not their use in eval mode)
         if x.numel() == 0 and self.passes_empty_batch:
             return F.empty_batch(x, self.weight, self.bias)
         tracking = self.training and self.track_running_stats
@@ -461,9 +461,10 @@ def carry_state(old: nn.Module, new: BatchNorm) -> BatchNorm:
     """``new`` with ``old``'s state, what each converter does to a layer it swaps (:func:`convert`,
     ``SyncBatchNorm.convert``, :func:`cross_iteration`): the values of its state_dict, its
     parameters themselves (so an optimizer made before the conversion still steps them, as after
-    torch's ``convert_sync_batchnorm``, and a frozen gamma stays frozen), the train/eval mode, and
-    a mask of ``torch.nn.utils.prune`` put back on the same parameter (network slimming prunes
-    BN's gammas)."""
+    torch's ``convert_sync_batchnorm``, and a frozen gamma stays frozen), the train/eval mode, the
+    ``track_running_stats`` flag (``new`` made with buffers wherever ``old`` has them), and a mask
+    of ``torch.nn.utils.prune`` put back on the same parameter (network slimming prunes BN's
+    gammas)."""
     masks = {hook._tensor_name: getattr(old, hook._tensor_name + "_mask")
              for hook in old._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)}
     state = old.state_dict()
@@ -481,6 +482,7 @@ def carry_state(old: nn.Module, new: BatchNorm) -> BatchNorm:
     for name, parameter in new._parameters.items():  # (pruned: both layers hold name_orig)
         if parameter is not None:
             new._parameters[name] = old._parameters[name]
+    new.track_running_stats = old.track_running_stats  # (set False after construction: its buffers kept)
     return new.train(old.training)
 
 

@@ -211,7 +211,7 @@ def _converted(module: nn.Module, kwargs) -> nn.Module | None:
         eps=module.eps,
         momentum=module.momentum,
         affine=module.affine,
-        track_running_stats=module.track_running_stats,
+        track_running_stats=module.running_mean is not None,  # (carry_state sets the flag itself)
         device=ref.device if ref is not None else None,
         dtype=ref.dtype if ref is not None else None,
         **kwargs,
@@ -284,7 +284,7 @@ def _to_torch(layer: nn.Module) -> nn.Module | None:
         return None
     ref = layer.weight if layer.affine else layer.running_mean
     new = cls(layer.num_features, eps=layer.eps, momentum=None if layer.stats == "cumulative" else layer.momentum,
-              affine=layer.affine, track_running_stats=layer.track_running_stats,
+              affine=layer.affine, track_running_stats=layer.running_mean is not None,
               device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None, **extra)
     with torch.no_grad():
         for name in ("weight", "bias") if layer.affine else ():
@@ -294,7 +294,7 @@ def _to_torch(layer: nn.Module) -> nn.Module | None:
             else:  # (computed: pruned or parametrized; its values)
                 getattr(new, name).copy_(getattr(layer, name))
                 getattr(new, name).requires_grad_(getattr(layer, name).requires_grad)
-        if layer.track_running_stats:
+        if layer.running_mean is not None:
             new.running_mean.copy_(layer.running_mean)
             if isinstance(layer, BatchRenorm):  # sigma = sqrt(running_var + eps)
                 var = layer.running_std.double().square() - layer.eps
@@ -308,6 +308,7 @@ def _to_torch(layer: nn.Module) -> nn.Module | None:
             new.num_batches_tracked.copy_(layer.num_batches_tracked)
     if isinstance(layer, CrossIterationBatchNorm):
         layer._unhook()
+    new.track_running_stats = layer.track_running_stats  # (False after construction: the buffers are kept)
     new.train(layer.training)
     if isinstance(layer, BatchNormAct):
         return nn.Sequential(new, ACTIVATION_MODULES[layer.act](layer.negative_slope)).train(layer.training)
@@ -457,7 +458,7 @@ def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes, module
         return f"{type(norm).__name__} has its own inference"
     if not isinstance(norm, BatchNorm) and type(norm) not in TORCH_TO_BNLAB and type(norm) is not nn.SyncBatchNorm:
         return f"{type(norm).__name__} is not one of torch.nn's BatchNorm1d/2d/3d"
-    if not norm.track_running_stats or norm.running_mean is None:
+    if norm.running_mean is None:  # (track_running_stats set False after construction stops their updates only)
         return "it keeps no running statistics (track_running_stats=False): batch statistics in eval mode too"
     if norm_calls > 1:
         return "it runs more than once in a forward pass"
