@@ -899,6 +899,22 @@ def test_a_layer_whose_own_gamma_is_computed_trains_as_one_holding_its_value(how
         torch.testing.assert_close(getattr(layers[0], name), getattr(layers[1], name), rtol=1e-9, atol=1e-11)
 
 
+def test_the_settings_that_shape_the_window_are_read_only_and_its_buffers_are_checked():
+    """(Setting window or compensate after construction, or replacing a window buffer by one of
+    another shape, had the numba kernels index past the buffers' ends: a segmentation fault.)"""
+    conv = nn.Conv2d(3, 4, 3)
+    layer = bnlab.CrossIterationBatchNorm2d(4, window=3).pair(conv)
+    layer(conv(torch.randn(4, 3, 8, 8)))
+    layer.window, layer.compensate = 3, True  # (the same values: nothing changes)
+    for name, value in (("window", 6), ("compensate", False)):
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction .* make a new layer"):
+            setattr(layer, name, value)
+    assert (layer.window, layer.compensate) == (3, True)
+    layer.window_mu = torch.zeros(5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"buffers' shapes do not fit .* \(5, 4\), \(2, 4\)"):
+        layer(conv(torch.randn(4, 3, 8, 8)))
+
+
 def test_a_producer_whose_forward_transforms_its_weight_is_refused():
     """A subclass that convolves with something else than producer.weight (a weight-standardized
     conv written as a forward) would be compensated with the wrong weights, silently."""

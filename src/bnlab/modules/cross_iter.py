@@ -102,7 +102,8 @@ class CrossIterationBatchNorm(BatchNorm):
             raise ValueError(f"window must be at least 1, got {window}")
         if burn_in < 0:
             raise ValueError(f"burn_in must be 0 or more iterations, got {burn_in}")
-        self.window, self.burn_in, self.compensate = window, burn_in, compensate
+        self.__dict__.update(_window=window, _compensate=compensate)  # (read-only: see the properties)
+        self.burn_in = burn_in
         factory = {"device": device, "dtype": self._derivatives_dtype(self.running_mean.dtype)}
         statistics = {"device": device, "dtype": _statistics_dtype(device)}
         past = window - 1
@@ -121,6 +122,34 @@ class CrossIterationBatchNorm(BatchNorm):
     @property
     def producer(self):
         return self.__dict__["_producer"]
+
+    @property
+    def window(self) -> int:
+        """Iterations pooled, the current one included: fixed at construction, as it shapes the
+        window's buffers (``window - 1`` past entries)."""
+        return self.__dict__["_window"]
+
+    @window.setter
+    def window(self, value) -> None:
+        self._refuse_reshaping("window", value, "it shapes the window's buffers")
+
+    @property
+    def compensate(self) -> bool:
+        """Whether past statistics are compensated (False: naive CBN, which keeps no derivatives):
+        fixed at construction, as it shapes the window's buffers."""
+        return self.__dict__["_compensate"]
+
+    @compensate.setter
+    def compensate(self, value) -> None:
+        self._refuse_reshaping("compensate", value, "naive CBN keeps no derivatives in its window")
+
+    def _refuse_reshaping(self, name: str, value, why: str) -> None:
+        """A setting the window's buffers are shaped by, assigned after construction: the kernels
+        would index past the buffers' ends (a segmentation fault), so say what to do instead."""
+        if value != self.__dict__[f"_{name}"]:
+            raise AttributeError(f"{self._label()}: {name} is fixed at construction ({why}); for {name}={value!r}, "
+                                 "make a new layer with it, pair it with the producer, and load this one's state_dict "
+                                 "without the keys window_* and iteration (an empty window at iteration 0)")
 
     def pair(self, producer: nn.Module) -> "CrossIterationBatchNorm":
         """Use ``producer`` (the Linear or Conv2d whose output this layer normalizes)."""
