@@ -322,9 +322,14 @@ def batch_norm_train(
 
 
 def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, backend="auto"):
-    """Ioffe & Szegedy 2015, Algorithm 2, line 11: y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta."""
+    """Ioffe & Szegedy 2015, Algorithm 2, line 11: y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta.
+
+    (``torch.batch_norm``, as torch's layers call it, not the native kernel it dispatches to on the
+    CPU: ``torch.onnx.export(..., dynamo=False)``, the TorchScript exporter, knows only the former.)
+    """
     if backend != "autograd":
-        return torch.native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+        return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
+                                torch.backends.cudnn.enabled)
     stat_dtype = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
     invstd = torch.rsqrt(running_var.to(stat_dtype) + eps)
     return normalize(x, running_mean.to(stat_dtype), invstd, weight, bias)
