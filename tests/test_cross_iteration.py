@@ -915,6 +915,23 @@ def test_the_settings_that_shape_the_window_are_read_only_and_its_buffers_are_ch
         layer(conv(torch.randn(4, 3, 8, 8)))
 
 
+def test_lazy_producers_say_to_run_a_forward_first_and_example_inputs_runs_it():
+    """(A model of LazyConv2d/LazyLinear not run yet failed inside torch with "Can't access the
+    shape of an uninitialized parameter", on load_state_dict's behalf.)"""
+    def lazy_net():
+        return nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5),
+                             nn.BatchNorm1d(5))
+
+    with pytest.raises(ValueError, match="its producer, a LazyConv2d, is lazy .* example_inputs"):
+        bnlab.cross_iteration(lazy_net(), window=3)
+    net = bnlab.cross_iteration(lazy_net(), window=3, example_inputs=torch.randn(2, 3, 6, 6))
+    assert [type(m).__name__ for m in net][:2] == ["Conv2d", "CrossIterationBatchNorm2d"]
+    assert net[1].producer is net[0] and net[5].producer is net[4] and net[5].window_dnu.shape == (2, 5, 64)
+    for _ in range(3):
+        net(torch.randn(4, 3, 6, 6)).sum().backward()
+    assert net[1].window_valid.all()
+
+
 def test_a_producer_whose_forward_transforms_its_weight_is_refused():
     """A subclass that convolves with something else than producer.weight (a weight-standardized
     conv written as a forward) would be compensated with the wrong weights, silently."""

@@ -155,6 +155,10 @@ class CrossIterationBatchNorm(BatchNorm):
         """Use ``producer`` (the Linear or Conv2d whose output this layer normalizes)."""
         if not isinstance(producer, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"cross-iteration BN needs a Linear or Conv2d producer, got {type(producer).__name__}")
+        if isinstance(producer.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{self._label()}: its producer, a {type(producer).__name__}, is lazy and has no weight "
+                             "yet; run one forward pass first (bnlab.cross_iteration(model, example_inputs=...) "
+                             "runs one)")
         if producer.weight.shape[0] != self.num_features:
             raise ValueError(f"the producer has {producer.weight.shape[0]} outputs, this layer "
                              f"{self.num_features} channels")
