@@ -1,5 +1,7 @@
 """Cross-Iteration BN (Yao et al. 2020): derivatives, compensation, equivalences, resume, conversion."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -913,6 +915,28 @@ def test_the_settings_that_shape_the_window_are_read_only_and_its_buffers_are_ch
     layer.window_mu = torch.zeros(5, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"buffers' shapes do not fit .* \(5, 4\), \(2, 4\)"):
         layer(conv(torch.randn(4, 3, 8, 8)))
+
+
+@pytest.mark.parametrize("found_by", ["tracing", "example inputs"])
+def test_cross_iteration_pairs_the_layers_of_a_model_built_with_them_as_they_are(found_by):
+    """(A model built with norm_layer=partial(CrossIterationBatchNorm2d, ...), as torchvision's and
+    timm's constructors take it, could not train: the layers' error said to call cross_iteration,
+    which left them unpaired.)"""
+    norm = functools.partial(bnlab.CrossIterationBatchNorm2d, window=3, burn_in=2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), norm(4), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False), norm(4),
+                        nn.Flatten(), nn.Linear(16, 5), bnlab.CrossIterationBatchNorm1d(5, window=2))
+    layers = [net[1], net[4], net[7]]
+    example = {"example_inputs": torch.randn(2, 3, 6, 6)} if found_by == "example inputs" else {}
+    converted = bnlab.cross_iteration(net, window=6, **example)
+    assert [converted[i] for i in (1, 4, 7)] == layers  # (the same layers, their own settings)
+    assert [(layer.producer, layer.window, layer.burn_in) for layer in layers] == [
+        (net[0], 3, 2), (net[3], 3, 2), (net[6], 2, 0)]
+    for _ in range(4):
+        converted(torch.randn(4, 3, 6, 6)).sum().backward()
+    assert all(layer.window_valid.all() for layer in layers)
+    stray = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), norm(4))  # (no producer before it)
+    with pytest.raises(ValueError, match="cannot pair '2': its input comes from '1'.* put it straight after"):
+        bnlab.cross_iteration(stray, strict=False)
 
 
 def test_lazy_producers_say_to_run_a_forward_first_and_example_inputs_runs_it():

@@ -508,6 +508,16 @@ def _keep_windows_local(model: nn.Module, layers: list[str]) -> None:
 
 
 PAIRED_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, BatchNorm1d, BatchNorm2d)  # what cross_iteration converts
+
+
+def _to_pair(module: nn.Module) -> bool:
+    """What :func:`cross_iteration` pairs with a producer: the batch norms it converts, and
+    cross-iteration layers not paired yet (a model built with ``norm_layer=`` a cross-iteration
+    class, as torchvision's and timm's constructors take it), which keep their own settings."""
+    unpaired = isinstance(module, CrossIterationBatchNorm) and module.producer is None
+    return type(module) in PAIRED_BATCH_NORMS or unpaired
+
+
 UNCOMPENSATED = ", so its statistics cannot be compensated"
 
 
@@ -525,7 +535,7 @@ def _sources_traced(model: nn.Module):
                          "CrossIterationBatchNorm2d(...).pair(conv)") from err
     modules = dict(model.named_modules())
     for node in graph.nodes:
-        if node.op == "call_module" and type(modules[node.target]) in PAIRED_BATCH_NORMS:
+        if node.op == "call_module" and _to_pair(modules[node.target]):
             source = node.args[0]
             producer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
             what = source.target if getattr(source, "op", None) == "call_module" else f"{source.op} {source.target}"
@@ -546,7 +556,7 @@ def _sources_run(model: nn.Module, example_inputs: tuple):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             handles.append(module.register_forward_hook(
                 lambda module, args, output, name=name: outputs.append((name, output, output._version))))
-        elif type(module) in PAIRED_BATCH_NORMS:
+        elif _to_pair(module):
             handles.append(module.register_forward_pre_hook(
                 lambda module, args, name=name: calls.append((name, args[0], args[0]._version))))
     try:
@@ -566,7 +576,7 @@ def _sources_run(model: nn.Module, example_inputs: tuple):
             yield name, modules[source[0]], ""
     ran = {name for name, _, _ in calls}
     for name, module in modules.items():
-        if type(module) in PAIRED_BATCH_NORMS and name not in ran:
+        if _to_pair(module) and name not in ran:
             yield name, None, "the example inputs did not run it, so what feeds it is unknown"
 
 
@@ -582,8 +592,11 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
     compensated, and so is a BN without running statistics (``track_running_stats=False``: it
     normalizes with batch statistics in inference too, which cross-iteration BN does not); with
     ``strict=False`` such layers stay BN instead, named in a warning (a pre-activation ResNet
-    normalizes sums), and the others are converted. Other batch-norm layers (synchronized, ghost,
-    Batch Renorm, BN fused with its activation, 3-D) are left as they are, and a warning names them.
+    normalizes sums), and the others are converted. Cross-iteration layers not paired yet (a model
+    built with ``norm_layer=partial(CrossIterationBatchNorm2d, window=4)``) are paired with their
+    producers as they are (their own settings; one without such a producer is refused, strict or
+    not, as it could not train). Other batch-norm layers (synchronized, ghost, Batch Renorm, BN
+    fused with its activation, 3-D) are left as they are, and a warning names them.
 
     Under DistributedDataParallel each rank keeps its own window, as in the paper: the returned
     model tells DDP to leave the windows out of its buffer broadcast (wrap this model, not a
@@ -615,11 +628,15 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
         elif producers.setdefault(name, producer) is not producer:
             refused[name] = "it normalizes the outputs of several layers (a layer shared by several inputs)"
     pairs = [(name, producer) for name, producer in producers.items() if name not in refused]
-    if refused and strict:
-        name, why = next(iter(refused.items()))
+    unpaired = [name for name in refused if isinstance(modules[name], CrossIterationBatchNorm)]
+    if unpaired or (refused and strict):
+        name = (unpaired or list(refused))[0]
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-        raise ValueError(f"cross_iteration: cannot convert {name!r}{more}: {why}. Pass strict=False to keep such "
-                         "layers as BN and convert the others, or pair layers by hand")
+        advice = ("a cross-iteration layer trains only after a Linear or Conv2d: put it straight after one, or make "
+                  "it BN" if unpaired else "Pass strict=False to keep such layers as BN and convert the others, or "
+                  "pair layers by hand")
+        raise ValueError(f"cross_iteration: cannot {'pair' if unpaired else 'convert'} {name!r}{more}: "
+                         f"{refused[name]}. {advice[0].upper()}{advice[1:]}")
     if refused:
         warnings.warn("cross_iteration: kept as BN (strict=False): " + "; ".join(
             f"{name!r}: {why}" for name, why in refused.items()), stacklevel=_caller_level())
@@ -628,6 +645,9 @@ def cross_iteration(model: nn.Module, window: int = 4, burn_in: int = 0, compens
               "only BatchNorm1d/2d layers (torch's or bnlab's) after a Linear or Conv2d become cross-iteration BN")
     for name, producer in pairs:
         old = modules[name]
+        if isinstance(old, CrossIterationBatchNorm):  # (built unpaired: paired as it is)
+            old.pair(producer)
+            continue
         cls = CrossIterationBatchNorm2d if isinstance(producer, nn.Conv2d) else CrossIterationBatchNorm1d
         ref = old.weight if old.affine else old.running_mean
         new = cls(old.num_features, window, burn_in, compensate, old.eps, momentum_argument(old), old.affine,
