@@ -181,8 +181,9 @@ class BatchNorm(nn.Module):
                 f"{type(self).__name__}: expected {expected} input, got {x.dim()}D input of shape "
                 f"{tuple(x.shape)}"
             )
-        F.check_input(x, self.num_features, self.training, self._label, running_stats=self.running_mean is not None,
-                      state_dtype=F.state_dtype(self.weight, self.running_mean))
+        running_mean = self._buffers.get("running_mean")
+        F.check_input(x, self.num_features, self.training, self._label, running_stats=running_mean is not None,
+                      state_dtype=F.state_dtype(self.weight, running_mean))
 
     def batch_weight(self) -> "float | torch.Tensor":
         """The new batch's weight in the running average: momentum, or 1/t for the t-th batch (a
@@ -201,10 +202,11 @@ class BatchNorm(nn.Module):
         if isinstance(x, torch.fx.Proxy):  # torch.fx's symbolic tracing: one node, a leaf like torch.nn's layers
             return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         self._check_input(x)
-        if self.needs_running_stats and (not self.track_running_stats or self.running_mean is None):
+        statistics = self._buffers.get("running_mean") is not None
+        if self.needs_running_stats and not (self.track_running_stats and statistics):
             self._refuse_without_running_stats()
-        if not self.training and self.running_mean is not None:  # (as torch's: track_running_stats set False
-            return self._inference(x)  # after construction stops the updates, not their use in eval mode)
+        if not self.training and statistics:  # (as torch's: track_running_stats set False after construction
+            return self._inference(x)  # stops the updates, not their use in eval mode)
         if x.numel() == 0 and self.passes_empty_batch:
             return F.empty_batch(x, self.weight, self.bias)
         tracking = self.training and self.track_running_stats

@@ -372,15 +372,18 @@ class CrossIterationBatchNorm(BatchNorm):
         """
         if not (self.backend == "auto" and F.fused_act_supported(x) and x.is_contiguous()) or F.transformed():
             return None
-        if F.computed_weight(self.producer) or F.computed_weight(self):  # (the producer's weight or this
-            return None  # layer's gamma made anew on each read or forward, pruned say: no view to keep)
         params, buffers, producer = self._parameters, self._buffers, self.producer
-        tensors = (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
-                   producer._parameters["weight"], producer._parameters["bias"],
+        tensors = (params.get("weight"), params.get("bias"), buffers["running_mean"], buffers["running_var"],
+                   producer._parameters.get("weight"), producer._parameters.get("bias"),
                    *[buffers[name] for name in WINDOW_BUFFERS])
-        key = [t.data_ptr() if t is not None else 0 for t in tensors] + [tensors[4].stride()]
+        key = [t.data_ptr() if t is not None else 0 for t in tensors] + [getattr(tensors[4], "stride", tuple)()]
         cached = self.__dict__.get("_state")
         if cached is None or cached[0] != key:
+            # The producer's weight or this layer's gamma made anew on each read or forward (pruned, say): no
+            # view to keep. (Such a weight is no parameter of that name, so the key changed when it became one.)
+            if F.computed_weight(producer) or F.computed_weight(self):
+                self.__dict__["_state"] = None
+                return None
             views = F.cross_iteration_views(*tensors[:4], producer, tensors[6:], self.compensate)
             cached = self.__dict__["_state"] = (key, views)
         return cached[1]
