@@ -45,6 +45,34 @@ def test_fused_equals_bn_then_activation(act, reference, shape, channels_last):
     torch.testing.assert_close(results[0][0], expected, **FLOAT32_TOL)
 
 
+@pytest.mark.parametrize("shape, channels_last", [((4, 6, 5, 5), False), ((4, 6, 5, 5), True), ((16, 6), False)],
+                         ids=["NCHW", "channels_last", "N-by-C"])
+@pytest.mark.parametrize("act", [None, "leaky_relu"], ids=["BN", "BN+leaky_relu"])
+def test_an_in_place_activation_after_the_kernels_trains_as_one_out_of_place(act, shape, channels_last):
+    """(nn.ReLU(inplace=True) after BN, as torchvision's ResNets have it, failed on the fused
+    kernels: "Output 0 of BatchNormActFunction is a view and is being modified inplace".)"""
+    torch.manual_seed(0)
+    two_d = len(shape) == 2
+    if act is None:
+        layer = (bnlab.BatchNorm1d if two_d else bnlab.BatchNorm2d)(6, backend="fused", dtype=torch.float64)
+    else:
+        layer = (bnlab.BatchNormAct1d if two_d else bnlab.BatchNormAct2d)(6, act=act, backend="fused",
+                                                                          dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grads = []
+    for inplace in (True, False):
+        xi = x.clone().requires_grad_()
+        y = torch.nn.ReLU(inplace=inplace)(layer(xi))
+        y.square().sum().backward()
+        grads.append((y.detach(), xi.grad, layer.weight.grad.clone()))
+        layer.weight.grad = None
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    assert grads[0][1].abs().max() > 0.1
+
+
 def test_batch_norm_act_module_loads_bn_checkpoints_and_matches_bn_relu():
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(4)

@@ -92,11 +92,14 @@ def _layout(x: torch.Tensor):
     return x.permute(0, 2, 3, 1).reshape(-1, c), True  # NHWC memory: (N*H*W, C) rows, no copy
 
 
-def _restore(view: torch.Tensor, like: torch.Tensor, rows: bool) -> torch.Tensor:
+def _restore(array, like: torch.Tensor, rows: bool) -> torch.Tensor:
+    """The kernels' NumPy output as a tensor of ``like``'s shape and layout, shaped on the NumPy side:
+    a tensor of its own, not a view of another. (A custom Function's output that is a view may not
+    be changed in place, and BN followed by ``nn.ReLU(inplace=True)`` does that.)"""
     if rows and like.dim() == 4 and like[0, 0].numel() > 1:
         n, c, h, w = like.shape
-        return view.view(n, h, w, c).permute(0, 3, 1, 2)  # a channels_last NCHW tensor
-    return view.view(like.shape)
+        return torch.from_numpy(array.reshape(n, h, w, c).transpose(0, 3, 1, 2))  # a channels_last NCHW tensor
+    return torch.from_numpy(array.reshape(like.shape))
 
 
 def _bn_act(x, weight, bias, eps, act, slope):
@@ -125,7 +128,7 @@ class BatchNormActFunction(torch.autograd.Function):
         ctx.eps = eps
         mean_t, invstd_t = torch.from_numpy(mean), torch.from_numpy(invstd)
         ctx.mark_non_differentiable(mean_t, invstd_t)
-        return _restore(torch.from_numpy(y), x, rows), mean_t, invstd_t
+        return _restore(y, x, rows), mean_t, invstd_t
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
@@ -142,7 +145,7 @@ class BatchNormActFunction(torch.autograd.Function):
         dx, dw, db = cpu_fused.backward(dyv.numpy(), xv.numpy(), w.numpy(), b.numpy(), *ctx.stats, act, slope, rows)
         grad_w = torch.from_numpy(dw).to(x.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = torch.from_numpy(db).to(x.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-        return _restore(torch.from_numpy(dx), x, rows), grad_w, grad_b, None, None, None
+        return _restore(dx, x, rows), grad_w, grad_b, None, None, None
 
 
 class TritonBatchNormActFunction(torch.autograd.Function):
