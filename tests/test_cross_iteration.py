@@ -514,6 +514,20 @@ WINDOW_STATE = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_d
                 "window_valid", "running_mean", "running_var", "num_batches_tracked", "iteration")
 
 
+def assert_same_window(a, b, **tol) -> None:
+    """Two layers' windows, running statistics and counts alike, to ``tol`` (assert_close's)."""
+    for name in WINDOW_STATE:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), **tol, msg=name)
+
+
+def sgd_(module: nn.Module, lr: float = 0.1) -> None:
+    """One plain SGD step on ``module``'s parameters, their gradients then cleared."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p -= lr * p.grad
+            p.grad = None
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("compensate", [True, False])
 @pytest.mark.parametrize("kind", list(PRODUCERS))
@@ -580,8 +594,7 @@ def test_weight_gradient_from_the_producer_hook_is_the_one_from_the_layer_input(
                 q -= 0.1 * q.grad
                 p.grad, q.grad = None, None
     assert all(taken)  # (every step stores: window 3, no burn-in)
-    for name in WINDOW_STATE:
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-13, atol=1e-14, msg=name)
+    assert_same_window(a, b, rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -859,13 +872,9 @@ def test_a_producer_with_a_computed_weight_is_compensated_with_it(computed):
         ys = [layers[0](x), layers[1](plain(u))]
         torch.testing.assert_close(ys[0], ys[1], rtol=1e-9, atol=1e-11)
         ys[0].square().mean().backward()
-        with torch.no_grad():
-            for p in normed.parameters():
-                p -= 0.1 * p.grad
-                p.grad = None
+        sgd_(normed)
     assert layers[0]._kernel_state(ys[0]) is None and layers[1]._kernel_state(ys[1]) is not None
-    for name in WINDOW_STATE:
-        torch.testing.assert_close(getattr(layers[0], name), getattr(layers[1], name), rtol=1e-9, atol=1e-11)
+    assert_same_window(layers[0], layers[1], rtol=1e-9, atol=1e-11)
     assert layers[0].window_valid.all() and layers[0].window_dnu.abs().max() > 0  # (a window that was compensated)
 
 
@@ -892,13 +901,9 @@ def test_a_layer_whose_own_gamma_is_computed_trains_as_one_holding_its_value(how
         torch.testing.assert_close(ys[0], ys[1], rtol=1e-9, atol=1e-11)
         for y, conv in zip(ys, convs):
             y.square().mean().backward()
-            with torch.no_grad():
-                for p in conv.parameters():
-                    p -= 0.1 * p.grad
-                    p.grad = None
+            sgd_(conv)
     assert layers[0]._kernel_state(ys[0]) is None and layers[1]._kernel_state(ys[1]) is not None
-    for name in WINDOW_STATE:
-        torch.testing.assert_close(getattr(layers[0], name), getattr(layers[1], name), rtol=1e-9, atol=1e-11)
+    assert_same_window(layers[0], layers[1], rtol=1e-9, atol=1e-11)
 
 
 def test_the_settings_that_shape_the_window_are_read_only_and_its_buffers_are_checked():
