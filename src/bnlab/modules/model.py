@@ -370,9 +370,9 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
         try:
             model = copy.deepcopy(model)
         except RuntimeError as err:  # (torch's, for a weight that a forward hook computed with a graph)
-            raise ValueError(f"fuse: cannot copy the model ({err}). A weight set by a forward hook (the older "
-                             "torch.nn.utils.weight_norm or spectral_norm) holds the graph of the last forward: run "
-                             "one under torch.no_grad() first, or pass inplace=True") from err
+            raise ValueError(f"fuse: cannot copy the model ({err}). A weight set by a forward hook (torch.nn.utils."
+                             "prune, or the older weight_norm or spectral_norm) holds the graph of the last forward: "
+                             "run one under torch.no_grad() first, or pass inplace=True") from err
     try:
         graph = trace_graph(model)
     except Exception as err:  # fx raises many kinds
