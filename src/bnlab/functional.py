@@ -775,17 +775,18 @@ def is_plain_producer(producer: torch.nn.Module, u: torch.Tensor, output: torch.
     return bool(((out - ref).abs()[finite] <= 0.01 * scale + 1e-6).all())
 
 
-def computed_weight(producer: torch.nn.Module) -> str | None:
-    """How ``producer``'s weight or bias is made anew from other tensors, or None where both are
-    tensors it keeps: a parametrization (``torch.nn.utils.parametrize``: the weight norm, spectral
-    norm and orthogonal of ``torch.nn.utils.parametrizations``), computed on each read; or a
-    forward pre-hook that sets the attribute before each forward from parameters of other names
-    (``torch.nn.utils.prune``'s mask, the older forms of ``torch.nn.utils.weight_norm`` and
-    ``spectral_norm``). A value folded into such a weight, or a view kept of it, does not last."""
-    if torch.nn.utils.parametrize.is_parametrized(producer):
+def computed_weight(module: torch.nn.Module) -> str | None:
+    """How ``module``'s weight or bias (a producer's, or a normalization layer's gamma and beta) is
+    made anew from other tensors, or None where both are tensors it keeps: a parametrization
+    (``torch.nn.utils.parametrize``: the weight norm, spectral norm and orthogonal of
+    ``torch.nn.utils.parametrizations``), computed on each read; or a forward pre-hook that sets
+    the attribute before each forward from parameters of other names (``torch.nn.utils.prune``'s
+    mask, the older forms of ``torch.nn.utils.weight_norm`` and ``spectral_norm``). A value folded
+    into such a weight, or a view kept of it, does not last."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
         return "a parametrization"
-    params = producer._parameters
-    if params.get("weight") is not producer.weight or params.get("bias") is not producer.bias:
+    params = module._parameters
+    if params.get("weight") is not module.weight or params.get("bias") is not module.bias:
         return "set by a forward hook from other parameters (torch.nn.utils.prune, weight_norm or spectral_norm)"
     return None
 

@@ -376,7 +376,8 @@ class CrossIterationBatchNorm(BatchNorm):
         tensors = (params.get("weight"), params.get("bias"), buffers["running_mean"], buffers["running_var"],
                    producer._parameters.get("weight"), producer._parameters.get("bias"),
                    *[buffers[name] for name in WINDOW_BUFFERS])
-        key = [t.data_ptr() if t is not None else 0 for t in tensors] + [getattr(tensors[4], "stride", tuple)()]
+        weight = tensors[4]  # (None where computed: then no views are made, below)
+        key = [t.data_ptr() if t is not None else 0 for t in tensors] + [weight.stride() if weight is not None else ()]
         cached = self.__dict__.get("_state")
         if cached is None or cached[0] != key:
             # The producer's weight or this layer's gamma made anew on each read or forward (pruned, say): no
