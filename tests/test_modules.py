@@ -158,6 +158,30 @@ def test_old_checkpoint_without_num_batches_tracked_loads(kind):
     torch.testing.assert_close(layer.eval()(x), theirs.eval()(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", [bnlab.BatchNorm1d, bnlab.BatchNormAct1d, bnlab.GhostBatchNorm1d, bnlab.BatchRenorm1d,
+                                  bnlab.CrossIterationBatchNorm1d, bnlab.SyncBatchNorm])
+def test_num_batches_tracked_is_filled_in_only_for_checkpoints_older_than_it(kind):
+    """As torch's BN: a checkpoint of version 2 on (torch's state_dict, bnlab's) that lacks
+    num_batches_tracked lacks a key (under momentum=None the count weighs the running statistics,
+    so a count of 0 would let the next batch overwrite them); an older one is filled in with the
+    layer's own count, not 0. Until 2026-11-25 bnlab filled in 0 for every checkpoint."""
+    theirs = nn.BatchNorm1d(3, momentum=None)
+    theirs(torch.randn(8, 3))
+    state = theirs.state_dict()
+    del state["num_batches_tracked"]
+    layer = kind(3, momentum=None, **({"act": "identity"} if kind is bnlab.BatchNormAct1d else {}))
+    layer.num_batches_tracked.fill_(2)  # (as after two batches)
+    for module in (nn.BatchNorm1d(3, momentum=None), layer):
+        with pytest.raises(RuntimeError, match="Missing key.*num_batches_tracked"):
+            module.load_state_dict(state)
+    assert layer.load_state_dict(state, strict=False).missing_keys == ["num_batches_tracked"]
+    assert bnlab.BatchNorm1d(3).state_dict()._metadata[""]["version"] == 2
+    state._metadata[""]["version"] = 1  # torch < 0.4.1's layout
+    layer.load_state_dict(state)
+    assert int(layer.num_batches_tracked) == 2
+    torch.testing.assert_close(layer.running_mean, theirs.running_mean)
+
+
 def test_cumulative_stats_is_the_equal_weight_average():
     layer = bnlab.BatchNorm1d(3, stats="cumulative", dtype=torch.float64)
     assert bnlab.BatchNorm1d(3, momentum=None).stats == "cumulative"

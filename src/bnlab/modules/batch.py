@@ -69,6 +69,7 @@ class BatchNorm(nn.Module):
     passes_empty_batch = True  # training on an empty batch: an empty output, no statistics (not SyncBatchNorm)
     torch_twin_scripts = True  # whether the torch.nn layer that bnlab.to_torch swaps in compiles under torch.jit.script
     needs_running_stats = ""  # why a layer cannot go without running statistics (empty: it can, as BN)
+    _version = 2  # torch's BN's: checkpoints from version 2 on hold num_batches_tracked
 
     def __init__(
         self,
@@ -309,17 +310,20 @@ class BatchNorm(nn.Module):
                 stacklevel=3,
             )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         warn_poisoned(state_dict, prefix, type(self).__name__)  # (the checkpoint's own keys, before any upgrade)
-        self._upgrade_checkpoint(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._upgrade_checkpoint(state_dict, prefix, local_metadata.get("version"))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
-    def _upgrade_checkpoint(self, state_dict, prefix: str) -> None:
-        """Fill in, in place, what an older or a torch.nn checkpoint lacks: checkpoints from
-        torch < 0.4.1 have no num_batches_tracked, which starts at 0 as torch's does."""
+    def _upgrade_checkpoint(self, state_dict, prefix: str, version: int | None) -> None:
+        """Fill in, in place, what an older checkpoint lacks, as torch's BN does: one from torch <
+        0.4.1 (no version, or version 1) has no num_batches_tracked, and the layer keeps its own
+        count. From version 2 on (torch's and bnlab's checkpoints) a missing count is a missing key,
+        as in torch: with ``momentum=None`` the count weighs the running statistics."""
         key = prefix + "num_batches_tracked"
-        if self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        if self.track_running_stats and key not in state_dict and (version is None or version < 2):
+            own = self.num_batches_tracked
+            state_dict[key] = own if own is not None and not own.is_meta else torch.tensor(0, dtype=torch.long)
 
 
 def warn_poisoned(state_dict, prefix: str, owner: str) -> None:

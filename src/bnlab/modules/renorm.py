@@ -59,11 +59,11 @@ class BatchRenorm(BatchNorm):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
                 f"d_max={self.d_max}, warmup={self.warmup}")
 
-    def _upgrade_checkpoint(self, state_dict, prefix: str) -> None:
+    def _upgrade_checkpoint(self, state_dict, prefix: str, version: int | None) -> None:
         """BN's upgrade, and a BN checkpoint (torch's or bnlab's: running_var, no running_std) with
         sigma = sqrt(running_var + eps), so inference gives BN's outputs; training goes on from its
         num_batches_tracked in the limits' schedule."""
-        super()._upgrade_checkpoint(state_dict, prefix)
+        super()._upgrade_checkpoint(state_dict, prefix, version)
         var_key, std_key = prefix + "running_var", prefix + "running_std"
         if var_key in state_dict and std_key not in state_dict:
             state_dict[std_key] = (state_dict.pop(var_key) + self.eps).sqrt()
