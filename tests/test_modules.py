@@ -854,6 +854,42 @@ def test_momentum_set_to_none_after_construction_averages_cumulatively_as_torchs
     assert bool((twin.running_var < 0.7 * last).all())  # (the four batches' average, not the last's alone)
 
 
+@pytest.mark.parametrize("kind", list(RUNTIME_NO_STATS))
+@pytest.mark.parametrize("setting", [{"stats": "emma"}, {"momentum": 0.99 * 2}, {"momentum": -0.1}])
+def test_a_stats_or_momentum_set_after_construction_that_the_constructor_refuses_raises_before_any_update(
+        kind, setting):
+    """The constructor refuses stats="emma" and a momentum outside [0, 1]; set after construction,
+    an unknown stats was taken as "ema" and the momentum folded in as it was (1.98 gives running
+    statistics of the wrong sign). Now the next training forward raises, the state untouched."""
+    torch.manual_seed(0)
+    layer = RUNTIME_NO_STATS[kind]().double()
+    producer = layer.producer.double() if kind == "CrossIterationBatchNorm2d" else nn.Identity()
+    shape = (6, 3, 7, 7) if kind == "CrossIterationBatchNorm2d" else (6, 4, 5, 5)
+    layer(producer(torch.randn(shape, dtype=DOUBLE)))
+    for name, value in setting.items():
+        setattr(layer, name, value)
+    state = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match=r"stats must be one of \('ema', 'cumulative'\), and 'ema' needs 0 <= "):
+        layer(producer(torch.randn(shape, dtype=DOUBLE) + 3))
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+@pytest.mark.parametrize("size", [0, 2.5, True])
+def test_a_ghost_virtual_batch_size_that_is_not_a_positive_integer_is_refused_when_set_and_when_made(size):
+    """Set after construction, 0 raised ZeroDivisionError from inside the layer and 2.5 torch's
+    split error; the constructor let 2.5 through."""
+    with pytest.raises(ValueError, match="virtual_batch_size must be an integer of at least 1"):
+        bnlab.GhostBatchNorm2d(4, virtual_batch_size=size)
+    layer = bnlab.GhostBatchNorm2d(4, virtual_batch_size=2)
+    layer.virtual_batch_size = size
+    with pytest.raises(ValueError, match="virtual_batch_size must be an integer of at least 1"):
+        layer(torch.randn(6, 4, 3, 3))
+    assert int(layer.num_batches_tracked) == 0
+    layer.virtual_batch_size = np.int64(3)  # (a NumPy integer is an integer)
+    layer(torch.randn(6, 4, 3, 3))
+
+
 @pytest.mark.parametrize("kind", ["BatchNorm2d", "fused", "BatchNormAct2d", "SyncBatchNorm"])
 def test_track_running_stats_set_false_after_construction_stops_the_updates_as_in_torch(kind):
     """torch's BN, its running statistics kept but the flag set False: training takes batch

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from typing import NamedTuple
 
@@ -686,12 +687,23 @@ def batch_renorm_eval(x, weight, bias, running_mean, running_std):
     return y
 
 
+def check_virtual_batch_size(virtual_batch_size) -> int:
+    """Ghost BN's sub-batch size as an int: an integer of at least 1, a NumPy one too (checked at
+    construction and at every training forward, since it may be set after construction)."""
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral) \
+            or virtual_batch_size < 1:
+        raise ValueError(f"ghost batch norm: virtual_batch_size must be an integer of at least 1, "
+                         f"got {virtual_batch_size!r}")
+    return int(virtual_batch_size)
+
+
 def ghost_batch_norm_train(x, weight, bias, virtual_batch_size, eps=1e-5, backend="auto"):
     """Ghost BN: Algorithm 1 on consecutive sub-batches of ``virtual_batch_size`` examples.
 
     Returns ``(y, mean, var_unbiased)``, the last two averaged over the sub-batches (each variance
     unbiased with its own m/(m-1)): what the running statistics fold in.
     """
+    virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
     n, last = x.shape[0], x.shape[0] % virtual_batch_size
     if last and last * values_per_channel(x[:1]) < 2:
         raise ValueError(f"ghost batch norm: a batch of {n} in virtual batches of {virtual_batch_size} leaves a last "

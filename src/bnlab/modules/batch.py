@@ -190,13 +190,18 @@ class BatchNorm(nn.Module):
         """The new batch's weight in the running average: momentum, or 1/t for the t-th batch (a
         0-d tensor while torch.compile traces: read on the host, the count would break the graph)
         with ``stats="cumulative"`` or ``momentum`` None, set so after construction too (torch's way
-        to ask for the cumulative average, which ``torch.optim.swa_utils.update_bn`` takes)."""
+        to ask for the cumulative average, which ``torch.optim.swa_utils.update_bn`` takes). A
+        ``stats`` or ``momentum`` set after construction to what the constructor refuses raises
+        here, at the next training forward, before anything is folded in."""
         if self.stats == "cumulative" or self.momentum is None:
             if self.num_batches_tracked is None:  # (track_running_stats=False: nothing to average into)
                 return 0.0
             if torch.compiler.is_compiling():
                 return 1.0 / (self.num_batches_tracked + 1).double()
             return 1.0 / float(self.num_batches_tracked + 1)
+        if self.stats != "ema" or not 0.0 <= self.momentum <= 1.0:  # (set so after construction)
+            raise ValueError(f"{self._label()}: stats={self.stats!r}, momentum={self.momentum!r}; stats must be one "
+                             f"of {STATS}, and 'ema' needs 0 <= momentum <= 1 (the new batch's weight)")
         return self.momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

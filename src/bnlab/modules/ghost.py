@@ -24,9 +24,7 @@ class GhostBatchNorm(BatchNorm):
 
     def __init__(self, num_features, virtual_batch_size=32, **kwargs):
         super().__init__(num_features, **kwargs)
-        if virtual_batch_size < 1:
-            raise ValueError(f"virtual_batch_size must be at least 1, got {virtual_batch_size}")
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = F.check_virtual_batch_size(virtual_batch_size)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
