@@ -875,6 +875,24 @@ def test_a_stats_or_momentum_set_after_construction_that_the_constructor_refuses
         assert torch.equal(value, state[name]), name
 
 
+@pytest.mark.parametrize("kind", list(RUNTIME_NO_STATS))
+@pytest.mark.parametrize("training", [True, False])
+def test_a_parameter_or_buffer_replaced_by_one_of_another_length_is_refused_by_name(kind, training):
+    """torch's BN says "weight should contain 4 elements not 3"; bnlab's training forward on torch's
+    native kernel or its own fused kernels read the short weight past its end and returned an
+    output (the error came in the backward, if at all)."""
+    for name in RUNTIME_NO_STATS[kind]().per_channel:
+        layer = RUNTIME_NO_STATS[kind]().train(training)
+        producer = layer.producer if kind == "CrossIterationBatchNorm2d" else nn.Identity()
+        short = torch.ones(3)
+        if name in layer._parameters:
+            setattr(layer, name, nn.Parameter(short))
+        else:
+            setattr(layer, name, short)
+        with pytest.raises(ValueError, match=rf"its {name} has shape \(3,\), expected \(4,\), one value per channel"):
+            layer(producer(torch.randn((6, 3, 7, 7) if kind == "CrossIterationBatchNorm2d" else (6, 4, 5, 5))))
+
+
 @pytest.mark.parametrize("size", [0, 2.5, True])
 def test_a_ghost_virtual_batch_size_that_is_not_a_positive_integer_is_refused_when_set_and_when_made(size):
     """Set after construction, 0 raised ZeroDivisionError from inside the layer and 2.5 torch's

@@ -70,6 +70,7 @@ class BatchNorm(nn.Module):
     torch_twin_scripts = True  # whether the torch.nn layer that bnlab.to_torch swaps in compiles under torch.jit.script
     needs_running_stats = ""  # why a layer cannot go without running statistics (empty: it can, as BN)
     _version = 2  # torch's BN's: checkpoints from version 2 on hold num_batches_tracked
+    per_channel = ("weight", "bias", "running_mean", "running_var")  # the state with one value per channel
 
     def __init__(
         self,
@@ -186,6 +187,18 @@ class BatchNorm(nn.Module):
         F.check_input(x, self.num_features, self.training, self._label, running_stats=running_mean is not None,
                       state_dtype=F.state_dtype(self.weight, running_mean))
 
+    def _check_state(self) -> None:
+        """Shape ``(C,)`` for each parameter and running statistic, as :func:`bnlab.functional.batch_norm`
+        and torch's BN check: one replaced after construction by a shorter one would otherwise be read
+        past its end by the kernels (torch's native kernel, which bnlab calls, does not check)."""
+        params, buffers = self._parameters, self._buffers
+        for name in self.per_channel:
+            t = params.get(name, buffers.get(name))
+            if t is not None and t.shape != (self.num_features,):
+                raise ValueError(f"{self._label()}: its {name} has shape {tuple(t.shape)}, expected "
+                                 f"({self.num_features},), one value per channel; a parameter or buffer replaced "
+                                 "after construction must keep that shape")
+
     def batch_weight(self) -> "float | torch.Tensor":
         """The new batch's weight in the running average: momentum, or 1/t for the t-th batch (a
         0-d tensor while torch.compile traces: read on the host, the count would break the graph)
@@ -208,6 +221,7 @@ class BatchNorm(nn.Module):
         if isinstance(x, torch.fx.Proxy):  # torch.fx's symbolic tracing: one node, a leaf like torch.nn's layers
             return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         self._check_input(x)
+        self._check_state()
         statistics = self._buffers.get("running_mean") is not None
         if self.needs_running_stats and not (self.track_running_stats and statistics):
             self._refuse_without_running_stats()

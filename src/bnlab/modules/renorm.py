@@ -30,6 +30,7 @@ class BatchRenorm(BatchNorm):
     """
 
     needs_running_stats = "Batch Renorm corrects each batch towards its moving averages"
+    per_channel = ("weight", "bias", "running_mean", "running_std")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, track_running_stats=True, device=None,
                  dtype=None, *, r_max=3.0, d_max=5.0, warmup=5_000, r_max_steps=40_000, d_max_steps=25_000):
