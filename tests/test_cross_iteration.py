@@ -1,5 +1,6 @@
 """Cross-Iteration BN (Yao et al. 2020): derivatives, compensation, equivalences, resume, conversion."""
 
+import copy
 import functools
 
 import numpy as np
@@ -699,6 +700,30 @@ def test_a_producer_weight_that_is_not_contiguous_trains_as_on_torch_ops():
         producer.weight.data = producer.weight.data.transpose(2, 3)  # (the same address, new strides)
     for ya, yb in zip(run(pa, a, 4, lr=0.05, seed=2), run(pb, b, 4, lr=0.05, seed=2)):
         torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("channels, size", [(1, 8), (4, 3)])  # (one channel; one output position)
+def test_a_channels_last_batch_whose_conv_output_is_contiguous_trains_as_on_torch_ops(channels, size):
+    """A channels_last batch (``model.to(memory_format=torch.channels_last)``, or the input's
+    own) through a conv with one output channel, or one output position, gives an output that is
+    contiguous too, so the kernels take it; torch's weight gradient then comes channels_last, and
+    the layer's (C, F) view of it failed ("view size is not compatible") until 2026-11-25."""
+    torch.manual_seed(0)
+    producer = nn.Conv2d(3, channels, 3, dtype=torch.float64)
+    twin = copy.deepcopy(producer)
+    a = bnlab.CrossIterationBatchNorm2d(channels, window=3, dtype=torch.float64).pair(producer)
+    b = bnlab.CrossIterationBatchNorm2d(channels, window=3, dtype=torch.float64, backend="native").pair(twin)
+    for step in range(5):
+        u = torch.randn(4, 3, size, size, dtype=torch.float64) * 2 + 1
+        ya = a(producer(u.contiguous(memory_format=torch.channels_last)))
+        yb = b(twin(u))
+        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-11)
+        weights = torch.randn_like(yb)
+        (ya * weights).sum().backward()
+        (yb * weights).sum().backward()
+        sgd_(producer), sgd_(twin), sgd_(a), sgd_(b)
+    assert a._kernel_state(ya) is not None  # (the kernels took these steps)
+    assert_same_window(a, b, rtol=1e-9, atol=1e-11)
 
 
 @settings(max_examples=40, deadline=None)

@@ -1082,5 +1082,5 @@ def cross_iteration_store_(views: CrossIterationViews, slot: int, x: torch.Tenso
     else:
         dnu = gradient if gradient is not None else conv_weight_gradient(x, u, producer)
         kernels.store_conv(slot, conv_input(u, producer).contiguous().numpy(), *views.geometry,
-                           dnu.view(x.shape[1], -1).numpy(), 2.0 / m, views.producer[0],
+                           dnu.reshape(x.shape[1], -1).contiguous().numpy(), 2.0 / m, views.producer[0],
                            *views.derivatives)  # (C, ...) -> (C, F)
