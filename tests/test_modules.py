@@ -1025,6 +1025,13 @@ FUSABLE = [
     (lambda: bnlab.cross_iteration(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Flatten(),
                                                  nn.Linear(6 * 25, 4), nn.BatchNorm1d(4)), window=2),
      (5, 3, 7, 7), ["Conv2d", "Identity", "Flatten", "Linear", "Identity"]),
+    # Transposed convs (a decoder's, a GAN generator's upsampling): the weight is (C_in, C/G, *k)
+    (lambda: nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), bnlab.BatchNormAct2d(6)), (5, 4, 4, 4),
+     ["ConvTranspose2d", "ReLU"]),
+    (lambda: nn.Sequential(nn.ConvTranspose1d(3, 5, 2, bias=False), nn.BatchNorm1d(5)), (5, 3, 6),
+     ["ConvTranspose1d", "Identity"]),
+    (lambda: nn.Sequential(nn.ConvTranspose3d(6, 3, 2, groups=3), bnlab.BatchNorm3d(3)), (4, 6, 3, 3, 3),
+     ["ConvTranspose3d", "Identity"]),
     (lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3, bias=False),
                            bnlab.BatchNormAct1d(3, act="sigmoid")), (8, 4), ["Linear", "Identity", "ReLU", "Linear",
                                                                             "Sigmoid"]),
@@ -1091,7 +1098,7 @@ def test_fuse_leaves_what_folding_would_change_and_says_why(inplace):
     message = str(record[0].message)
     for reason in ("'bn': its producer's output is also used elsewhere",
                    "'bn2': its producer 'again' runs more than once",
-                   "'bn3': its input comes from 'relu', not from a Linear or Conv1d/2d/3d",
+                   "'bn3': its input comes from 'relu', not from a Linear or a Conv or ConvTranspose 1d/2d/3d",
                    "'stats': it keeps no running statistics"):
         assert reason in message
     assert (fused is model) == inplace

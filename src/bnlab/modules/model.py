@@ -318,7 +318,8 @@ def _to_torch(layer: nn.Module) -> nn.Module | None:
 # What each bnlab layer's eval mode is: Algorithm 2 (BN, ghost, synchronized and cross-iteration
 # BN), then an activation (BatchNormAct), or Batch Renorm's sigma
 INFERENCE_AFFINE = (BatchNorm._inference, BatchNormAct._inference, BatchRenorm._inference)
-FUSED_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+FUSED_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                   nn.ConvTranspose3d)
 ACTIVATION_MODULES = {  # BatchNormAct's act -> the module that stays in its place, given the slope
     "identity": lambda slope: nn.Identity(), "relu": lambda slope: nn.ReLU(), "leaky_relu": nn.LeakyReLU,
     "silu": lambda slope: nn.SiLU(), "sigmoid": lambda slope: nn.Sigmoid()}
@@ -336,7 +337,8 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
 
     The layer is replaced by ``nn.Identity`` (:class:`bnlab.BatchNormAct`'s by its activation).
     The pairs come from the model's torch.fx graph (bnlab's and torch.nn's batch-norm layers;
-    Linear and Conv1d/2d/3d producers). A layer is left as it is, and a warning names it with the
+    Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d producers: a decoder's or a GAN generator's
+    upsampling). A layer is left as it is, and a warning names it with the
     reason, where folding would change another result or is not a fixed affine map: its input is
     not a producer's output, or that output is also used elsewhere, or the producer or the layer
     runs more than once, or the producer's weight is shared or computed (a parametrization, or the
@@ -464,7 +466,7 @@ def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes, module
         return "it runs more than once in a forward pass"
     if not isinstance(producer, FUSED_PRODUCERS):
         what = source.target if getattr(source, "op", None) == "call_module" else getattr(source, "op", "no input")
-        return f"its input comes from {what!r}, not from a Linear or Conv1d/2d/3d"
+        return f"its input comes from {what!r}, not from a Linear or a Conv or ConvTranspose 1d/2d/3d"
     if calls[source.target] > 1:
         return f"its producer {source.target!r} runs more than once"
     if len(source.users) > 1:
@@ -476,8 +478,9 @@ def _unfusable(norm, norm_calls, producer, source, calls, owners, shapes, module
                 "remove_spectral_norm)")
     if any(owners[id(p)] > 1 for p in producer.parameters(recurse=False)):
         return "its producer shares a parameter with another layer"
-    if producer.weight.shape[0] != norm.num_features:
-        return f"its producer has {producer.weight.shape[0]} outputs, the layer {norm.num_features} channels"
+    outputs = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    if outputs != norm.num_features:
+        return f"its producer has {outputs} outputs, the layer {norm.num_features} channels"
     if isinstance(producer, nn.Linear):
         if source in shapes and len(shapes[source]) != 2:
             return f"its Linear's output is {tuple(shapes[source])}, not (N, C)"
@@ -516,11 +519,18 @@ def _inference_affine(norm) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _fold_into(producer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """W_j <- scale_j W_j, b_j <- scale_j b_j + shift_j (a bias made where there was none)."""
+    """W_j <- scale_j W_j, b_j <- scale_j b_j + shift_j (a bias made where there was none). Output
+    channel j is the weight's row j, but for a transposed conv, whose weight is (C_in, C/G, *k)."""
     weight = producer.weight
     bias = producer.bias.detach().double() if producer.bias is not None else torch.zeros_like(scale)
-    # (C,) -> (C, 1, ...): one row of the weight per output channel
-    weight.copy_(weight.double() * scale.to(weight.device).view(-1, *([1] * (weight.dim() - 1))))
+    scale = scale.to(weight.device)
+    if isinstance(producer, nn.modules.conv._ConvTransposeNd):
+        groups, kernel = producer.groups, weight.shape[2:]
+        # (C_in, C/G, *k) -> (G, C_in/G, C/G, *k); scale (C,) -> (G, 1, C/G, 1, ...)
+        grouped = weight.double().view(groups, -1, *weight.shape[1:])
+        weight.copy_((grouped * scale.view(groups, 1, -1, *([1] * len(kernel)))).view(weight.shape))
+    else:  # (C,) -> (C, 1, ...): one row of the weight per output channel
+        weight.copy_(weight.double() * scale.view(-1, *([1] * (weight.dim() - 1))))
     new_bias = (bias * scale + shift).to(weight.dtype)
     if producer.bias is None:
         producer.bias = nn.Parameter(new_bias, requires_grad=weight.requires_grad)
