@@ -854,25 +854,60 @@ def test_momentum_set_to_none_after_construction_averages_cumulatively_as_torchs
     assert bool((twin.running_var < 0.7 * last).all())  # (the four batches' average, not the last's alone)
 
 
-@pytest.mark.parametrize("kind", list(RUNTIME_NO_STATS))
-@pytest.mark.parametrize("setting", [{"stats": "emma"}, {"momentum": 0.99 * 2}, {"momentum": -0.1}])
-def test_a_stats_or_momentum_set_after_construction_that_the_constructor_refuses_raises_before_any_update(
-        kind, setting):
-    """The constructor refuses stats="emma" and a momentum outside [0, 1]; set after construction,
-    an unknown stats was taken as "ema" and the momentum folded in as it was (1.98 gives running
-    statistics of the wrong sign). Now the next training forward raises, the state untouched."""
-    torch.manual_seed(0)
-    layer = RUNTIME_NO_STATS[kind]().double()
-    producer = layer.producer.double() if kind == "CrossIterationBatchNorm2d" else nn.Identity()
-    shape = (6, 3, 7, 7) if kind == "CrossIterationBatchNorm2d" else (6, 4, 5, 5)
-    layer(producer(torch.randn(shape, dtype=DOUBLE)))
-    for name, value in setting.items():
-        setattr(layer, name, value)
-    state = copy.deepcopy(layer.state_dict())
-    with pytest.raises(ValueError, match=r"stats must be one of \('ema', 'cumulative'\), and 'ema' needs 0 <= "):
-        layer(producer(torch.randn(shape, dtype=DOUBLE) + 3))
-    for name, value in layer.state_dict().items():
-        assert torch.equal(value, state[name]), name
+REFUSED_SETTINGS = {  # what the constructors refuse, set after construction: (name, value, message)
+    "BatchNorm2d": [("stats", "emma", r"stats must be one of \('ema', 'cumulative'\), got 'emma'"),
+                    ("momentum", 1.98, "momentum must be None .* or 0 <= momentum <= 1"),
+                    ("momentum", -0.1, "momentum must be None"), ("momentum", "0.1", "momentum must be None"),
+                    ("eps", -1e-5, "eps must be 0 or more"), ("eps", float("nan"), "eps must be 0 or more"),
+                    ("backend", "cuda", "backend must be one of")],
+    "BatchNormAct2d": [("act", "gelu", "act must be one of"), ("act", "ReLU", "act must be one of"),
+                       ("negative_slope", None, "negative_slope must be a number")],
+    "GhostBatchNorm2d": [("virtual_batch_size", 0, "virtual_batch_size must be an integer of at least 1"),
+                         ("virtual_batch_size", 2.5, "virtual_batch_size must be an integer of at least 1"),
+                         ("virtual_batch_size", True, "virtual_batch_size must be an integer of at least 1")],
+    "BatchRenorm2d": [("r_max", 0.5, "it needs r_max >= 1 and d_max >= 0, got r_max=0.5"),
+                      ("d_max", -1.0, "it needs r_max >= 1 and d_max >= 0, got d_max=-1.0"),
+                      ("warmup", -5, "warmup must be 0 or more iterations")],
+    "CrossIterationBatchNorm2d": [("burn_in", -1, "burn_in must be 0 or more iterations"),
+                                  ("eps", -1.0, "eps must be 0 or more")],
+    "SyncBatchNorm": [("momentum", 2.0, "momentum must be None")],
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED_SETTINGS))
+def test_what_the_constructor_refuses_is_refused_when_set_after_construction_at_that_line(kind):
+    """Set after construction, these went through: an unknown stats was taken as "ema", momentum
+    1.98 was folded in as it was (running statistics of the wrong sign), a negative eps gave NaN
+    (torch's BN refuses it), an unknown act gave no activation in eval mode, virtual_batch_size 0
+    raised ZeroDivisionError at the next forward and r_max 0.5 clipped r to an empty range. Each
+    setting is now checked as it is set, by the same check as the constructor's (which now also
+    refuses what it let through: a virtual_batch_size of 2.5, an eps of "0.1")."""
+    for name, value, message in REFUSED_SETTINGS[kind]:
+        layer = RUNTIME_NO_STATS[kind]()
+        before = getattr(layer, name)
+        with pytest.raises(ValueError, match=message):
+            setattr(layer, name, value)
+        assert getattr(layer, name) == before, name  # (kept as it was)
+        with pytest.raises(ValueError, match=message):  # (every setting is a constructor argument)
+            type(layer)(4, **{name: value})
+
+
+def test_settings_set_after_construction_that_are_allowed_are_taken():
+    """A NumPy integer is an integer; momentum None is torch's cumulative average; Keras' 0.99,
+    legal, is warned about at the line that sets it, as at construction."""
+    layer = bnlab.GhostBatchNorm2d(4, virtual_batch_size=2)
+    layer.virtual_batch_size = np.int64(3)
+    assert type(layer.virtual_batch_size) is int
+    layer(torch.randn(6, 4, 3, 3))
+    layer.momentum = None
+    layer.eps = 0
+    with pytest.warns(UserWarning, match=r"Keras' momentum=0.99 is momentum=0.01 here") as record:
+        layer.momentum = 0.99
+    assert record[0].filename == __file__ and layer.momentum == 0.99
+    cumulative = bnlab.BatchNorm2d(4, stats="cumulative")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the cumulative average takes no momentum: nothing to warn about)
+        cumulative.momentum = 0.99
 
 
 @pytest.mark.parametrize("kind", list(RUNTIME_NO_STATS))
@@ -891,21 +926,6 @@ def test_a_parameter_or_buffer_replaced_by_one_of_another_length_is_refused_by_n
             setattr(layer, name, short)
         with pytest.raises(ValueError, match=rf"its {name} has shape \(3,\), expected \(4,\), one value per channel"):
             layer(producer(torch.randn((6, 3, 7, 7) if kind == "CrossIterationBatchNorm2d" else (6, 4, 5, 5))))
-
-
-@pytest.mark.parametrize("size", [0, 2.5, True])
-def test_a_ghost_virtual_batch_size_that_is_not_a_positive_integer_is_refused_when_set_and_when_made(size):
-    """Set after construction, 0 raised ZeroDivisionError from inside the layer and 2.5 torch's
-    split error; the constructor let 2.5 through."""
-    with pytest.raises(ValueError, match="virtual_batch_size must be an integer of at least 1"):
-        bnlab.GhostBatchNorm2d(4, virtual_batch_size=size)
-    layer = bnlab.GhostBatchNorm2d(4, virtual_batch_size=2)
-    layer.virtual_batch_size = size
-    with pytest.raises(ValueError, match="virtual_batch_size must be an integer of at least 1"):
-        layer(torch.randn(6, 4, 3, 3))
-    assert int(layer.num_batches_tracked) == 0
-    layer.virtual_batch_size = np.int64(3)  # (a NumPy integer is an integer)
-    layer(torch.randn(6, 4, 3, 3))
 
 
 @pytest.mark.parametrize("kind", ["BatchNorm2d", "fused", "BatchNormAct2d", "SyncBatchNorm"])

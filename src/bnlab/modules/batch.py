@@ -10,6 +10,7 @@ other normalizer of the package derives from :class:`BatchNorm`.
 from __future__ import annotations
 
 import collections
+import numbers
 import sys
 import warnings
 
@@ -24,6 +25,39 @@ STATS = ("ema", "cumulative")
 
 
 REMEMBERED = 32  # training forwards a layer remembers for activation checkpointing's recomputation
+
+
+def _real(name: str, value, low: float, high: float = float("inf"), why: str = "") -> float:
+    """``value`` if it is a real number in [low, high] (NaN is not), else a ValueError naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+        raise ValueError(why or f"{name} must be a number in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _steps(name: str, value) -> float:
+    """``value`` if it is a number of iterations, 0 or more, else a ValueError naming the setting."""
+    return _real(name, value, 0.0, why=f"{name} must be 0 or more iterations, got {value!r}")
+
+
+def _check_momentum(layer: nn.Module, momentum):
+    if momentum is None:  # (torch's way to ask for the cumulative average)
+        return None
+    _real("momentum", momentum, 0.0, 1.0, f"momentum must be None (the cumulative average) or 0 <= momentum <= 1, "
+                                          f"the weight of the new batch; got {momentum!r}")
+    # (Keras' and TensorFlow's 0.9-0.999 mean the opposite)
+    if 0.5 < momentum < 1.0 and layer.__dict__.get("stats") == "ema":
+        warnings.warn(f"momentum={momentum} is the new batch's weight here (PyTorch's convention), so the running "
+                      f"statistics follow the last few batches; Keras' momentum={momentum} is "
+                      f"momentum={1 - momentum:.4g} here", stacklevel=_caller_level())
+    return momentum
+
+
+def _check_choice(name: str, choices: tuple):
+    def check(layer: nn.Module, value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        return value
+    return check
 
 
 class BatchNorm(nn.Module):
@@ -47,7 +81,10 @@ class BatchNorm(nn.Module):
     reentrant or not) the recomputation of a forward in the backward gives that forward's output
     and folds in or counts nothing (torch's BN folds every checkpointed batch in twice).
     Inference: the running statistics (Algorithm 2's affine transform); with
-    ``track_running_stats=False`` batch statistics are used in both modes, as in torch.
+    ``track_running_stats=False`` batch statistics are used in both modes, as in torch. The
+    settings (``eps``, ``momentum``, ``stats``, ``backend`` and a subclass's own, such as ghost
+    BN's ``virtual_batch_size``) are checked as they are set, at construction or later
+    (``setting_checks``): a value the constructor refuses raises at the line that sets it.
 
     Args:
         num_features: C.
@@ -71,6 +108,14 @@ class BatchNorm(nn.Module):
     needs_running_stats = ""  # why a layer cannot go without running statistics (empty: it can, as BN)
     _version = 2  # torch's BN's: checkpoints from version 2 on hold num_batches_tracked
     per_channel = ("weight", "bias", "running_mean", "running_var")  # the state with one value per channel
+    # The settings, each checked as it is set (__setattr__): what the constructor refuses is refused
+    # after construction too, at the user's line, before a forward uses it.
+    setting_checks = {
+        "eps": lambda layer, eps: _real("eps", eps, 0.0, why=f"eps must be 0 or more, got {eps!r}"),  # (0 as in torch)
+        "momentum": _check_momentum,
+        "stats": _check_choice("stats", STATS),
+        "backend": _check_choice("backend", F.BACKENDS),
+    }
 
     def __init__(
         self,
@@ -88,27 +133,17 @@ class BatchNorm(nn.Module):
         super().__init__()
         if stats is None:
             stats = "cumulative" if momentum is None else "ema"
-        if stats not in STATS:
-            raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
-        if stats == "ema" and not (momentum is not None and 0.0 <= momentum <= 1.0):
+        if stats == "ema" and momentum is None:
             raise ValueError(f"stats='ema' needs 0 <= momentum <= 1 (weight of the new batch), got {momentum}")
-        if stats == "ema" and 0.5 < momentum < 1.0:  # (Keras' and TensorFlow's 0.9-0.999 mean the opposite)
-            warnings.warn(f"momentum={momentum} is the new batch's weight here (PyTorch's convention), so the running "
-                          f"statistics follow the last few batches; Keras' momentum={momentum} is "
-                          f"momentum={1 - momentum:.4g} here", stacklevel=_caller_level())
-        if backend not in F.BACKENDS:
-            raise ValueError(f"backend must be one of {F.BACKENDS}, got {backend!r}")
         if num_features < 1:
             raise ValueError(f"num_features must be at least 1, got {num_features}")
-        if not eps >= 0:  # (0 is allowed, as in torch: a constant channel then gives inf)
-            raise ValueError(f"eps must be 0 or more, got {eps}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
-        self.eps = eps
+        self.stats = stats  # (before momentum, whose check warns for stats="ema" only)
+        self.eps = eps  # (these settings are checked as they are set, here and later: __setattr__)
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        self.stats = stats
         self.backend = backend
         self.name: str | None = None  # set by name_layers(); used in warnings
         if affine:
@@ -127,6 +162,12 @@ class BatchNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+
+    def __setattr__(self, name: str, value) -> None:
+        check = self.setting_checks.get(name)
+        if check is not None:  # a setting: refused at the line that sets it, at construction or later
+            value = check(self, value)
+        super().__setattr__(name, value)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -203,18 +244,13 @@ class BatchNorm(nn.Module):
         """The new batch's weight in the running average: momentum, or 1/t for the t-th batch (a
         0-d tensor while torch.compile traces: read on the host, the count would break the graph)
         with ``stats="cumulative"`` or ``momentum`` None, set so after construction too (torch's way
-        to ask for the cumulative average, which ``torch.optim.swa_utils.update_bn`` takes). A
-        ``stats`` or ``momentum`` set after construction to what the constructor refuses raises
-        here, at the next training forward, before anything is folded in."""
+        to ask for the cumulative average, which ``torch.optim.swa_utils.update_bn`` takes)."""
         if self.stats == "cumulative" or self.momentum is None:
             if self.num_batches_tracked is None:  # (track_running_stats=False: nothing to average into)
                 return 0.0
             if torch.compiler.is_compiling():
                 return 1.0 / (self.num_batches_tracked + 1).double()
             return 1.0 / float(self.num_batches_tracked + 1)
-        if self.stats != "ema" or not 0.0 <= self.momentum <= 1.0:  # (set so after construction)
-            raise ValueError(f"{self._label()}: stats={self.stats!r}, momentum={self.momentum!r}; stats must be one "
-                             f"of {STATS}, and 'ema' needs 0 <= momentum <= 1 (the new batch's weight)")
         return self.momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -403,10 +439,15 @@ class BatchNormAct(BatchNorm):
         >>> y = layer(torch.randn(8, 64, 32, 32))   # == relu(BatchNorm2d(64)(x))
     """
 
+    setting_checks = {
+        **BatchNorm.setting_checks,
+        "act": _check_choice("act", F.ACTIVATIONS),
+        "negative_slope": lambda layer, slope: _real("negative_slope", slope, -float("inf"),
+                                                     why=f"negative_slope must be a number, got {slope!r}"),
+    }
+
     def __init__(self, num_features: int, act: str = "relu", negative_slope: float = 0.01, **kwargs):
         super().__init__(num_features, **kwargs)
-        if act not in F.ACTIVATIONS:
-            raise ValueError(f"act must be one of {F.ACTIVATIONS}, got {act!r}")
         self.act = act
         self.negative_slope = negative_slope
 

@@ -11,8 +11,8 @@ from torch import nn
 from bnlab import functional as F
 from bnlab.autograd import (CrossIterationNormFunction, FusedCrossIterationNormFunction,
                              ReplayedCrossIterationNormFunction)
-from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, _caller_level, carry_state, forward_arguments,
-                                 momentum_argument, name_layers, trace_graph, warn_left)
+from bnlab.modules.batch import (BatchNorm, BatchNorm1d, BatchNorm2d, _caller_level, _steps, carry_state,
+                                 forward_arguments, momentum_argument, name_layers, trace_graph, warn_left)
 
 # The window, in the order the kernels of bnlab.kernels.cpu_cbn take it
 WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window_dnu", "window_dmu_w", "window_dnu_w",
@@ -94,14 +94,13 @@ class CrossIterationBatchNorm(BatchNorm):
     """
 
     needs_running_stats = "cross-iteration BN's inference normalizes with running statistics (its window is training's)"
+    setting_checks = {**BatchNorm.setting_checks, "burn_in": lambda layer, iterations: _steps("burn_in", iterations)}
 
     def __init__(self, num_features, window: int = 4, burn_in: int = 0, compensate: bool = True, eps=1e-5,
                  momentum=0.1, affine=True, device=None, dtype=None, *, backend: str = "auto"):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, backend=backend)
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        if burn_in < 0:
-            raise ValueError(f"burn_in must be 0 or more iterations, got {burn_in}")
         self.__dict__.update(_window=window, _compensate=compensate)  # (read-only: see the properties)
         self.burn_in = burn_in
         factory = {"device": device, "dtype": self._derivatives_dtype(self.running_mean.dtype)}

@@ -22,9 +22,12 @@ class GhostBatchNorm(BatchNorm):
         >>> layer = GhostBatchNorm2d(64, virtual_batch_size=32)   # batch 256 = 8 ghost batches
     """
 
+    setting_checks = {**BatchNorm.setting_checks,
+                      "virtual_batch_size": lambda layer, size: F.check_virtual_batch_size(size)}
+
     def __init__(self, num_features, virtual_batch_size=32, **kwargs):
         super().__init__(num_features, **kwargs)
-        self.virtual_batch_size = F.check_virtual_batch_size(virtual_batch_size)
+        self.virtual_batch_size = virtual_batch_size
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from bnlab import functional as F
-from bnlab.modules.batch import BatchNorm
+from bnlab.modules.batch import BatchNorm, _real, _steps
+
+_LIMITS = ("Batch Renorm clips r to [1/r_max, r_max] and d to [-d_max, d_max]: it needs r_max >= 1 and d_max >= 0, "
+           "got {}")
 
 
 class BatchRenorm(BatchNorm):
@@ -31,6 +34,14 @@ class BatchRenorm(BatchNorm):
 
     needs_running_stats = "Batch Renorm corrects each batch towards its moving averages"
     per_channel = ("weight", "bias", "running_mean", "running_std")
+    setting_checks = {
+        **BatchNorm.setting_checks,
+        "r_max": lambda layer, r_max: _real("r_max", r_max, 1.0, why=_LIMITS.format(f"r_max={r_max!r}")),
+        "d_max": lambda layer, d_max: _real("d_max", d_max, 0.0, why=_LIMITS.format(f"d_max={d_max!r}")),
+        "warmup": lambda layer, steps: _steps("warmup", steps),
+        "r_max_steps": lambda layer, steps: _steps("r_max_steps", steps),
+        "d_max_steps": lambda layer, steps: _steps("d_max_steps", steps),
+    }
 
     def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, track_running_stats=True, device=None,
                  dtype=None, *, r_max=3.0, d_max=5.0, warmup=5_000, r_max_steps=40_000, d_max_steps=25_000):
@@ -38,9 +49,6 @@ class BatchRenorm(BatchNorm):
             raise ValueError(f"{self.needs_running_stats}, so it keeps them (track_running_stats=True); BN without "
                              "running statistics is bnlab.BatchNorm2d(..., track_running_stats=False)")
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
-        if not (r_max >= 1 and d_max >= 0):
-            raise ValueError(f"Batch Renorm clips r to [1/r_max, r_max] and d to [-d_max, d_max]: it needs "
-                             f"r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
         del self.running_var
         self.register_buffer("running_std", torch.ones(num_features, device=device, dtype=dtype))
         self.r_max, self.d_max = r_max, d_max
