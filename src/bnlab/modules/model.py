@@ -338,14 +338,14 @@ def fuse(model: nn.Module, example_inputs=None, inplace: bool = False) -> nn.Mod
     The layer is replaced by ``nn.Identity`` (:class:`bnlab.BatchNormAct`'s by its activation).
     The pairs come from the model's torch.fx graph (bnlab's and torch.nn's batch-norm layers;
     Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d producers: a decoder's or a GAN generator's
-    upsampling). A layer is left as it is, and a warning names it with the
-    reason, where folding would change another result or is not a fixed affine map: its input is
-    not a producer's output, or that output is also used elsewhere, or the producer or the layer
-    runs more than once, or the producer's weight is shared or computed (a parametrization, or the
-    forward hook of torch.nn.utils.prune, weight_norm or spectral_norm), or the layer keeps no
-    running statistics. A Linear's pair is folded only where its output is ``(N, C)`` for
-    sure (batch-norm normalizes dimension 1, a Linear's features are the last): its input
-    flattened from dimension 1 (a CNN's head), or ``example_inputs`` showing the shape.
+    upsampling). A layer is left as it is, and a warning names it with the reason, where folding
+    would change another result or is not a fixed affine map: its input is not a producer's
+    output, or that output is also used elsewhere, or the producer or the layer runs more than
+    once, or the producer's weight is shared or computed (a parametrization, or the forward hook
+    of torch.nn.utils.prune, weight_norm or spectral_norm), or the layer keeps no running
+    statistics. A Linear's pair is folded only where its output is ``(N, C)`` for sure
+    (batch-norm normalizes dimension 1, a Linear's features are the last): its input flattened
+    from dimension 1 (a CNN's head), or ``example_inputs`` showing the shape.
 
     Args:
         model: any module torch.fx can trace (for one it cannot, fuse a part: ``model.backbone``).
