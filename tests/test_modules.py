@@ -854,6 +854,34 @@ def test_momentum_set_to_none_after_construction_averages_cumulatively_as_torchs
     assert bool((twin.running_var < 0.7 * last).all())  # (the four batches' average, not the last's alone)
 
 
+@pytest.mark.parametrize("kind", ["BatchNorm2d", "fused", "BatchNormAct2d", "GhostBatchNorm2d", "SyncBatchNorm"])
+def test_a_layer_made_with_momentum_none_takes_a_momentum_set_later_as_torchs(kind):
+    """Made with momentum=None (torch's cumulative average), then given a momentum: torch's BN
+    takes the moving average from then on. bnlab's kept averaging cumulatively (its stats, derived
+    from momentum at construction, stayed "cumulative") until 2026-11-25: found by a throwaway
+    fuzzer of run-time changes against torch. A stats given by hand still decides."""
+    torch.manual_seed(0)
+    made = {"BatchNorm2d": lambda: bnlab.BatchNorm2d(4, momentum=None),
+            "fused": lambda: bnlab.BatchNorm2d(4, momentum=None, backend="fused"),
+            "BatchNormAct2d": lambda: bnlab.BatchNormAct2d(4, act="identity", momentum=None),
+            "GhostBatchNorm2d": lambda: bnlab.GhostBatchNorm2d(4, virtual_batch_size=6, momentum=None),
+            "SyncBatchNorm": lambda: bnlab.SyncBatchNorm(4, momentum=None)}
+    layer = made[kind]().double()
+    twin = nn.BatchNorm2d(4, momentum=None, dtype=DOUBLE)
+    given = bnlab.BatchNorm2d(4, momentum=None, stats="cumulative", dtype=DOUBLE)
+    for step in range(5):
+        if step == 2:
+            for module in (layer, twin, given):
+                module.momentum = 0.3
+            assert (layer.stats, given.stats) == ("ema", "cumulative")
+        x = torch.randn(6, 4, 5, 5, dtype=DOUBLE) * (step + 1)
+        layer(x), twin(x), given(x)
+        torch.testing.assert_close(layer.running_var, twin.running_var, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(given.running_var, twin.running_var)  # (the cumulative average, as asked)
+    layer.momentum = None
+    assert layer.stats == "cumulative"
+
+
 REFUSED_SETTINGS = {  # what the constructors refuse, set after construction: (name, value, message)
     "BatchNorm2d": [("stats", "emma", r"stats must be one of \('ema', 'cumulative'\), got 'emma'"),
                     ("momentum", 1.98, "momentum must be None .* or 0 <= momentum <= 1"),

@@ -40,16 +40,23 @@ def _steps(name: str, value) -> float:
 
 
 def _check_momentum(layer: nn.Module, momentum):
-    if momentum is None:  # (torch's way to ask for the cumulative average)
-        return None
-    _real("momentum", momentum, 0.0, 1.0, f"momentum must be None (the cumulative average) or 0 <= momentum <= 1, "
-                                          f"the weight of the new batch; got {momentum!r}")
+    if momentum is not None:  # (None: torch's way to ask for the cumulative average)
+        _real("momentum", momentum, 0.0, 1.0, f"momentum must be None (the cumulative average) or 0 <= momentum "
+                                              f"<= 1, the weight of the new batch; got {momentum!r}")
+    if not layer.__dict__.get("_stats_given", True):  # stats follows momentum, as torch's average does
+        layer.__dict__["stats"] = "cumulative" if momentum is None else "ema"
     # (Keras' and TensorFlow's 0.9-0.999 mean the opposite)
-    if 0.5 < momentum < 1.0 and layer.__dict__.get("stats") == "ema":
+    if momentum is not None and 0.5 < momentum < 1.0 and layer.__dict__.get("stats") == "ema":
         warnings.warn(f"momentum={momentum} is the new batch's weight here (PyTorch's convention), so the running "
                       f"statistics follow the last few batches; Keras' momentum={momentum} is "
                       f"momentum={1 - momentum:.4g} here", stacklevel=_caller_level())
     return momentum
+
+
+def _check_stats(layer: nn.Module, stats):
+    _check_choice("stats", STATS)(layer, stats)
+    layer.__dict__["_stats_given"] = True  # (set by hand: momentum no longer changes it)
+    return stats
 
 
 def _check_choice(name: str, choices: tuple):
@@ -71,6 +78,9 @@ class BatchNorm(nn.Module):
       ``momentum`` being the weight of the new batch (0.1; Keras' momentum=0.99 is 0.01 here);
     - ``stats="cumulative"`` (or ``momentum=None``): r <- r + (stat - r) / t after the t-th batch,
       the equal-weight average of every batch seen, as in Algorithm 2.
+
+    Without ``stats``, the average follows ``momentum`` as torch's does, set now or later (None:
+    cumulative, a number: the moving average); with ``stats`` given, ``stats`` decides.
 
     A batch whose statistics are not finite is not folded in (a warning names the layer), and
     ``num_batches_tracked`` counts the batches that were; its backward gives NaN gradients, as
@@ -113,7 +123,7 @@ class BatchNorm(nn.Module):
     setting_checks = {
         "eps": lambda layer, eps: _real("eps", eps, 0.0, why=f"eps must be 0 or more, got {eps!r}"),  # (0 as in torch)
         "momentum": _check_momentum,
-        "stats": _check_choice("stats", STATS),
+        "stats": _check_stats,
         "backend": _check_choice("backend", F.BACKENDS),
     }
 
@@ -131,6 +141,7 @@ class BatchNorm(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
+        given = stats is not None
         if stats is None:
             stats = "cumulative" if momentum is None else "ema"
         if stats == "ema" and momentum is None:
@@ -140,6 +151,7 @@ class BatchNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.stats = stats  # (before momentum, whose check warns for stats="ema" only)
+        self.__dict__["_stats_given"] = given  # (not given: it follows momentum, set now or later)
         self.eps = eps  # (these settings are checked as they are set, here and later: __setattr__)
         self.momentum = momentum
         self.affine = affine
