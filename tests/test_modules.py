@@ -831,6 +831,24 @@ def test_running_statistics_dropped_after_construction_give_batch_statistics_or_
         torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["BatchNorm2d", "fused", "BatchNormAct2d", "GhostBatchNorm2d", "SyncBatchNorm"])
+def test_tracking_turned_on_again_without_the_buffers_takes_batch_statistics_and_counts_as_torchs(kind):
+    """After test-time adaptation's recipe (track_running_stats False, running_mean and running_var
+    None) the flag set True again without new buffers: torch's BN takes batch statistics in both
+    modes and counts the training batches. bnlab's layers failed with an AttributeError
+    ("'NoneType' object has no attribute 'dtype'") until 2026-11-25."""
+    torch.manual_seed(0)
+    layer, twin = RUNTIME_NO_STATS[kind]().double(), nn.BatchNorm2d(4, dtype=DOUBLE)
+    for module in (layer, twin):
+        module.track_running_stats, module.running_mean, module.running_var = False, None, None
+        module.track_running_stats = True
+    for training in (True, True, False):
+        layer.train(training), twin.train(training)
+        x = torch.randn(6, 4, 5, 5, dtype=DOUBLE) * 2 + 1
+        torch.testing.assert_close(layer(x), twin(x), rtol=1e-10, atol=1e-12)
+    assert int(layer.num_batches_tracked) == int(twin.num_batches_tracked) == 2
+
+
 @pytest.mark.parametrize("kind", [k for k in RUNTIME_NO_STATS if k != "BatchRenorm2d"])  # (its own moving averages)
 def test_momentum_set_to_none_after_construction_averages_cumulatively_as_torchs(kind):
     """torch's way to ask for the equal-weight average of all batches (what swa_utils.update_bn does

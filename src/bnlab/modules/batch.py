@@ -277,12 +277,15 @@ class BatchNorm(nn.Module):
             return self._inference(x)  # stops the updates, not their use in eval mode)
         if x.numel() == 0 and self.passes_empty_batch:
             return F.empty_batch(x, self.weight, self.bias)
-        tracking = self.training and self.track_running_stats
-        if tracking and F.recomputing():  # activation checkpointing: this forward again, in the backward
+        counting = self.training and self.track_running_stats and not F.recomputing()
+        tracking = self.training and self.track_running_stats and statistics
+        if tracking and not counting:  # activation checkpointing: this forward again, in the backward
             return self._recompute(x)
         y, folded = self._train(x, tracking)
         if tracking and folded is not None:  # (None: there was no batch to fold in)
             self.count_batch_(folded)
+        elif counting and not statistics and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)  # (the flag set True again without the buffers: torch's BN counts)
         return y
 
     def _recompute(self, x: torch.Tensor) -> torch.Tensor:
