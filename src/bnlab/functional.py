@@ -688,8 +688,8 @@ def batch_renorm_eval(x, weight, bias, running_mean, running_std):
 
 
 def check_virtual_batch_size(virtual_batch_size) -> int:
-    """Ghost BN's sub-batch size as an int: an integer of at least 1, a NumPy one too (checked at
-    construction and at every training forward, since it may be set after construction)."""
+    """Ghost BN's sub-batch size as an int: an integer of at least 1, a NumPy one too (the layer's
+    check of its setting, and :func:`ghost_batch_norm_train`'s of its argument)."""
     if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral) \
             or virtual_batch_size < 1:
         raise ValueError(f"ghost batch norm: virtual_batch_size must be an integer of at least 1, "
@@ -1021,8 +1021,8 @@ def cross_iteration_views(gamma, beta, running_mean, running_var, producer: torc
         window[3], window[4] = (t.view(t.shape[0], 1, 0) for t in window[3:5])
     w_mu, w_nu, w_bias, w_dmu, w_dnu, w_dmu_w, w_dnu_w, valid = (t.detach().numpy() for t in window)
     weight, bias = weight.reshape(c, -1).numpy(), bias.numpy()  # (C, C_in/G, kh, kw) -> (C, F)
-    _check_window_shapes((gamma, beta, mean, var, bias), (w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w), valid,
-                         (w_dmu, w_dnu) if compensate else None, weight.shape)
+    _check_window_shapes(bias, (w_mu, w_nu, w_bias, w_dmu_w, w_dnu_w), valid, (w_dmu, w_dnu) if compensate else None,
+                         weight.shape)
     return CrossIterationViews(
         kernels=cpu_cbn,
         norm=(cpu_cbn, gamma.numpy(), beta.numpy(),
@@ -1036,25 +1036,25 @@ def cross_iteration_views(gamma, beta, running_mean, running_var, producer: torc
     )
 
 
-def _check_window_shapes(per_channel, window_rows, valid, derivatives, weight_shape) -> None:
+def _check_window_shapes(bias, window_rows, valid, derivatives, weight_shape) -> None:
     """ValueError unless the arrays a cross-iteration layer hands the kernels fit each other: the
     kernels index them unchecked, and a buffer of another shape (replaced by hand) would have them
-    read and write past its end. ``per_channel`` ``(C,)`` each; ``window_rows`` ``(P, C)``;
+    read and write past its end. The producer's ``bias`` ``(C,)``; ``window_rows`` ``(P, C)``;
     ``valid`` ``(P,)``; ``derivatives`` (compensated) ``(P, G, F)`` and ``(P, C, F)``, G dividing C,
-    for the producer's ``(C, F)`` weight."""
+    for the producer's ``(C, F)`` weight. (The layer's own parameters and running statistics are
+    checked at every forward: ``BatchNorm._check_state``.)"""
     c, f = weight_shape
     p = valid.shape[0]
-    fits = (all(a.shape == (c,) for a in per_channel) and all(a.shape == (p, c) for a in window_rows)
-            and valid.ndim == 1)
+    fits = bias.shape == (c,) and all(a.shape == (p, c) for a in window_rows) and valid.ndim == 1
     if derivatives is not None:
         dmu, dnu = derivatives
         fits = fits and dnu.shape == (p, c, f) and dmu.ndim == 3 and dmu.shape[0] == p and dmu.shape[2] == f
         fits = fits and dmu.shape[1] > 0 and c % dmu.shape[1] == 0
     if not fits:
-        shapes = [tuple(a.shape) for a in (*per_channel, *window_rows, valid, *(derivatives or ()))]
+        shapes = [tuple(a.shape) for a in (bias, *window_rows, valid, *(derivatives or ()))]
         raise ValueError(f"cross-iteration BN: its buffers' shapes do not fit each other or its producer's weight "
-                         f"{tuple(weight_shape)} (gamma, beta, the running statistics, the producer's bias, the "
-                         f"window's rows, valid and derivatives: {shapes}); was a buffer replaced by hand?")
+                         f"{tuple(weight_shape)} (the producer's bias, the window's rows, valid and derivatives: "
+                         f"{shapes}); was a buffer replaced by hand?")
 
 
 def cross_iteration_commit_(views: CrossIterationViews, stats, m: int, momentum: float, slot: int) -> bool:

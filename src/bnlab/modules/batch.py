@@ -53,18 +53,21 @@ def _check_momentum(layer: nn.Module, momentum):
     return momentum
 
 
-def _check_stats(layer: nn.Module, stats):
-    _check_choice("stats", STATS)(layer, stats)
-    layer.__dict__["_stats_given"] = True  # (set by hand: momentum no longer changes it)
-    return stats
-
-
 def _check_choice(name: str, choices: tuple):
     def check(layer: nn.Module, value):
         if value not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         return value
     return check
+
+
+_check_stats_choice = _check_choice("stats", STATS)
+
+
+def _check_stats(layer: nn.Module, stats):
+    _check_stats_choice(layer, stats)
+    layer.__dict__["_stats_given"] = True  # (set by hand: momentum no longer changes it)
+    return stats
 
 
 class BatchNorm(nn.Module):

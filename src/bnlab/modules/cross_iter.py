@@ -23,6 +23,16 @@ WINDOW_BUFFERS = ("window_mu", "window_nu", "window_bias", "window_dmu", "window
 WINDOW_STATISTICS = ("window_mu", "window_nu", "window_bias", "window_dmu_w", "window_dnu_w")
 
 
+def _fixed(layer: nn.Module, name: str, value, why: str):
+    """``value`` for a setting that shapes the window's buffers: taken once, at construction; a
+    different one later is refused, saying what to do instead."""
+    if name in layer.__dict__ and value != layer.__dict__[name]:
+        raise AttributeError(f"{layer._label()}: {name} is fixed at construction ({why}); for {name}={value!r}, "
+                             "make a new layer with it, pair it with the producer, and load this one's state_dict "
+                             "without the keys window_* and iteration (an empty window at iteration 0)")
+    return value
+
+
 def _statistics_dtype(device) -> torch.dtype:
     """float64, but on a device without it (Apple's MPS), float32."""
     return torch.float32 if torch.device(device if device is not None else "cpu").type == "mps" else torch.float64
@@ -94,15 +104,21 @@ class CrossIterationBatchNorm(BatchNorm):
     """
 
     needs_running_stats = "cross-iteration BN's inference normalizes with running statistics (its window is training's)"
-    setting_checks = {**BatchNorm.setting_checks, "burn_in": lambda layer, iterations: _steps("burn_in", iterations)}
+    setting_checks = {
+        **BatchNorm.setting_checks,
+        "burn_in": lambda layer, iterations: _steps("burn_in", iterations),
+        # (the kernels would index past the buffers' ends: a segmentation fault)
+        "window": lambda layer, window: _fixed(layer, "window", window, "it shapes the window's buffers"),
+        "compensate": lambda layer, compensate: _fixed(layer, "compensate", compensate,
+                                                       "naive CBN keeps no derivatives in its window"),
+    }
 
     def __init__(self, num_features, window: int = 4, burn_in: int = 0, compensate: bool = True, eps=1e-5,
                  momentum=0.1, affine=True, device=None, dtype=None, *, backend: str = "auto"):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, backend=backend)
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        self.__dict__.update(_window=window, _compensate=compensate)  # (read-only: see the properties)
-        self.burn_in = burn_in
+        self.window, self.compensate, self.burn_in = window, compensate, burn_in  # (the first two fixed from here)
         factory = {"device": device, "dtype": self._derivatives_dtype(self.running_mean.dtype)}
         statistics = {"device": device, "dtype": _statistics_dtype(device)}
         past = window - 1
@@ -121,34 +137,6 @@ class CrossIterationBatchNorm(BatchNorm):
     @property
     def producer(self):
         return self.__dict__["_producer"]
-
-    @property
-    def window(self) -> int:
-        """Iterations pooled, the current one included: fixed at construction, as it shapes the
-        window's buffers (``window - 1`` past entries)."""
-        return self.__dict__["_window"]
-
-    @window.setter
-    def window(self, value) -> None:
-        self._refuse_reshaping("window", value, "it shapes the window's buffers")
-
-    @property
-    def compensate(self) -> bool:
-        """Whether past statistics are compensated (False: naive CBN, which keeps no derivatives):
-        fixed at construction, as it shapes the window's buffers."""
-        return self.__dict__["_compensate"]
-
-    @compensate.setter
-    def compensate(self, value) -> None:
-        self._refuse_reshaping("compensate", value, "naive CBN keeps no derivatives in its window")
-
-    def _refuse_reshaping(self, name: str, value, why: str) -> None:
-        """A setting the window's buffers are shaped by, assigned after construction: the kernels
-        would index past the buffers' ends (a segmentation fault), so say what to do instead."""
-        if value != self.__dict__[f"_{name}"]:
-            raise AttributeError(f"{self._label()}: {name} is fixed at construction ({why}); for {name}={value!r}, "
-                                 "make a new layer with it, pair it with the producer, and load this one's state_dict "
-                                 "without the keys window_* and iteration (an empty window at iteration 0)")
 
     def pair(self, producer: nn.Module) -> "CrossIterationBatchNorm":
         """Use ``producer`` (the Linear or Conv2d whose output this layer normalizes)."""
